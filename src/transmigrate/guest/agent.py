@@ -1,0 +1,257 @@
+"""The host's client of the guest agent (qemu-guest-agent over virtio-serial).
+
+The channel does not depend on the guest's network. The guest is untrusted:
+every read is bounded in size and time, replies are checked for shape before
+use, and nothing the guest sends is ever executed on the host. The agent's
+socket takes one client at a time, so every conversation holds a file lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transmigrate.errors import AgentError
+
+__all__ = ["ExecResult", "GuestAgent", "GuestProcess"]
+
+MAX_MESSAGE = 64 * 1024 * 1024
+_DELIMITER = b"\xff"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a command in the guest ended."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class GuestProcess:
+    """One process as the guest reports it."""
+
+    pid: int
+    ppid: int
+    state: str
+    rss_kib: int
+    comm: str
+    args: str
+
+
+class _Connection:
+    """One conversation on the agent socket, with a deadline on every read."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+        except OSError as exc:
+            self.sock.close()
+            raise AgentError(f"cannot reach the guest agent at {path}: {exc.strerror}") from exc
+        self.buffer = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, command: str, arguments: dict[str, Any] | None = None) -> None:
+        message: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        try:
+            self.sock.sendall(json.dumps(message).encode() + b"\n")
+        except OSError as exc:
+            raise AgentError(f"guest agent connection broke: {exc}") from exc
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AgentError("the guest agent did not answer in time")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except TimeoutError as exc:
+            raise AgentError("the guest agent did not answer in time") from exc
+        except OSError as exc:
+            raise AgentError(f"guest agent connection broke: {exc}") from exc
+        if not chunk:
+            raise AgentError("the guest agent closed the connection")
+        self.buffer += chunk
+        if len(self.buffer) > MAX_MESSAGE:
+            raise AgentError(f"the guest agent sent more than {MAX_MESSAGE} bytes in one message")
+
+    def skip_past_delimiter(self, deadline: float) -> None:
+        while _DELIMITER not in self.buffer:
+            self.buffer = b""
+            self._fill(deadline)
+        self.buffer = self.buffer.split(_DELIMITER, 1)[1]
+
+    def receive(self, deadline: float) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            self._fill(deadline)
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            raise AgentError("the guest agent sent a message that is not JSON") from exc
+        if not isinstance(message, dict):
+            raise AgentError("the guest agent sent a message that is not an object")
+        return message
+
+
+def _field(obj: Any, key: str, kind: type) -> Any:
+    if not isinstance(obj, dict) or not isinstance(obj.get(key), kind):
+        raise AgentError(f"the guest agent's reply lacks {key!r}")
+    return obj[key]
+
+
+def _decode(data: Any) -> bytes:
+    if data is None:
+        return b""
+    if not isinstance(data, str):
+        raise AgentError("the guest agent sent output that is not base64 text")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error as exc:
+        raise AgentError("the guest agent sent output that is not base64") from exc
+
+
+class GuestAgent:
+    """Typed, bounded calls to one guest's agent."""
+
+    def __init__(self, socket_path: Path, lock_path: Path) -> None:
+        self.socket_path = socket_path
+        self.lock_path = lock_path
+
+    @contextlib.contextmanager
+    def _conversation(self, timeout: float) -> Iterator[_Connection]:
+        """A locked, freshly synchronised connection (stale replies are discarded)."""
+        deadline = time.monotonic() + timeout
+        with open(self.lock_path, "a") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise AgentError("the guest agent is busy with another client") from None
+                    time.sleep(0.02)
+            connection = _Connection(self.socket_path, timeout)
+            try:
+                token = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+                connection.sock.sendall(_DELIMITER)
+                connection.send("guest-sync-delimited", {"id": token})
+                connection.skip_past_delimiter(deadline)
+                while True:
+                    reply = connection.receive(deadline)
+                    if reply.get("return") == token:
+                        break
+                yield connection
+            except OSError as exc:
+                raise AgentError(f"guest agent connection broke: {exc}") from exc
+            finally:
+                connection.close()
+
+    @staticmethod
+    def _call(connection: _Connection, command: str, arguments: dict[str, Any] | None,
+              deadline: float) -> Any:
+        connection.send(command, arguments)
+        reply = connection.receive(deadline)
+        if "error" in reply:
+            error = reply["error"]
+            desc = error.get("desc") if isinstance(error, dict) else None
+            raise AgentError(f"guest agent refused {command}: {str(desc)[:200]}")
+        if "return" not in reply:
+            raise AgentError(f"the guest agent's reply to {command} has no result")
+        return reply["return"]
+
+    def call(self, command: str, arguments: dict[str, Any] | None = None,
+             timeout: float = 10.0) -> Any:
+        with self._conversation(timeout) as connection:
+            return self._call(connection, command, arguments, time.monotonic() + timeout)
+
+    def ping(self, timeout: float = 2.0) -> None:
+        with self._conversation(timeout):
+            pass
+
+    def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> float:
+        """Wait until the agent answers; return the seconds waited."""
+        start = time.monotonic()
+        last: AgentError | None = None
+        while time.monotonic() - start < timeout:
+            if not alive():
+                raise AgentError("the VM died before its guest agent answered")
+            try:
+                self.ping(timeout=1.0)
+                return time.monotonic() - start
+            except AgentError as exc:
+                last = exc
+                time.sleep(0.1)
+        raise AgentError(f"the guest agent did not answer within {timeout:.0f} s ({last})")
+
+    def exec(self, argv: Sequence[str], *, input: bytes | None = None,
+             env: Sequence[str] = (), timeout: float = 60.0) -> ExecResult:
+        """Run ``argv`` in the guest; return its exit code and output."""
+        if not argv:
+            raise AgentError("no command given")
+        arguments: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]),
+                                     "capture-output": True}
+        if input is not None:
+            arguments["input-data"] = base64.b64encode(input).decode()
+        if env:
+            arguments["env"] = list(env)
+        deadline = time.monotonic() + timeout
+        with self._conversation(min(timeout, 10.0)) as connection:
+            started = self._call(connection, "guest-exec", arguments,
+                                 time.monotonic() + 10.0)
+            pid = _field(started, "pid", int)
+            pause = 0.005
+            while True:
+                status = self._call(connection, "guest-exec-status", {"pid": pid},
+                                    time.monotonic() + 10.0)
+                if _field(status, "exited", bool):
+                    break
+                if time.monotonic() > deadline:
+                    self._call(connection, "guest-exec",
+                               {"path": "kill", "arg": ["-KILL", str(pid)]},
+                               time.monotonic() + 10.0)
+                    raise AgentError(f"{argv[0]} did not finish within {timeout:g} s; killed it")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+        code = status.get("exitcode")
+        if not isinstance(code, int):
+            code = 128 + int(status.get("signal", 0)) if isinstance(status.get("signal"), int) \
+                else 255
+        return ExecResult(code, _decode(status.get("out-data")), _decode(status.get("err-data")))
+
+    def processes(self) -> list[GuestProcess]:
+        """The guest's processes, as its ``ps`` sees them."""
+        result = self.exec(["ps", "-e", "-o", "pid=,ppid=,stat=,rss=,comm=,args="])
+        if result.exit_code != 0:
+            raise AgentError(f"ps failed in the guest: {result.stderr.decode(errors='replace')}")
+        processes = []
+        for line in result.text.splitlines():
+            parts = line.split(None, 5)
+            if len(parts) < 5 or not parts[0].isdigit():
+                continue
+            processes.append(GuestProcess(
+                pid=int(parts[0]), ppid=int(parts[1]), state=parts[2],
+                rss_kib=int(parts[3]) if parts[3].isdigit() else 0,
+                comm=parts[4], args=parts[5] if len(parts) > 5 else ""))
+        return processes

@@ -1,0 +1,220 @@
+"""The ``transmigrate`` command: parse, call orchestrate, render. Nothing else.
+
+Progress goes to stderr; results go to stdout, as a table or, with ``--json``,
+as JSON. Every error a user can cause ends in one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from transmigrate.config import load_config
+from transmigrate.errors import TransmigrateError
+from transmigrate.orchestrate import demo as demo_job
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.host import Host
+from transmigrate.vm.image import ImageSpec
+
+app = typer.Typer(
+    name="transmigrate",
+    help="Keep Linux services running while their kernel is replaced or fails.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True, highlight=False)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="transmigrate.toml to use.")]
+PackageOption = Annotated[list[str] | None, typer.Option(
+    "--package", "-p", help="Extra Debian package for the guest image (repeatable).")]
+FilesOption = Annotated[Path | None, typer.Option(
+    "--files", help="Directory copied over the guest image's root.")]
+
+
+class _Progress:
+    """Renders progress lines on stderr with the time since the command began."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        err.print(f"[dim]{time.monotonic() - self.start:6.1f}s[/dim] {message}")
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _image_spec(config_path: Path | None, packages: list[str] | None,
+                files: Path | None) -> tuple[ImageSpec, int, int]:
+    config = load_config(config_path)
+    spec = ImageSpec(
+        extra_packages=tuple(sorted({*config.image_packages, *(packages or [])})),
+        files_dir=files.resolve() if files else config.image_files,
+    )
+    return spec, config.memory_mib, config.cpus
+
+
+@app.command()
+def kernels(json_: JsonOption = False,
+            refresh: Annotated[bool, typer.Option(help="Re-read the archive's lists.")] = False,
+            ) -> None:
+    """List the Debian cloud kernels the archive offers and which are cached."""
+    host = Host.from_environment()
+    if refresh:
+        host.archive.update(force=True)
+    entries = host.catalog.available()
+    if json_:
+        _emit_json([asdict(e) for e in entries])
+        return
+    table = Table("release", "version", "cached", "debug info")
+    for e in entries:
+        table.add_row(e.release, e.version, "yes" if e.cached else "",
+                      "yes" if e.debug_cached else "")
+    out.print(table)
+
+
+@app.command()
+def fetch(kernel: Annotated[str, typer.Argument(help="Kernel release, e.g. 6.1.0-57.")],
+          debug: Annotated[bool, typer.Option(help="Also fetch the DWARF vmlinux.")] = False,
+          headers: Annotated[bool, typer.Option(help="Also fetch the headers.")] = False,
+          json_: JsonOption = False) -> None:
+    """Bring a kernel into the cache."""
+    host = Host.from_environment()
+    fetched = host.catalog.fetch(kernel, debug=debug, headers=headers, progress=_Progress())
+    info = {"release": fetched.release, "version": fetched.version,
+            "directory": str(fetched.directory),
+            "debug": str(fetched.vmlinux_debug) if fetched.vmlinux_debug.exists() else None}
+    if json_:
+        _emit_json(info)
+    else:
+        out.print(f"{fetched.release} ({fetched.version}) in {fetched.directory}")
+
+
+@app.command()
+def image(config: ConfigOption = None, package: PackageOption = None, files: FilesOption = None,
+          rebuild: Annotated[bool, typer.Option(help="Build even if cached.")] = False,
+          json_: JsonOption = False) -> None:
+    """Build (or find cached) the guest image."""
+    host = Host.from_environment()
+    spec, _, _ = _image_spec(config, package, files)
+    guest_image = host.image(spec)
+    if rebuild or not guest_image.exists():
+        guest_image.build(_Progress())
+    if json_:
+        _emit_json({"path": str(guest_image.path), "packages": spec.all_packages()})
+    else:
+        out.print(str(guest_image.path))
+
+
+@app.command()
+def up(name: Annotated[str, typer.Argument(help="Name of the new VM.")],
+       kernel: Annotated[str, typer.Option("--kernel", "-k", help="Kernel release to boot.")],
+       memory: Annotated[int | None, typer.Option(help="Guest RAM in MiB.")] = None,
+       cpus: Annotated[int | None, typer.Option(help="Virtual CPUs.")] = None,
+       config: ConfigOption = None, package: PackageOption = None, files: FilesOption = None,
+       json_: JsonOption = False) -> None:
+    """Boot a VM on a kernel; returns when its guest agent answers."""
+    host = Host.from_environment()
+    spec, default_memory, default_cpus = _image_spec(config, package, files)
+    report = lifecycle.up(host, name, kernel, image_spec=spec,
+                          memory_mib=memory or default_memory, cpus=cpus or default_cpus,
+                          progress=_Progress())
+    record = report.machine.record
+    if json_:
+        _emit_json({**asdict(record), "boot_seconds": round(report.boot_seconds, 3)})
+    else:
+        out.print(f"{record.name} up on {record.kernel} at {record.address.split('/')[0]} "
+                  f"in {report.boot_seconds:.1f} s ({record.accel})")
+
+
+@app.command("ls")
+def list_machines(json_: JsonOption = False) -> None:
+    """List VMs and their state."""
+    host = Host.from_environment()
+    rows = [{**asdict(m.record), "status": m.status(), "pid": m.pid}
+            for m in host.machines.all()]
+    if json_:
+        _emit_json(rows)
+        return
+    table = Table("name", "status", "kernel", "address", "memory", "accel", "pid")
+    for row in rows:
+        table.add_row(row["name"], row["status"], row["kernel"], row["address"].split("/")[0],
+                      f"{row['memory_mib']} MiB", row["accel"], str(row["pid"] or ""))
+    out.print(table)
+
+
+@app.command("exec")
+def exec_(name: Annotated[str, typer.Argument(help="VM to run in.")],
+          command: Annotated[list[str], typer.Argument(help="Command and its arguments.")],
+          timeout: Annotated[float, typer.Option(help="Seconds before it is killed.")] = 600.0,
+          ) -> None:
+    """Run a command in a VM; its output and exit code pass through."""
+    result = lifecycle.exec_in(Host.from_environment(), name, command, timeout=timeout)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.flush()
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def down(name: Annotated[str, typer.Argument(help="VM to stop.")],
+         json_: JsonOption = False) -> None:
+    """Stop a VM and remove everything it used."""
+    lifecycle.down(Host.from_environment(), name)
+    if json_:
+        _emit_json({"stopped": name})
+    else:
+        out.print(f"{name} stopped")
+
+
+@app.command()
+def client(command: Annotated[list[str], typer.Argument(help="Command and its arguments.")],
+           ) -> None:
+    """Run a command inside the private network, next to the guests."""
+    done = Host.from_environment().network.run(command)
+    raise typer.Exit(done.returncode)
+
+
+@app.command()
+def clean(json_: JsonOption = False) -> None:
+    """Stop every VM and remove the private network."""
+    names = lifecycle.clean(Host.from_environment())
+    if json_:
+        _emit_json({"stopped": names})
+    else:
+        out.print(f"stopped: {', '.join(names) or 'nothing'}; network removed")
+
+
+@app.command()
+def demo(json_: JsonOption = False) -> None:
+    """Boot a 6.1 and a 6.12 guest, run redis in the first, query it from the network."""
+    report = demo_job.run(Host.from_environment(), progress=_Progress())
+    if json_:
+        _emit_json(report)
+    else:
+        for key, value in report.items():
+            out.print(f"[bold]{key}[/bold]: {value}")
+
+
+def main() -> None:
+    try:
+        app()
+    except TransmigrateError as exc:
+        err.print(f"transmigrate: error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("transmigrate: interrupted")
+        sys.exit(130)

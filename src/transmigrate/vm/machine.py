@@ -1,0 +1,290 @@
+"""One running QEMU guest, and the registry of all of them on this host.
+
+A machine's state directory (``<state>/vms/<name>``) holds its description,
+QEMU's pid file, the QMP and agent sockets, the serial console log and the
+writable overlay of the guest image. Everything about a machine can be found
+again from that directory, so another shell, or a CLI that crashed, can still
+list, reach and stop it. The guest's RAM is a shared file in /dev/shm, so that a
+monitor on the host can read the guest kernel's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transmigrate.errors import (
+    CommandError,
+    MachineDead,
+    MachineError,
+    MachineExists,
+    MachineNotFound,
+)
+from transmigrate.process import run
+from transmigrate.vm.accel import Accelerator
+from transmigrate.vm.initramfs import MODULES_SERIAL, ROOT_SERIAL
+from transmigrate.vm.kernels import Kernel
+from transmigrate.vm.network import Network, guest_address, guest_mac
+from transmigrate.vm.qmp import qmp_execute
+
+__all__ = ["AGENT_PORT", "Machine", "MachineRecord", "MachineRegistry"]
+
+QEMU = "qemu-system-x86_64"
+AGENT_PORT = "org.qemu.guest_agent.0"
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+_MAX_SLOTS = 200
+
+
+@dataclass(frozen=True)
+class MachineRecord:
+    """What is written to ``machine.json``: enough to find and reach the VM again."""
+
+    name: str
+    slot: int
+    kernel: str
+    kernel_dir: str
+    image: str
+    memory_mib: int
+    cpus: int
+    accel: str
+    address: str
+    mac: str
+    tap: str
+    ram_path: str
+    started_at: float
+
+
+class Machine:
+    """A VM known to the registry; it may be running or dead."""
+
+    def __init__(self, directory: Path, record: MachineRecord) -> None:
+        self.directory = directory
+        self.record = record
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.directory / "agent.sock"
+
+    @property
+    def agent_lock(self) -> Path:
+        """Held while talking to the agent: its socket takes one client at a time."""
+        return self.directory / "agent.lock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def ram_path(self) -> Path:
+        return Path(self.record.ram_path)
+
+    @property
+    def overlay(self) -> Path:
+        return self.directory / "overlay.qcow2"
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int((self.directory / "qemu.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def alive(self) -> bool:
+        """Whether our QEMU still runs (checked by its pid and its own QMP path)."""
+        pid = self.pid
+        if pid is None:
+            return False
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return str(self.qmp_socket).encode() in cmdline
+
+    def require_alive(self) -> None:
+        if not self.alive():
+            raise MachineDead(
+                f"vm {self.name!r} is not running: its QEMU is gone "
+                f"(console: {self.console_tail() or 'empty'}); run 'transmigrate down {self.name}'")
+
+    def console_tail(self) -> str:
+        try:
+            lines = self.console_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def qmp(self, command: str, arguments: dict[str, object] | None = None,
+            timeout: float = 10.0) -> object:
+        self.require_alive()
+        return qmp_execute(self.qmp_socket, command, arguments, timeout=timeout)
+
+    def status(self) -> str:
+        """QEMU's run state ('running', 'paused', 'guest-panicked', …) or 'dead'."""
+        if not self.alive():
+            return "dead"
+        try:
+            answer = self.qmp("query-status", timeout=3.0)
+        except MachineError:
+            return "unresponsive"
+        return str(answer["status"]) if isinstance(answer, dict) else "unknown"
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Host memory this VM uses: QEMU's resident set and the guest RAM actually backed."""
+        footprint = {"rss_kib": 0, "pss_kib": 0, "ram_file_kib": 0}
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in ("Rss", "Pss"):
+                        footprint[f"{key.lower()}_kib"] = int(value.split()[0])
+        with contextlib.suppress(OSError):
+            footprint["ram_file_kib"] = self.ram_path.stat().st_blocks // 2
+        return footprint
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop QEMU (QMP quit, then SIGKILL by pid) and remove everything of this VM."""
+        pid = self.pid
+        if self.alive():
+            with contextlib.suppress(MachineError):
+                qmp_execute(self.qmp_socket, "quit", timeout=3.0)
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive() and pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                while self.alive():
+                    time.sleep(0.05)
+        self.ram_path.unlink(missing_ok=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class MachineRegistry:
+    """All machines under ``<state>/vms``; creation and removal hold a lock."""
+
+    def __init__(self, state: Path, network: Network, shm: Path) -> None:
+        self.root = state / "vms"
+        self.state = state
+        self.network = network
+        self.shm = shm
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.state.mkdir(parents=True, exist_ok=True)
+        with open(self.state / "lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def all(self) -> list[Machine]:
+        if not self.root.exists():
+            return []
+        machines = []
+        for directory in sorted(self.root.iterdir()):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                record = MachineRecord(**json.loads((directory / "machine.json").read_text()))
+                machines.append(Machine(directory, record))
+        return machines
+
+    def get(self, name: str) -> Machine:
+        for machine in self.all():
+            if machine.name == name:
+                return machine
+        raise MachineNotFound(f"no VM named {name!r}")
+
+    def create(self, name: str, kernel: Kernel, image: Path, accel: Accelerator, *,
+               memory_mib: int, cpus: int) -> Machine:
+        """Start QEMU for a new VM; on any failure leave nothing behind."""
+        if not _NAME.match(name):
+            raise MachineError(
+                f"invalid VM name {name!r}: use lower-case letters, digits and '-', "
+                "starting with a letter, at most 31 characters")
+        with self.locked():
+            machines = self.all()
+            if any(m.name == name for m in machines):
+                raise MachineExists(f"a VM named {name!r} already exists")
+            used = {m.record.slot for m in machines}
+            slot = next(s for s in range(_MAX_SLOTS) if s not in used)
+            self.network.ensure()
+            directory = self.root / name
+            directory.mkdir(parents=True)
+            record = MachineRecord(
+                name=name, slot=slot, kernel=kernel.release, kernel_dir=str(kernel.directory),
+                image=str(image), memory_mib=memory_mib, cpus=cpus, accel=str(accel),
+                address=str(guest_address(slot)), mac=guest_mac(slot), tap=f"tm-{slot}-0",
+                ram_path=str(self.shm / f"transmigrate-{name}.ram"), started_at=time.time())
+            (directory / "machine.json").write_text(json.dumps(asdict(record), indent=1))
+            machine = Machine(directory, record)
+            try:
+                self._launch(machine, kernel, accel)
+            except BaseException:
+                machine.stop(timeout=3.0)
+                if not self.all():
+                    self.network.remove()
+                raise
+            return machine
+
+    def remove(self, machine: Machine) -> None:
+        """Stop a machine; the last one out removes the network too."""
+        with self.locked():
+            machine.stop()
+            if not self.all():
+                self.network.remove()
+
+    def _launch(self, machine: Machine, kernel: Kernel, accel: Accelerator) -> None:
+        record = machine.record
+        machine.ram_path.unlink(missing_ok=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", record.image,
+             machine.overlay])
+        cmdline = " ".join([
+            "console=ttyS0", "loglevel=4", "panic=-1",
+            f"tm.name={record.name}", f"tm.if={record.mac}@{record.address}",
+        ])
+        argv = [
+            *self.network.prefix(), QEMU,
+            "-name", f"tm-{record.name},process=tm-{record.name}",
+            "-machine", "q35,memory-backend=ram0", *accel.qemu_args(),
+            "-smp", str(record.cpus), "-m", f"{record.memory_mib}M",
+            "-object", (f"memory-backend-file,id=ram0,size={record.memory_mib}M,"
+                        f"mem-path={record.ram_path},share=on"),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-action", "panic=pause",
+            "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initramfs),
+            "-append", cmdline,
+            "-drive", f"if=none,id=root,file={machine.overlay},format=qcow2,discard=unmap",
+            "-device", f"virtio-blk-pci,drive=root,serial={ROOT_SERIAL}",
+            "-drive", f"if=none,id=modules,file={kernel.modules_image},format=raw,readonly=on",
+            "-device", f"virtio-blk-pci,drive=modules,serial={MODULES_SERIAL}",
+            "-netdev", f"tap,id=svc0,ifname={record.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=svc0,mac={record.mac}",
+            "-chardev", f"socket,id=agent,path={machine.agent_socket},server=on,wait=off",
+            "-device", "virtio-serial-pci",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+            "-chardev", f"file,id=console,path={machine.console_log}",
+            "-serial", "chardev:console",
+            "-qmp", f"unix:{machine.qmp_socket},server=on,wait=off",
+            "-device", "vmcoreinfo", "-device", "pvpanic",
+            "-pidfile", str(machine.directory / "qemu.pid"), "-daemonize",
+        ]
+        try:
+            run(argv, timeout=60)
+        except CommandError as exc:
+            raise MachineError(f"QEMU did not start for {record.name!r}: {exc}") from exc
+        self.network.attach(record.tap)
