@@ -24,6 +24,11 @@ def state_dir() -> Path:
     return Path(override) if override else Path("/run/transmigrate")
 
 
+def network_name() -> str:
+    """Name of our network namespace; ``TRANSMIGRATE_NETNS`` overrides (tests use their own)."""
+    return os.environ.get("TRANSMIGRATE_NETNS", "transmigrate")
+
+
 def shm_dir() -> Path:
     """Where guest RAM files live: tmpfs, so the host monitor can mmap them cheaply."""
     return Path(os.environ.get("TRANSMIGRATE_SHM", "/dev/shm"))

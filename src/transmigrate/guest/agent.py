@@ -65,7 +65,8 @@ class _Connection:
         except OSError as exc:
             self.sock.close()
             raise AgentError(f"cannot reach the guest agent at {path}: {exc.strerror}") from exc
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.scanned = 0  # bytes of buffer known to hold no newline
 
     def close(self) -> None:
         self.sock.close()
@@ -92,20 +93,24 @@ class _Connection:
             raise AgentError(f"guest agent connection broke: {exc}") from exc
         if not chunk:
             raise AgentError("the guest agent closed the connection")
-        self.buffer += chunk
+        self.buffer.extend(chunk)
         if len(self.buffer) > MAX_MESSAGE:
             raise AgentError(f"the guest agent sent more than {MAX_MESSAGE} bytes in one message")
 
     def skip_past_delimiter(self, deadline: float) -> None:
         while _DELIMITER not in self.buffer:
-            self.buffer = b""
+            self.buffer.clear()
             self._fill(deadline)
-        self.buffer = self.buffer.split(_DELIMITER, 1)[1]
+        del self.buffer[: self.buffer.index(_DELIMITER) + 1]
+        self.scanned = 0
 
     def receive(self, deadline: float) -> dict[str, Any]:
-        while b"\n" not in self.buffer:
+        while (end := self.buffer.find(b"\n", self.scanned)) == -1:
+            self.scanned = len(self.buffer)
             self._fill(deadline)
-        line, self.buffer = self.buffer.split(b"\n", 1)
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 1]
+        self.scanned = 0
         try:
             message = json.loads(line)
         except ValueError as exc:
@@ -217,20 +222,20 @@ class GuestAgent:
         if env:
             arguments["env"] = list(env)
         deadline = time.monotonic() + timeout
-        with self._conversation(min(timeout, 10.0)) as connection:
-            started = self._call(connection, "guest-exec", arguments,
-                                 time.monotonic() + 10.0)
+        step = min(timeout, 10.0)
+        with self._conversation(step) as connection:
+            started = self._call(connection, "guest-exec", arguments, time.monotonic() + step)
             pid = _field(started, "pid", int)
             pause = 0.005
             while True:
                 status = self._call(connection, "guest-exec-status", {"pid": pid},
-                                    time.monotonic() + 10.0)
+                                    time.monotonic() + step)
                 if _field(status, "exited", bool):
                     break
                 if time.monotonic() > deadline:
                     self._call(connection, "guest-exec",
                                {"path": "kill", "arg": ["-KILL", str(pid)]},
-                               time.monotonic() + 10.0)
+                               time.monotonic() + step)
                     raise AgentError(f"{argv[0]} did not finish within {timeout:g} s; killed it")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)

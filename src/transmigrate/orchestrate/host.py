@@ -23,10 +23,11 @@ class Host:
     cache: Path
     state: Path
     shm: Path
+    network_name: str
 
     @classmethod
     def from_environment(cls) -> Host:
-        return cls(paths.cache_dir(), paths.state_dir(), paths.shm_dir())
+        return cls(paths.cache_dir(), paths.state_dir(), paths.shm_dir(), paths.network_name())
 
     @cached_property
     def archive(self) -> DebianArchive:
@@ -38,7 +39,7 @@ class Host:
 
     @cached_property
     def network(self) -> Network:
-        return Network()
+        return Network(self.network_name)
 
     @cached_property
     def machines(self) -> MachineRegistry:

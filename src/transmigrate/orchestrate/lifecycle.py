@@ -25,13 +25,13 @@ class BootReport:
     """From QEMU's start to the guest agent's first answer."""
 
 
-def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec = ImageSpec(),
+def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None = None,
        memory_mib: int = 1024, cpus: int = 1, progress: Progress = silent) -> BootReport:
     """Boot a VM on ``kernel_spec``; return once its guest agent answers."""
     if any(m.name == name for m in host.machines.all()):
         raise MachineExists(f"a VM named {name!r} already exists")
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
-    image = host.image(image_spec).ensure(progress)
+    image = host.image(image_spec or ImageSpec()).ensure(progress)
     accel = host.accelerator()
     progress(f"starting {name} on {kernel.release} ({accel.upper()})")
     start = time.monotonic()

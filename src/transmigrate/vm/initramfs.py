@@ -19,8 +19,14 @@ from pathlib import Path
 
 from transmigrate.errors import TransmigrateError
 
-__all__ = ["BOOT_MODULES", "ROOT_SERIAL", "MODULES_SERIAL", "GUEST_INIT", "build_initramfs",
-           "module_load_order"]
+__all__ = [
+    "BOOT_MODULES",
+    "GUEST_INIT",
+    "MODULES_SERIAL",
+    "ROOT_SERIAL",
+    "build_initramfs",
+    "module_load_order",
+]
 
 BOOT_MODULES = ("virtio_pci", "virtio_blk")
 ROOT_SERIAL = "tm-root"
@@ -50,8 +56,9 @@ if [ -z "$root" ] || [ -z "$mods" ]; then
     echo "initramfs: disks not found (root=$root modules=$mods)"; poweroff -f
 fi
 mkdir -p /newroot
-mount -t ext4 -o rw "$root" /newroot || {{ echo "initramfs: cannot mount $root"; poweroff -f; }}
-mount -t ext4 -o ro "$mods" /newroot/lib/modules || {{ echo "initramfs: cannot mount $mods"; poweroff -f; }}
+fail() {{ echo "initramfs: $*"; poweroff -f; }}
+mount -t ext4 -o rw "$root" /newroot || fail "cannot mount $root"
+mount -t ext4 -o ro "$mods" /newroot/lib/modules || fail "cannot mount $mods"
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys

@@ -137,8 +137,8 @@ class KernelCatalog:
             return found[0]
         if len(found) > 1:
             raise KernelNotFound(f"kernel {spec!r} is ambiguous: {', '.join(found)}")
-        raise KernelNotFound(
-            f"kernel {spec!r} is not in the archive; nearest: {', '.join(_nearest(spec, releases))}")
+        nearest = ", ".join(_nearest(spec, releases))
+        raise KernelNotFound(f"kernel {spec!r} is not in the archive; nearest: {nearest}")
 
     def get(self, spec: str) -> Kernel:
         """A cached kernel, without touching the network."""

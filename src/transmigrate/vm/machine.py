@@ -229,7 +229,7 @@ class MachineRegistry:
                 name=name, slot=slot, kernel=kernel.release, kernel_dir=str(kernel.directory),
                 image=str(image), memory_mib=memory_mib, cpus=cpus, accel=str(accel),
                 address=str(guest_address(slot)), mac=guest_mac(slot), tap=f"tm-{slot}-0",
-                ram_path=str(self.shm / f"transmigrate-{name}.ram"), started_at=time.time())
+                ram_path=str(self.shm / f"{self.network.name}-{name}.ram"), started_at=time.time())
             (directory / "machine.json").write_text(json.dumps(asdict(record), indent=1))
             machine = Machine(directory, record)
             try:
@@ -238,15 +238,19 @@ class MachineRegistry:
                 machine.stop(timeout=3.0)
                 if not self.all():
                     self.network.remove()
+                else:
+                    self.network.delete_link(record.tap)
                 raise
             return machine
 
     def remove(self, machine: Machine) -> None:
-        """Stop a machine; the last one out removes the network too."""
+        """Stop a machine and its TAP; the last one out removes the network too."""
         with self.locked():
             machine.stop()
             if not self.all():
                 self.network.remove()
+            else:
+                self.network.delete_link(machine.record.tap)
 
     def _launch(self, machine: Machine, kernel: Kernel, accel: Accelerator) -> None:
         record = machine.record

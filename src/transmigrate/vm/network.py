@@ -73,6 +73,11 @@ class Network:
     def detach(self, tap: str) -> None:
         self._ip("link", "set", tap, "nomaster")
 
+    def delete_link(self, name: str) -> None:
+        """Remove a link if it is still there (a TAP whose QEMU was killed may linger)."""
+        if name in self.links():
+            self._ip("link", "del", name)
+
     def links(self) -> list[str]:
         if not self.exists():
             return []

@@ -1,0 +1,78 @@
+"""Shared fixtures: an isolated host (own state dir and network namespace) and real guests.
+
+Tests use the same download and image cache as the demo, so a second run is
+fast, but their own run state, so they never touch an operator's VMs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.host import Host
+from transmigrate.vm.image import ImageSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = ROOT / ".venv" / "bin" / "transmigrate"
+
+os.environ["TRANSMIGRATE_STATE"] = "/run/transmigrate-test"
+os.environ["TRANSMIGRATE_NETNS"] = "transmigrate-test"
+
+
+@pytest.fixture(scope="session")
+def host() -> Iterator[Host]:
+    host = Host.from_environment()
+    lifecycle.clean(host)
+    yield host
+    lifecycle.clean(host)
+
+
+@pytest.fixture(scope="session")
+def prepared(host: Host) -> Host:
+    """Kernels fetched and the image built, once per session."""
+    for kernel in (ACTIVE_KERNEL, STANDBY_KERNEL):
+        host.catalog.fetch(kernel)
+    host.image(ImageSpec()).ensure()
+    return host
+
+
+@pytest.fixture(scope="session")
+def old_vm(prepared: Host) -> Iterator[str]:
+    """A guest on the 6.1 kernel, shared by the tests that only read from it."""
+    lifecycle.up(prepared, "t-old", ACTIVE_KERNEL, memory_mib=512)
+    yield "t-old"
+    lifecycle.down(prepared, "t-old")
+
+
+@pytest.fixture(scope="session")
+def new_vm(prepared: Host) -> Iterator[str]:
+    """A guest on the 6.12 kernel, shared by the tests that only read from it."""
+    lifecycle.up(prepared, "t-new", STANDBY_KERNEL, memory_mib=512)
+    yield "t-new"
+    lifecycle.down(prepared, "t-new")
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real ``transmigrate`` command, as a user would."""
+    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def qemu_pids() -> set[int]:
+    """Pids of every QEMU running for our test network namespace."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and b"/run/transmigrate-test/" in cmdline:
+                pids.add(int(proc.name))
+    return pids

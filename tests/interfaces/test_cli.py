@@ -1,0 +1,64 @@
+"""The ``transmigrate`` command as a user runs it: results, JSON, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from transmigrate.config import ACTIVE_KERNEL
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.services import redis_cli, start_redis
+
+from ..conftest import cli, qemu_pids
+
+
+def _one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("transmigrate: error: ")
+    return str(lines[0])
+
+
+def test_kernels_json_lists_the_archive(host: Host) -> None:
+    done = cli("kernels", "--json")
+    assert done.returncode == 0, done.stderr
+    entries = json.loads(done.stdout)
+    assert {"release", "version", "cached", "debug_cached", "package"} <= set(entries[0])
+
+
+def test_unknown_kernel_fails_in_one_line(prepared: Host) -> None:
+    before = qemu_pids()
+    line = _one_line_error(cli("up", "t-bad", "--kernel", "6.1.0-999"))
+    assert "nearest" in line
+    assert qemu_pids() == before
+    assert not any(m.name == "t-bad" for m in prepared.machines.all())
+
+
+def test_exec_and_ls_through_the_cli(prepared: Host, old_vm: str) -> None:
+    done = cli("exec", old_vm, "--", "sh", "-c", "uname -r; exit 4")
+    assert done.returncode == 4
+    assert done.stdout.strip() == prepared.machines.get(old_vm).record.kernel
+    rows = json.loads(cli("ls", "--json").stdout)
+    assert any(r["name"] == old_vm and r["status"] == "running" for r in rows)
+
+
+def test_exec_on_missing_vm_fails_in_one_line(host: Host) -> None:
+    assert "no VM named" in _one_line_error(cli("exec", "t-nothing", "--", "true"))
+
+
+def test_down_twice_fails_in_one_line(prepared: Host) -> None:
+    done = cli("up", "t-twice", "--kernel", ACTIVE_KERNEL, "--memory", "256", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["boot_seconds"] > 0
+    assert cli("down", "t-twice").returncode == 0
+    assert "no VM named" in _one_line_error(cli("down", "t-twice"))
+
+
+def test_redis_answers_a_client_in_the_namespace(prepared: Host, old_vm: str) -> None:
+    start_redis(prepared, old_vm)
+    address = prepared.machines.get(old_vm).record.address.split("/")[0]
+    assert redis_cli(prepared, address, "PING") == "PONG"
+    done = cli("client", "--", "redis-cli", "-h", address, "SET", "k", "v")
+    assert (done.returncode, done.stdout.strip()) == (0, "OK")
+    assert redis_cli(prepared, address, "GET", "k") == "v"

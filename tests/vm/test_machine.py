@@ -1,0 +1,71 @@
+"""VM lifecycle on real kernels: boot, reach, list, and stop without leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from transmigrate.config import ACTIVE_KERNEL
+from transmigrate.errors import MachineDead, MachineExists, MachineNotFound
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.host import Host
+
+from ..conftest import qemu_pids
+
+
+def test_boots_on_6_1(prepared: Host, old_vm: str) -> None:
+    release = lifecycle.exec_in(prepared, old_vm, ["uname", "-r"]).text.strip()
+    assert release == prepared.machines.get(old_vm).record.kernel
+    assert release.startswith("6.1.0-")
+
+
+def test_boots_on_6_12(prepared: Host, new_vm: str) -> None:
+    release = lifecycle.exec_in(prepared, new_vm, ["uname", "-r"]).text.strip()
+    assert release == prepared.machines.get(new_vm).record.kernel
+    assert release.startswith("6.12.")
+
+
+def test_machine_has_its_devices(prepared: Host, old_vm: str) -> None:
+    machine = prepared.machines.get(old_vm)
+    assert machine.status() == "running"
+    assert machine.ram_path.stat().st_size == 512 * 1024 * 1024
+    devices = str(machine.qmp("qom-list", {"path": "/machine/peripheral-anon"}))
+    assert "vmcoreinfo" in devices or "pvpanic" in devices
+    assert machine.console_log.stat().st_size > 0
+    assert machine.record.tap in prepared.network.links()
+
+
+def test_duplicate_name_is_refused(prepared: Host, old_vm: str) -> None:
+    with pytest.raises(MachineExists, match="already exists"):
+        lifecycle.up(prepared, old_vm, ACTIVE_KERNEL)
+
+
+def test_killed_qemu_is_reported_and_cleaned(prepared: Host) -> None:
+    report = lifecycle.up(prepared, "t-victim", ACTIVE_KERNEL, memory_mib=256)
+    machine = report.machine
+    pid = machine.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while machine.alive():
+        time.sleep(0.05)
+    with pytest.raises(MachineDead, match="t-victim"):
+        lifecycle.exec_in(prepared, "t-victim", ["true"])
+    assert not machine.directory.exists()
+    assert not machine.ram_path.exists()
+    assert machine.record.tap not in prepared.network.links()
+    assert pid not in qemu_pids()
+
+
+def test_down_removes_everything_and_twice_is_an_error(prepared: Host) -> None:
+    machine = lifecycle.up(prepared, "t-short", ACTIVE_KERNEL, memory_mib=256).machine
+    pid, ram, tap = machine.pid, machine.ram_path, machine.record.tap
+    lifecycle.down(prepared, "t-short")
+    assert pid not in qemu_pids()
+    assert not Path(ram).exists() and not machine.directory.exists()
+    assert tap not in prepared.network.links()
+    with pytest.raises(MachineNotFound):
+        lifecycle.down(prepared, "t-short")
