@@ -21,8 +21,9 @@ from transmigrate.vm.image import ImageSpec
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / ".venv" / "bin" / "transmigrate"
 
-os.environ["TRANSMIGRATE_STATE"] = "/run/transmigrate-test"
-os.environ["TRANSMIGRATE_NETNS"] = "transmigrate-test"
+os.environ.setdefault("TRANSMIGRATE_STATE", "/run/transmigrate-test")
+os.environ.setdefault("TRANSMIGRATE_NETNS", "transmigrate-test")
+os.environ.setdefault("TRANSMIGRATE_DATA", "/var/lib/transmigrate-test")
 
 
 @pytest.fixture(scope="session")

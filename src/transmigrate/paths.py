@@ -24,6 +24,11 @@ def state_dir() -> Path:
     return Path(override) if override else Path("/run/transmigrate")
 
 
+def data_dir() -> Path:
+    """Services' data volumes, which must outlive any VM; ``TRANSMIGRATE_DATA`` overrides."""
+    return Path(os.environ.get("TRANSMIGRATE_DATA", "/var/lib/transmigrate"))
+
+
 def network_name() -> str:
     """Name of our network namespace; ``TRANSMIGRATE_NETNS`` overrides (tests use their own)."""
     return os.environ.get("TRANSMIGRATE_NETNS", "transmigrate")

@@ -57,7 +57,7 @@ def test_down_twice_fails_in_one_line(prepared: Host) -> None:
 
 def test_redis_answers_a_client_in_the_namespace(prepared: Host, old_vm: str) -> None:
     start_redis(prepared, old_vm)
-    address = prepared.machines.get(old_vm).record.address.split("/")[0]
+    address = prepared.machines.get(old_vm).record.ip
     assert redis_cli(prepared, address, "PING") == "PONG"
     done = cli("client", "--", "redis-cli", "-h", address, "SET", "k", "v")
     assert (done.returncode, done.stdout.strip()) == (0, "OK")

@@ -36,7 +36,8 @@ def test_machine_has_its_devices(prepared: Host, old_vm: str) -> None:
     devices = str(machine.qmp("qom-list", {"path": "/machine/peripheral-anon"}))
     assert "vmcoreinfo" in devices or "pvpanic" in devices
     assert machine.console_log.stat().st_size > 0
-    assert machine.record.tap in prepared.network.links()
+    assert machine.record.service_tap in prepared.network.links()
+    assert prepared.network.bridge_of(machine.record.migration_tap) == "tm-mig0"
 
 
 def test_duplicate_name_is_refused(prepared: Host, old_vm: str) -> None:
@@ -56,13 +57,13 @@ def test_killed_qemu_is_reported_and_cleaned(prepared: Host) -> None:
         lifecycle.exec_in(prepared, "t-victim", ["true"])
     assert not machine.directory.exists()
     assert not machine.ram_path.exists()
-    assert machine.record.tap not in prepared.network.links()
+    assert machine.record.service_tap not in prepared.network.links()
     assert pid not in qemu_pids()
 
 
 def test_down_removes_everything_and_twice_is_an_error(prepared: Host) -> None:
     machine = lifecycle.up(prepared, "t-short", ACTIVE_KERNEL, memory_mib=256).machine
-    pid, ram, tap = machine.pid, machine.ram_path, machine.record.tap
+    pid, ram, tap = machine.pid, machine.ram_path, machine.record.service_tap
     lifecycle.down(prepared, "t-short")
     assert pid not in qemu_pids()
     assert not Path(ram).exists() and not machine.directory.exists()

@@ -135,7 +135,7 @@ def up(name: Annotated[str, typer.Argument(help="Name of the new VM.")],
     if json_:
         _emit_json({**asdict(record), "boot_seconds": round(report.boot_seconds, 3)})
     else:
-        out.print(f"{record.name} up on {record.kernel} at {record.address.split('/')[0]} "
+        out.print(f"{record.name} up on {record.kernel} at {record.ip} "
                   f"in {report.boot_seconds:.1f} s ({record.accel})")
 
 
@@ -150,7 +150,8 @@ def list_machines(json_: JsonOption = False) -> None:
         return
     table = Table("name", "status", "kernel", "address", "memory", "accel", "pid")
     for row in rows:
-        table.add_row(row["name"], row["status"], row["kernel"], row["address"].split("/")[0],
+        table.add_row(row["name"], row["status"], row["kernel"],
+                      row["service_address"].split("/")[0],
                       f"{row['memory_mib']} MiB", row["accel"], str(row["pid"] or ""))
     out.print(table)
 

@@ -27,7 +27,7 @@ def run(host: Host, progress: Progress = silent) -> dict[str, Any]:
             started.append(name)
             report[f"{name} kernel"] = exec_in(host, name, ["uname", "-r"]).text.strip()
             report[f"{name} boot seconds"] = round(booted.boot_seconds, 2)
-        address = host.machines.get(ACTIVE).record.address.split("/")[0]
+        address = host.machines.get(ACTIVE).record.ip
         progress(f"starting redis in {ACTIVE}")
         start_redis(host, ACTIVE)
         progress(f"querying redis at {address} from the private network")

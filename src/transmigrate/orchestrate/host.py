@@ -23,11 +23,17 @@ class Host:
     cache: Path
     state: Path
     shm: Path
+    data: Path
     network_name: str
 
     @classmethod
     def from_environment(cls) -> Host:
-        return cls(paths.cache_dir(), paths.state_dir(), paths.shm_dir(), paths.network_name())
+        return cls(paths.cache_dir(), paths.state_dir(), paths.shm_dir(), paths.data_dir(),
+                   paths.network_name())
+
+    def volume(self, service: str) -> Path:
+        """The data volume of the service that VM ``service`` runs."""
+        return self.data / "volumes" / f"{self.network_name}-{service}.img"
 
     @cached_property
     def archive(self) -> DebianArchive:

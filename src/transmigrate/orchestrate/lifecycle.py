@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from transmigrate.errors import MachineDead, MachineExists, TransmigrateError
 from transmigrate.guest.agent import ExecResult
@@ -12,6 +13,7 @@ from transmigrate.orchestrate.host import Host
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.image import ImageSpec
 from transmigrate.vm.machine import Machine
+from transmigrate.vm.volume import create_volume
 
 __all__ = ["BootReport", "clean", "down", "exec_in", "running", "up"]
 
@@ -26,17 +28,31 @@ class BootReport:
 
 
 def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None = None,
-       memory_mib: int = 1024, cpus: int = 1, progress: Progress = silent) -> BootReport:
-    """Boot a VM on ``kernel_spec``; return once its guest agent answers."""
+       memory_mib: int = 1024, cpus: int = 1, standby_for: Machine | None = None,
+       progress: Progress = silent) -> BootReport:
+    """Boot a VM on ``kernel_spec``; return once its guest agent answers.
+
+    With ``standby_for``, the VM takes that VM's service identity and data
+    volume but stays off the service network and leaves the volume unmounted.
+    """
     if any(m.name == name for m in host.machines.all()):
         raise MachineExists(f"a VM named {name!r} already exists")
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
     image = host.image(image_spec or ImageSpec()).ensure(progress)
     accel = host.accelerator()
+    if standby_for is not None:
+        volume = Path(standby_for.record.data_volume)
+    else:
+        volume = host.volume(name)
+        if not volume.exists():
+            progress(f"creating data volume {volume}")
+            create_volume(volume)
     progress(f"starting {name} on {kernel.release} ({accel.upper()})")
     start = time.monotonic()
-    machine = host.machines.create(name, kernel, image.path, accel,
-                                   memory_mib=memory_mib, cpus=cpus)
+    machine = host.machines.create(
+        name, kernel, image.path, accel, memory_mib=memory_mib, cpus=cpus, data_volume=volume,
+        identity=standby_for.record.identity if standby_for else None,
+        standby=standby_for is not None)
     try:
         progress(f"waiting for {name}'s guest agent")
         host.agent(machine).wait_ready(BOOT_TIMEOUT, machine.alive)
@@ -67,14 +83,23 @@ def exec_in(host: Host, name: str, argv: Sequence[str], *, timeout: float = 600.
 
 
 def down(host: Host, name: str) -> None:
-    host.machines.remove(host.machines.get(name))
+    """Stop VM ``name`` and delete its service's data volume."""
+    machine = host.machines.get(name)
+    host.machines.remove(machine)
+    _drop_unused_volume(host, Path(machine.record.data_volume))
+
+
+def _drop_unused_volume(host: Host, volume: Path) -> None:
+    if not any(m.record.data_volume == str(volume) for m in host.machines.all()):
+        volume.unlink(missing_ok=True)
 
 
 def clean(host: Host) -> list[str]:
-    """Stop every VM and remove the network; return the names stopped."""
+    """Stop every VM, remove the network and their volumes; return the names stopped."""
     names = []
     for machine in host.machines.all():
         host.machines.remove(machine)
+        _drop_unused_volume(host, Path(machine.record.data_volume))
         names.append(machine.name)
     with host.machines.locked():
         host.network.remove()

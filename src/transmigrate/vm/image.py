@@ -107,7 +107,8 @@ class GuestImage:
             init.parent.mkdir(parents=True, exist_ok=True)
             for path in _guest_files():
                 shutil.copy(path, init.parent / path.name)
-            init.chmod(0o755)
+            for path in _guest_files():
+                (init.parent / path.name).chmod(0o755)
             (tree / "lib" / "modules").mkdir(parents=True, exist_ok=True)
             (tree / "etc" / "hostname").write_text("guest\n")
             (tree / "etc" / "fstab").write_text("")

@@ -1,11 +1,19 @@
 """One running QEMU guest, and the registry of all of them on this host.
 
-A machine's state directory (``<state>/vms/<name>``) holds its description,
+A machine's state directory (``<state>/vms/<id>``) holds its description,
 QEMU's pid file, the QMP and agent sockets, the serial console log and the
 writable overlay of the guest image. Everything about a machine can be found
 again from that directory, so another shell, or a CLI that crashed, can still
-list, reach and stop it. The guest's RAM is a shared file in /dev/shm, so that a
-monitor on the host can read the guest kernel's memory.
+list, reach and stop it. The directory is named by a fixed id, not by the VM's
+name, because a standby VM takes over its predecessor's name after an update
+while its QEMU keeps the socket paths it was started with. The guest's RAM is a
+shared file in /dev/shm, so that a monitor on the host can read the guest
+kernel's memory.
+
+Each VM has two NICs: the service NIC, which carries the service's identity
+(MAC and address) and is on the service bridge only while the VM serves, and a
+NIC on the private migration link. It also has the service's data volume,
+which only one VM at a time mounts.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import time
@@ -33,13 +42,21 @@ from transmigrate.process import run
 from transmigrate.vm.accel import Accelerator
 from transmigrate.vm.initramfs import MODULES_SERIAL, ROOT_SERIAL
 from transmigrate.vm.kernels import Kernel
-from transmigrate.vm.network import Network, guest_address, guest_mac
+from transmigrate.vm.network import (
+    MIGRATION_BRIDGE,
+    Network,
+    ServiceIdentity,
+    guest_mac,
+    migration_address,
+    service_identity,
+)
 from transmigrate.vm.qmp import qmp_execute
 
-__all__ = ["AGENT_PORT", "Machine", "MachineRecord", "MachineRegistry"]
+__all__ = ["AGENT_PORT", "DATA_SERIAL", "Machine", "MachineRecord", "MachineRegistry"]
 
 QEMU = "qemu-system-x86_64"
 AGENT_PORT = "org.qemu.guest_agent.0"
+DATA_SERIAL = "tm-data"
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 _MAX_SLOTS = 200
 
@@ -48,6 +65,7 @@ _MAX_SLOTS = 200
 class MachineRecord:
     """What is written to ``machine.json``: enough to find and reach the VM again."""
 
+    id: str
     name: str
     slot: int
     kernel: str
@@ -56,11 +74,27 @@ class MachineRecord:
     memory_mib: int
     cpus: int
     accel: str
-    address: str
-    mac: str
-    tap: str
+    service_mac: str
+    service_address: str
+    service_tap: str
+    migration_mac: str
+    migration_address: str
+    migration_tap: str
+    data_volume: str
     ram_path: str
     started_at: float
+
+    @property
+    def identity(self) -> ServiceIdentity:
+        return ServiceIdentity(self.service_mac, self.service_address)
+
+    @property
+    def ip(self) -> str:
+        return self.identity.ip
+
+    @property
+    def migration_ip(self) -> str:
+        return self.migration_address.split("/")[0]
 
 
 class Machine:
@@ -209,9 +243,23 @@ class MachineRegistry:
                 return machine
         raise MachineNotFound(f"no VM named {name!r}")
 
+    def rename(self, machine: Machine, name: str) -> Machine:
+        """Give ``machine`` a new name (the standby takes over its predecessor's)."""
+        with self.locked():
+            if any(m.name == name and m.record.id != machine.record.id for m in self.all()):
+                raise MachineExists(f"a VM named {name!r} already exists")
+            record = MachineRecord(**{**asdict(machine.record), "name": name})
+            _write_record(machine.directory, record)
+            return Machine(machine.directory, record)
+
     def create(self, name: str, kernel: Kernel, image: Path, accel: Accelerator, *,
-               memory_mib: int, cpus: int) -> Machine:
-        """Start QEMU for a new VM; on any failure leave nothing behind."""
+               memory_mib: int, cpus: int, data_volume: Path,
+               identity: ServiceIdentity | None = None, standby: bool = False) -> Machine:
+        """Start QEMU for a new VM; on any failure leave nothing behind.
+
+        A standby VM takes an existing service ``identity`` but stays off the
+        service bridge and leaves the data volume unmounted until handover.
+        """
         if not _NAME.match(name):
             raise MachineError(
                 f"invalid VM name {name!r}: use lower-case letters, digits and '-', "
@@ -221,45 +269,59 @@ class MachineRegistry:
             if any(m.name == name for m in machines):
                 raise MachineExists(f"a VM named {name!r} already exists")
             used = {m.record.slot for m in machines}
-            slot = next(s for s in range(_MAX_SLOTS) if s not in used)
+            taken = {m.record.service_mac for m in machines}
+            slot = next(s for s in range(_MAX_SLOTS)
+                        if s not in used and service_identity(s).mac not in taken)
+            identity = identity or service_identity(slot)
             self.network.ensure()
-            directory = self.root / name
+            vm_id = f"{name}-{secrets.token_hex(3)}"
+            directory = self.root / vm_id
             directory.mkdir(parents=True)
             record = MachineRecord(
-                name=name, slot=slot, kernel=kernel.release, kernel_dir=str(kernel.directory),
-                image=str(image), memory_mib=memory_mib, cpus=cpus, accel=str(accel),
-                address=str(guest_address(slot)), mac=guest_mac(slot), tap=f"tm-{slot}-0",
-                ram_path=str(self.shm / f"{self.network.name}-{name}.ram"), started_at=time.time())
-            (directory / "machine.json").write_text(json.dumps(asdict(record), indent=1))
+                id=vm_id, name=name, slot=slot, kernel=kernel.release,
+                kernel_dir=str(kernel.directory), image=str(image), memory_mib=memory_mib,
+                cpus=cpus, accel=str(accel), service_mac=identity.mac,
+                service_address=identity.address, service_tap=f"tm-{slot}-s",
+                migration_mac=guest_mac(slot, 1), migration_address=migration_address(slot),
+                migration_tap=f"tm-{slot}-m", data_volume=str(data_volume),
+                ram_path=str(self.shm / f"{self.network.name}-{vm_id}.ram"),
+                started_at=time.time())
+            _write_record(directory, record)
             machine = Machine(directory, record)
             try:
-                self._launch(machine, kernel, accel)
+                self._launch(machine, kernel, accel, standby=standby)
             except BaseException:
                 machine.stop(timeout=3.0)
-                if not self.all():
-                    self.network.remove()
-                else:
-                    self.network.delete_link(record.tap)
+                self._forget_links(machine)
                 raise
             return machine
+
+    def _forget_links(self, machine: Machine) -> None:
+        """Remove the network if no VM is left, else this VM's TAPs if they linger."""
+        if not self.all():
+            self.network.remove()
+        else:
+            self.network.delete_link(machine.record.service_tap)
+            self.network.delete_link(machine.record.migration_tap)
 
     def remove(self, machine: Machine) -> None:
         """Stop a machine and its TAP; the last one out removes the network too."""
         with self.locked():
             machine.stop()
-            if not self.all():
-                self.network.remove()
-            else:
-                self.network.delete_link(machine.record.tap)
+            self._forget_links(machine)
 
-    def _launch(self, machine: Machine, kernel: Kernel, accel: Accelerator) -> None:
+    def _launch(self, machine: Machine, kernel: Kernel, accel: Accelerator, *,
+                standby: bool) -> None:
         record = machine.record
         machine.ram_path.unlink(missing_ok=True)
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", record.image,
              machine.overlay])
         cmdline = " ".join([
             "console=ttyS0", "loglevel=4", "panic=-1",
-            f"tm.name={record.name}", f"tm.if={record.mac}@{record.address}",
+            f"tm.name={record.name}",
+            f"tm.if={record.service_mac}@{record.service_address}",
+            f"tm.if={record.migration_mac}@{record.migration_address}",
+            f"tm.data={'standby' if standby else 'mount'}",
         ])
         argv = [
             *self.network.prefix(), QEMU,
@@ -276,8 +338,13 @@ class MachineRegistry:
             "-device", f"virtio-blk-pci,drive=root,serial={ROOT_SERIAL}",
             "-drive", f"if=none,id=modules,file={kernel.modules_image},format=raw,readonly=on",
             "-device", f"virtio-blk-pci,drive=modules,serial={MODULES_SERIAL}",
-            "-netdev", f"tap,id=svc0,ifname={record.tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=svc0,mac={record.mac}",
+            "-drive", (f"if=none,id=data,file={record.data_volume},format=raw,"
+                       "file.locking=off,cache.direct=on"),
+            "-device", f"virtio-blk-pci,drive=data,serial={DATA_SERIAL}",
+            "-netdev", f"tap,id=svc0,ifname={record.service_tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=svc0,mac={record.service_mac}",
+            "-netdev", f"tap,id=mig0,ifname={record.migration_tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=mig0,mac={record.migration_mac}",
             "-chardev", f"socket,id=agent,path={machine.agent_socket},server=on,wait=off",
             "-device", "virtio-serial-pci",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
@@ -291,4 +358,12 @@ class MachineRegistry:
             run(argv, timeout=60)
         except CommandError as exc:
             raise MachineError(f"QEMU did not start for {record.name!r}: {exc}") from exc
-        self.network.attach(record.tap)
+        self.network.attach(record.migration_tap, MIGRATION_BRIDGE)
+        if not standby:
+            self.network.attach(record.service_tap)
+
+
+def _write_record(directory: Path, record: MachineRecord) -> None:
+    tmp = directory / "machine.json.tmp"
+    tmp.write_text(json.dumps(asdict(record), indent=1))
+    tmp.replace(directory / "machine.json")

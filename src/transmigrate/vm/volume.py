@@ -1,0 +1,27 @@
+"""The service's data volume: a raw ext4 disk that moves from VM to VM with the service.
+
+Both the active and the standby VM have it attached (QEMU's image locking is
+off for it), but only one guest mounts it at a time; handover freezes it on the
+old guest before the new one mounts it. Files a service writes there (redis'
+AOF and RDB, logs) therefore survive the move, and nothing is written by both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transmigrate.process import run
+
+__all__ = ["DATA_MOUNT", "create_volume"]
+
+DATA_MOUNT = "/data"
+
+
+def create_volume(path: Path, size_mib: int = 4096) -> None:
+    """A sparse, empty ext4 volume at ``path`` (it costs disk only as it fills)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as handle:
+        handle.truncate(size_mib * 1024 * 1024)
+    run(["mkfs.ext4", "-q", "-F", "-L", "tm-data", "-E", "root_owner=0:0", tmp])
+    tmp.replace(path)
