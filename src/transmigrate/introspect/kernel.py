@@ -46,7 +46,7 @@ _PLATFORM = drgn.Platform(drgn.Architecture.X86_64,
 _PAGE = 4096
 _INTEGER_FORMATS = {(1, False): "B", (1, True): "b", (2, False): "H", (2, True): "h",
                     (4, False): "I", (4, True): "i", (8, False): "Q", (8, True): "q"}
-_PATH_PART = re.compile(r"^(\w+)((?:\[\w+\])*)$")
+_PATH_PART = re.compile(r"^(\w*)((?:\[\w+\])*)$")
 _DRGN_ERRORS = (drgn.FaultError, drgn.ObjectAbsentError, LookupError, ValueError,
                 OverflowError, TypeError)
 
@@ -136,9 +136,9 @@ class Guest:
             self._init_mm = prog["init_mm"].address_of_()
             self.page_offset = int(prog["page_offset_base"])
             self._direct_end = self.page_offset + max(s.end for s in ram.segments)
-            self._image_start = prog.symbol("_text").address
-            self._image_end = prog.symbol("_end").address
-            self._image_delta = int(follow_phys(self._init_mm, self._image_start)) \
+            self._image_start: int = prog.symbol("_text").address
+            self._image_end: int = prog.symbol("_end").address
+            self._image_delta: int = int(follow_phys(self._init_mm, self._image_start)) \
                 - self._image_start
             self._check_ram_layout()
             self.possible_cpus = tuple(for_each_possible_cpu(prog))
@@ -197,14 +197,11 @@ class Guest:
         start = self.offset(address, size)
         return bytes(self.ram.buffer[start:start + size])
 
-    def read_u64(self, address: int) -> int:
-        value: int = struct.unpack_from("<Q", self.ram.buffer, self.offset(address, 8))[0]
-        return value
-
     def address_of(self, name: str) -> int:
         """Address of a kernel global (for a per-CPU variable: its offset in the per-CPU area)."""
         with drgn_errors(f"guest kernel {self.release} has no symbol {name!r}"):
-            return self.prog.symbol(name).address
+            address: int = self.prog.symbol(name).address
+        return address
 
     def has(self, type_name: str, member: str) -> bool:
         """Whether the kernel's ``type_name`` has ``member``: picks between kernel versions."""
@@ -220,8 +217,22 @@ class Guest:
             self.ram.buffer, self.offset(self._online_mask, self._online_words.size))
         return tuple(cpu for cpu in self.possible_cpus if words[cpu // 64] >> (cpu % 64) & 1)
 
-    def record(self, type_name: str, members: Sequence[str]) -> Record:
-        return Record(self, type_name, members)
+    def record(self, kind: str | drgn.Type, members: Sequence[str]) -> Record:
+        return Record(self, kind, members)
+
+    def variable(self, name: str) -> drgn.Object | None:
+        """A kernel global, or None when this kernel build has no such variable."""
+        try:
+            return self.prog.variable(name)
+        except LookupError:
+            return None
+
+    def per_cpu_addresses(self, name: str) -> dict[int, int]:
+        """Where each possible CPU's copy of the per-CPU variable ``name`` lies."""
+        with drgn_errors(f"guest kernel {self.release} has no per-CPU {name!r}"):
+            base = self.prog.variable(name).address_
+            assert base is not None
+        return {cpu: base + offset for cpu, offset in self.per_cpu_offsets.items()}
 
 
 def _format(kind: drgn.Type) -> str:
@@ -244,13 +255,17 @@ def _format(kind: drgn.Type) -> str:
 
 
 def _member(base: drgn.Object, path: str) -> drgn.Object:
-    """``base.a.b[3].c[NR_X]``: designators may index with a kernel enum constant."""
+    """``base.a.b[3].c[NR_X]``: designators may index with a kernel enum constant.
+
+    The empty path is the object itself (a per-CPU counter, say).
+    """
     obj = base
-    for part in path.split("."):
+    for part in path.split(".") if path else ():
         match = _PATH_PART.match(part)
         if match is None:
             raise IntrospectionError(f"bad member path {path!r}")
-        obj = obj.member_(match.group(1))
+        if match.group(1):
+            obj = obj.member_(match.group(1))
         for index in re.findall(r"\[(\w+)\]", match.group(2)):
             value = int(index) if index.isdigit() else obj.prog_.constant(index).value_()
             obj = obj[value]
@@ -263,18 +278,20 @@ class Record:
     Offsets and formats come from DWARF, so the same record reads every kernel version.
     """
 
-    def __init__(self, guest: Guest, type_name: str, members: Sequence[str]) -> None:
+    def __init__(self, guest: Guest, kind: str | drgn.Type, members: Sequence[str]) -> None:
         self.guest = guest
         self.members = tuple(members)
+        type_name = str(kind) if isinstance(kind, str) else kind.type_name()
         with drgn_errors(f"guest kernel {guest.release} has no {type_name} {members}"):
-            base = drgn.Object(guest.prog, guest.prog.type(type_name), address=0)
+            base = drgn.Object(guest.prog, guest.prog.type(kind) if isinstance(kind, str)
+                               else kind, address=0)
             fields = []
             for index, path in enumerate(members):
                 member = _member(base, path)
                 if member.bit_field_size_ is not None:
                     raise IntrospectionError(f"{type_name}.{path} is a bit field")
                 offset = member.address_
-                assert offset is not None
+                assert offset is not None, "a member of an object in memory has an address"
                 fields.append((offset, _format(member.type_), index))
         fields.sort()
         layout, position = ["<"], 0
