@@ -10,6 +10,9 @@ Every key is optional::
     [vm]
     memory_mib = 1024
     cpus = 1
+
+    [services]
+    web = ["redis-server"]      # processes that `transmigrate update web` moves
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Config:
     image_files: Path | None = None
     memory_mib: int = 1024
     cpus: int = 1
+    services: dict[str, tuple[str, ...]] = field(default_factory=dict)
     source: Path | None = field(default=None, compare=False)
 
 
@@ -54,10 +58,15 @@ def load_config(path: Path | None = None) -> Config:
     if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
         raise TransmigrateError(f"config {path}: image.packages must be a list of names")
     files = image.get("files")
+    services = data.get("services", {})
+    if not isinstance(services, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in services.values()):
+        raise TransmigrateError(f"config {path}: services must map VM names to process names")
     return Config(
         image_packages=tuple(packages),
         image_files=(path.parent / files).resolve() if isinstance(files, str) else None,
         memory_mib=int(vm.get("memory_mib", 1024)),
         cpus=int(vm.get("cpus", 1)),
+        services={vm_name: tuple(names) for vm_name, names in services.items()},
         source=path,
     )

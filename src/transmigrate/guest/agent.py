@@ -210,9 +210,9 @@ class GuestAgent:
                 time.sleep(0.1)
         raise AgentError(f"the guest agent did not answer within {timeout:.0f} s ({last})")
 
-    def exec(self, argv: Sequence[str], *, input: bytes | None = None,
-             env: Sequence[str] = (), timeout: float = 60.0) -> ExecResult:
-        """Run ``argv`` in the guest; return its exit code and output."""
+    @staticmethod
+    def _exec_arguments(argv: Sequence[str], input: bytes | None,
+                        env: Sequence[str]) -> dict[str, Any]:
         if not argv:
             raise AgentError("no command given")
         arguments: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]),
@@ -221,29 +221,52 @@ class GuestAgent:
             arguments["input-data"] = base64.b64encode(input).decode()
         if env:
             arguments["env"] = list(env)
+        return arguments
+
+    @classmethod
+    def _result(cls, status: Any) -> ExecResult | None:
+        """The command's result if it has exited, else None."""
+        if not _field(status, "exited", bool):
+            return None
+        code = status.get("exitcode")
+        if not isinstance(code, int):
+            signal = status.get("signal")
+            code = 128 + signal if isinstance(signal, int) else 255
+        return ExecResult(code, _decode(status.get("out-data")), _decode(status.get("err-data")))
+
+    def spawn(self, argv: Sequence[str], *, env: Sequence[str] = (),
+              timeout: float = 10.0) -> int:
+        """Start ``argv`` in the guest without waiting; return its guest pid."""
+        started = self.call("guest-exec", self._exec_arguments(argv, None, env), timeout)
+        return int(_field(started, "pid", int))
+
+    def poll(self, pid: int, timeout: float = 10.0) -> ExecResult | None:
+        """The result of a spawned command, or None while it runs."""
+        return self._result(self.call("guest-exec-status", {"pid": pid}, timeout))
+
+    def exec(self, argv: Sequence[str], *, input: bytes | None = None,
+             env: Sequence[str] = (), timeout: float = 60.0) -> ExecResult:
+        """Run ``argv`` in the guest; return its exit code and output."""
+        arguments = self._exec_arguments(argv, input, env)
         deadline = time.monotonic() + timeout
         step = min(timeout, 10.0)
         with self._conversation(step) as connection:
             started = self._call(connection, "guest-exec", arguments, time.monotonic() + step)
             pid = _field(started, "pid", int)
-            pause = 0.005
+            pause = 0.002
             while True:
                 status = self._call(connection, "guest-exec-status", {"pid": pid},
                                     time.monotonic() + step)
-                if _field(status, "exited", bool):
-                    break
+                result = self._result(status)
+                if result is not None:
+                    return result
                 if time.monotonic() > deadline:
                     self._call(connection, "guest-exec",
                                {"path": "kill", "arg": ["-KILL", str(pid)]},
                                time.monotonic() + step)
                     raise AgentError(f"{argv[0]} did not finish within {timeout:g} s; killed it")
                 time.sleep(pause)
-                pause = min(pause * 2, 0.1)
-        code = status.get("exitcode")
-        if not isinstance(code, int):
-            code = 128 + int(status.get("signal", 0)) if isinstance(status.get("signal"), int) \
-                else 255
-        return ExecResult(code, _decode(status.get("out-data")), _decode(status.get("err-data")))
+                pause = min(pause * 2, 0.05)
 
     def processes(self) -> list[GuestProcess]:
         """The guest's processes, as its ``ps`` sees them."""

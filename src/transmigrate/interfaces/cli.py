@@ -21,6 +21,7 @@ from transmigrate.config import load_config
 from transmigrate.errors import TransmigrateError
 from transmigrate.orchestrate import demo as demo_job
 from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.host import Host
 from transmigrate.vm.image import ImageSpec
 
@@ -197,6 +198,31 @@ def clean(json_: JsonOption = False) -> None:
         _emit_json({"stopped": names})
     else:
         out.print(f"stopped: {', '.join(names) or 'nothing'}; network removed")
+
+
+@app.command()
+def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.")],
+           kernel: Annotated[str, typer.Option("--kernel", "-k", help="The new kernel.")],
+           pid: Annotated[int | None, typer.Option(help="Move this process tree.")] = None,
+           process: Annotated[str | None, typer.Option(
+               help="Move the oldest process of this name, with its tree.")] = None,
+           precopy: Annotated[bool, typer.Option(
+               help="Copy memory while the service runs before freezing it.")] = True,
+           config: ConfigOption = None, json_: JsonOption = False) -> None:
+    """Move a running service onto a new VM with another kernel; retire the old VM."""
+    host = Host.from_environment()
+    declared = load_config(config).services.get(name, ())
+    root = update_job.find_service(host, name, pid=pid, process=process, declared=declared)
+    report = update_job.update(host, name, kernel, pid=root, precopy=precopy,
+                               progress=_Progress())
+    if json_:
+        _emit_json(report.as_dict())
+        return
+    out.print(f"{name}: pid {report.pid} moved from {report.kernel_before} to "
+              f"{report.kernel_after}; frozen {report.frozen_seconds:.2f} s, "
+              f"total {report.total_seconds:.1f} s")
+    for step, seconds in report.steps.items():
+        out.print(f"  {step:<18} {seconds:8.3f} s")
 
 
 @app.command()

@@ -86,6 +86,8 @@ class TaskReader:
         self.guest = guest
         self.max_tasks = max_tasks
         self.retries = retries
+        self.torn_walks = 0
+        """Walks restarted because the guest changed a list under them (a health figure)."""
         state = "__state" if guest.has("struct task_struct", "__state") else "state"
         self._task = guest.record("struct task_struct", (
             "tasks.next", "tasks.prev", "pid", "tgid", "comm", state, "exit_state",
@@ -111,6 +113,7 @@ class TaskReader:
                 tasks = self._walk(threads)
             except (_Torn, IntrospectionError) as exc:
                 problem = str(exc)
+                self.torn_walks += 1
                 continue
             return TaskSample(tasks, time.monotonic_ns())
         raise IntrospectionError(

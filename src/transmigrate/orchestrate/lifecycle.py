@@ -18,6 +18,8 @@ from transmigrate.vm.volume import create_volume
 __all__ = ["BootReport", "clean", "down", "exec_in", "running", "up"]
 
 BOOT_TIMEOUT = 180.0
+STANDBY_PID_MARGIN = 100_000
+"""A standby's own processes start this far above its predecessor's last pid."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,16 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
     if any(m.name == name for m in host.machines.all()):
         raise MachineExists(f"a VM named {name!r} already exists")
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
-    image = host.image(image_spec or ImageSpec()).ensure(progress)
+    if standby_for is not None:
+        image = Path(standby_for.record.image)  # the same files on both sides
+    else:
+        image = host.image(image_spec or ImageSpec()).ensure(progress).path
     accel = host.accelerator()
+    pid_base = 10_000
     if standby_for is not None:
         volume = Path(standby_for.record.data_volume)
+        last = host.agent(standby_for).exec(["cat", "/proc/sys/kernel/ns_last_pid"]).text
+        pid_base = int(last) + STANDBY_PID_MARGIN
     else:
         volume = host.volume(name)
         if not volume.exists():
@@ -50,9 +58,9 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
     progress(f"starting {name} on {kernel.release} ({accel.upper()})")
     start = time.monotonic()
     machine = host.machines.create(
-        name, kernel, image.path, accel, memory_mib=memory_mib, cpus=cpus, data_volume=volume,
+        name, kernel, image, accel, memory_mib=memory_mib, cpus=cpus, data_volume=volume,
         identity=standby_for.record.identity if standby_for else None,
-        standby=standby_for is not None)
+        standby=standby_for is not None, pid_base=pid_base)
     try:
         progress(f"waiting for {name}'s guest agent")
         host.agent(machine).wait_ready(BOOT_TIMEOUT, machine.alive)

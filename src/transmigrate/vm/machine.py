@@ -254,11 +254,13 @@ class MachineRegistry:
 
     def create(self, name: str, kernel: Kernel, image: Path, accel: Accelerator, *,
                memory_mib: int, cpus: int, data_volume: Path,
-               identity: ServiceIdentity | None = None, standby: bool = False) -> Machine:
+               identity: ServiceIdentity | None = None, standby: bool = False,
+               pid_base: int = 10_000) -> Machine:
         """Start QEMU for a new VM; on any failure leave nothing behind.
 
         A standby VM takes an existing service ``identity`` but stays off the
         service bridge and leaves the data volume unmounted until handover.
+        Processes started after boot get pids above ``pid_base``.
         """
         if not _NAME.match(name):
             raise MachineError(
@@ -289,7 +291,7 @@ class MachineRegistry:
             _write_record(directory, record)
             machine = Machine(directory, record)
             try:
-                self._launch(machine, kernel, accel, standby=standby)
+                self._launch(machine, kernel, accel, standby=standby, pid_base=pid_base)
             except BaseException:
                 machine.stop(timeout=3.0)
                 self._forget_links(machine)
@@ -311,7 +313,7 @@ class MachineRegistry:
             self._forget_links(machine)
 
     def _launch(self, machine: Machine, kernel: Kernel, accel: Accelerator, *,
-                standby: bool) -> None:
+                standby: bool, pid_base: int) -> None:
         record = machine.record
         machine.ram_path.unlink(missing_ok=True)
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", record.image,
@@ -322,6 +324,7 @@ class MachineRegistry:
             f"tm.if={record.service_mac}@{record.service_address}",
             f"tm.if={record.migration_mac}@{record.migration_address}",
             f"tm.data={'standby' if standby else 'mount'}",
+            f"tm.pidbase={pid_base}",
         ])
         argv = [
             *self.network.prefix(), QEMU,

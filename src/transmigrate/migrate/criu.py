@@ -1,0 +1,151 @@
+"""CRIU as the guests run it: command lines, image layout, and its statistics.
+
+CRIU's image format is the version-independent intermediate representation of
+a process's kernel state: dumped by system calls on the old kernel, recreated
+by system calls on the new one. Every CRIU run in a guest writes its log next
+to its images, so a failure can always be explained.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from transmigrate.errors import TransmigrateError
+
+__all__ = [
+    "HOLD_SCRIPT",
+    "IMAGES_ROOT",
+    "PAGE_SERVER_PORT",
+    "DumpStats",
+    "Images",
+    "RestoreStats",
+    "parse_stats",
+]
+
+IMAGES_ROOT = "/var/lib/transmigrate/migration"
+HOLD_SCRIPT = "/usr/lib/transmigrate/criu-hold"
+PAGE_SERVER_PORT = 27100
+
+
+@dataclass(frozen=True)
+class Images:
+    """The image directories of one migration, the same paths on both guests.
+
+    Iteration ``n`` lives in ``<root>/<n>``; each names its predecessor as
+    ``../<n-1>`` (CRIU wants parent links relative), so restore follows the chain
+    of pre-copied pages on the target.
+    """
+
+    root: str
+
+    def dir(self, n: int) -> str:
+        return f"{self.root}/{n}"
+
+    def parent_args(self, n: int) -> list[str]:
+        return ["--prev-images-dir", f"../{n - 1}"] if n > 1 else []
+
+    def page_server(self, n: int, address: str) -> list[str]:
+        return ["criu", "page-server", "-D", self.dir(n), *self.parent_args(n),
+                "--address", address, "--port", str(PAGE_SERVER_PORT), "--daemon",
+                "-o", "page-server.log", "-v4"]
+
+    def pre_dump(self, n: int, pid: int, target: str) -> list[str]:
+        return ["criu", "pre-dump", "-t", str(pid), "-D", self.dir(n), *self.parent_args(n),
+                "--track-mem", "--page-server", "--address", target,
+                "--port", str(PAGE_SERVER_PORT), "-o", "pre-dump.log", "-v4"]
+
+    def dump(self, n: int, pid: int, target: str) -> list[str]:
+        return ["criu", "dump", "-t", str(pid), "-D", self.dir(n), *self.parent_args(n),
+                "--track-mem", "--page-server", "--address", target,
+                "--port", str(PAGE_SERVER_PORT), "--tcp-established", "--file-locks",
+                "--link-remap", "--ghost-limit", "64M", "--action-script", HOLD_SCRIPT,
+                "-o", "dump.log", "-v4"]
+
+    def restore(self, n: int, pidfile: str) -> list[str]:
+        return ["criu", "restore", "-D", self.dir(n), "--tcp-established", "--file-locks",
+                "--restore-detached", "--pidfile", pidfile, "-o", "restore.log", "-v4"]
+
+
+@dataclass(frozen=True)
+class DumpStats:
+    """CRIU's own dump statistics, under CRIU's names (times in microseconds)."""
+
+    freezing_time: int = 0
+    frozen_time: int = 0
+    memdump_time: int = 0
+    memwrite_time: int = 0
+    pages_scanned: int = 0
+    pages_skipped_parent: int = 0
+    pages_written: int = 0
+    pages_lazy: int = 0
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    """CRIU's own restore statistics, under CRIU's names (times in microseconds)."""
+
+    pages_compared: int = 0
+    pages_skipped_cow: int = 0
+    forking_time: int = 0
+    restore_time: int = 0
+    pages_restored: int = 0
+
+
+# Field numbers from CRIU's images/stats.proto.
+_DUMP_FIELDS = {1: "freezing_time", 2: "frozen_time", 3: "memdump_time", 4: "memwrite_time",
+                5: "pages_scanned", 6: "pages_skipped_parent", 7: "pages_written",
+                9: "pages_lazy"}
+_RESTORE_FIELDS = {1: "pages_compared", 2: "pages_skipped_cow", 3: "forking_time",
+                   4: "restore_time", 5: "pages_restored"}
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise TransmigrateError("CRIU stats image is truncated")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _fields(message: bytes) -> dict[int, int | bytes]:
+    """The top-level fields of a protobuf message (varints and length-delimited only)."""
+    fields: dict[int, int | bytes] = {}
+    pos = 0
+    while pos < len(message):
+        key, pos = _varint(message, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields[number], pos = _varint(message, pos)
+        elif wire == 2:
+            length, pos = _varint(message, pos)
+            fields[number] = message[pos:pos + length]
+            pos += length
+        else:
+            raise TransmigrateError(f"CRIU stats image has an unexpected wire type {wire}")
+    return fields
+
+
+def parse_stats(image: bytes) -> DumpStats | RestoreStats:
+    """Decode a ``stats-dump`` or ``stats-restore`` image.
+
+    The file is two magic numbers, then one entry: a 32-bit length and a
+    protobuf ``stats_entry`` holding either ``dump`` (1) or ``restore`` (2).
+    """
+    if len(image) < 12:
+        raise TransmigrateError("CRIU stats image is truncated")
+    (size,) = struct.unpack_from("<I", image, 8)
+    entry = _fields(image[12:12 + size])
+    dump, restore = entry.get(1), entry.get(2)
+    if isinstance(dump, bytes):
+        raw = _fields(dump)
+        return DumpStats(**{name: int(raw.get(n, 0)) for n, name in _DUMP_FIELDS.items()})
+    if isinstance(restore, bytes):
+        raw = _fields(restore)
+        return RestoreStats(**{name: int(raw.get(n, 0)) for n, name in _RESTORE_FIELDS.items()})
+    raise TransmigrateError("CRIU stats image holds neither dump nor restore statistics")

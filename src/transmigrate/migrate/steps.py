@@ -1,0 +1,388 @@
+"""The steps of one live migration, each with ``run()`` and ``undo()``.
+
+A migration is a list of steps run in order. If one fails, the steps already
+run, and the failed one, are undone in reverse, which leaves the service
+running on the source exactly as it was: the final dump holds the source's
+tasks frozen (see ``criu-hold``) until the target runs them, and only the last
+step, Commit, lets the source's copy go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from transmigrate.errors import TransmigrateError
+from transmigrate.guest.agent import ExecResult, GuestAgent
+from transmigrate.migrate.criu import (
+    IMAGES_ROOT,
+    DumpStats,
+    Images,
+    RestoreStats,
+    parse_stats,
+)
+from transmigrate.migrate.precopy import PreCopyPolicy
+from transmigrate.progress import Progress, silent
+from transmigrate.vm.machine import MachineRecord
+from transmigrate.vm.network import Network
+from transmigrate.vm.volume import DATA_MOUNT
+
+__all__ = [
+    "MigrationFailed",
+    "MigrationReport",
+    "Plan",
+    "Side",
+    "Step",
+    "migration_steps",
+    "run_steps",
+]
+
+GUEST_TOOLS = "/usr/lib/transmigrate"
+HOLD_DIR = "/run/transmigrate-hold"
+RESTORED_PIDFILE = "/run/transmigrate-restored.pid"
+
+
+class MigrationFailed(TransmigrateError):
+    """A migration failed and was rolled back; the service runs where it was."""
+
+
+class PrecheckFailed(TransmigrateError):
+    """What is to be moved cannot be moved; nothing was touched."""
+
+
+@dataclass(frozen=True)
+class Side:
+    """One end of a migration: a VM and its agent."""
+
+    record: MachineRecord
+    agent: GuestAgent
+
+    def run(self, argv: Sequence[str], *, timeout: float = 120.0, what: str = "") -> ExecResult:
+        """Run in the guest; a non-zero exit is an error that names the VM and the command."""
+        result = self.agent.exec(argv, timeout=timeout)
+        if result.exit_code != 0:
+            detail = (result.stderr or result.stdout).decode(errors="replace").strip()
+            last = detail.splitlines()[-1] if detail else f"exit {result.exit_code}"
+            raise TransmigrateError(f"{what or argv[0]} failed in {self.record.name}: {last}")
+        return result
+
+    def sh(self, script: str, *, timeout: float = 120.0, what: str = "") -> ExecResult:
+        return self.run(["sh", "-c", script], timeout=timeout, what=what or script.split()[0])
+
+
+@dataclass
+class MigrationReport:
+    """What happened, with CRIU's own figures under CRIU's names."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+    precopy: list[DumpStats] = field(default_factory=list)
+    dump: DumpStats | None = None
+    restore: RestoreStats | None = None
+    frozen_seconds: float = 0.0
+    """From the final dump's start to the target's NIC on the service bridge."""
+
+
+@dataclass
+class Plan:
+    """Everything the steps share."""
+
+    source: Side
+    target: Side
+    network: Network
+    pid: int
+    policy: PreCopyPolicy | None = field(default_factory=PreCopyPolicy)
+    service_check: Callable[[], None] | None = None
+    images: Images = field(default_factory=lambda: Images(IMAGES_ROOT))
+    report: MigrationReport = field(default_factory=MigrationReport)
+    final_iteration: int = 1
+    dump_pid: int | None = None
+    frozen_at: float = 0.0
+
+
+class Step(Protocol):
+    name: str
+
+    def run(self, plan: Plan) -> None: ...
+
+    def undo(self, plan: Plan) -> None: ...
+
+
+def _read_stats(side: Side, directory: str, name: str) -> DumpStats | RestoreStats:
+    data = side.run(["cat", f"{directory}/{name}"], what=f"reading {name}").stdout
+    return parse_stats(data)
+
+
+class Precheck:
+    """Refuse, before anything is frozen, what CRIU could not move or the target lacks."""
+
+    name = "precheck"
+
+    def run(self, plan: Plan) -> None:
+        source, target = plan.source, plan.target
+        for side in (source, target):
+            side.run(["criu", "check"], what="criu check")
+        found = source.run([f"{GUEST_TOOLS}/tm-resources", str(plan.pid)],
+                           what="listing the process's resources").text
+        resources = json.loads(found)
+        if "error" in resources:
+            raise PrecheckFailed(f"{resources['error']} in {source.record.name}")
+        problems: list[str] = list(resources["problems"])
+        local = {p: s for p, s in resources["files"].items()
+                 if not p.startswith(DATA_MOUNT + "/")}
+        if local:
+            script = "for f in " + " ".join(shlex.quote(p) for p in local) + \
+                '; do echo "$(stat -c %s "$f" 2>/dev/null || echo -)|$f"; done'
+            for line in target.sh(script, what="checking files on the target").text.splitlines():
+                size, _, path = line.partition("|")
+                if size != str(local.get(path)):
+                    problems.append(f"{path} exists only in {source.record.name}: "
+                                    f"put it on the data volume ({DATA_MOUNT})")
+        in_use = {int(p) for p in target.run(["ps", "-e", "-o", "pid="]).text.split()}
+        clashes = sorted(set(resources["pids"]) & in_use)
+        if clashes:
+            problems.append(f"pids {clashes} are taken in {target.record.name}")
+        if problems:
+            raise PrecheckFailed("cannot move: " + "; ".join(problems))
+        tracking = source.agent.exec(["criu", "check", "--feature", "mem_dirty_track"])
+        if tracking.exit_code != 0:
+            plan.policy = None
+        for side in (source, target):
+            side.run(["rm", "-rf", plan.images.root])
+            side.run(["mkdir", "-p", plan.images.root])
+
+    def undo(self, plan: Plan) -> None:
+        """Nothing to undo: the precheck only looks."""
+
+
+class PreCopy:
+    """Copy memory to the target while the service runs, until the dirty set is small."""
+
+    name = "pre-copy"
+
+    def __init__(self, progress: Progress = silent) -> None:
+        self.progress = progress
+
+    def run(self, plan: Plan) -> None:
+        if plan.policy is None:
+            return
+        written: list[int] = []
+        n = 1
+        while plan.policy.should_continue(written):
+            directory = plan.images.dir(n)
+            plan.target.run(["mkdir", "-p", directory])
+            plan.source.run(["mkdir", "-p", directory])
+            plan.target.run(plan.images.page_server(n, plan.target.record.migration_ip),
+                            what="criu page-server")
+            plan.source.run(plan.images.pre_dump(n, plan.pid, plan.target.record.migration_ip),
+                            what="criu pre-dump")
+            stats = _read_stats(plan.source, directory, "stats-dump")
+            assert isinstance(stats, DumpStats)
+            plan.report.precopy.append(stats)
+            written.append(stats.pages_written)
+            self.progress(f"pre-copy {n}: {stats.pages_written} pages written, "
+                          f"{stats.pages_skipped_parent} unchanged")
+            n += 1
+        plan.final_iteration = n
+
+    def undo(self, plan: Plan) -> None:
+        """Pre-dumps leave the service running; their images are removed at the end."""
+
+
+class FinalDump:
+    """Freeze the service and dump it, holding its tasks frozen at post-dump."""
+
+    name = "final dump"
+
+    def run(self, plan: Plan) -> None:
+        n = plan.final_iteration
+        source, target = plan.source, plan.target
+        for side in (source, target):
+            side.run(["mkdir", "-p", plan.images.dir(n)])
+        source.sh(f"rm -rf {HOLD_DIR} && mkdir -p {HOLD_DIR}")
+        target.run(plan.images.page_server(n, target.record.migration_ip),
+                   what="criu page-server")
+        argv = plan.images.dump(n, plan.pid, target.record.migration_ip)
+        if plan.policy is None:
+            argv = [a for a in argv if a != "--track-mem"]
+        plan.frozen_at = time.monotonic()
+        plan.dump_pid = source.agent.spawn(argv, env=[
+            f"TM_HOLD={HOLD_DIR}", "TM_HOLD_TIMEOUT=120",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+        waited = source.agent.exec(["sh", "-c", (
+            f"while [ ! -e {HOLD_DIR}/dumped ]; do "
+            f"kill -0 {plan.dump_pid} 2>/dev/null || exit 3; sleep 0.005; done")],
+            timeout=300)
+        if waited.exit_code != 0:
+            log = source.agent.exec(["tail", "-n", "3", f"{plan.images.dir(n)}/dump.log"])
+            raise TransmigrateError(f"criu dump failed in {source.record.name}: "
+                                    f"{log.text.strip().splitlines()[-1:] or 'no log'}")
+
+    def undo(self, plan: Plan) -> None:
+        """Tell the held dump to abort: CRIU resumes the tasks and unlocks the network."""
+        if plan.dump_pid is None:
+            return
+        plan.source.sh(f"touch {HOLD_DIR}/abort")
+        with contextlib.suppress(TransmigrateError):
+            _wait_exit(plan.source.agent, plan.dump_pid, timeout=60)
+        plan.dump_pid = None
+
+
+def _wait_exit(agent: GuestAgent, pid: int, timeout: float) -> ExecResult:
+    deadline = time.monotonic() + timeout
+    while (result := agent.poll(pid)) is None:
+        if time.monotonic() > deadline:
+            raise TransmigrateError(f"guest process {pid} did not exit within {timeout:.0f} s")
+        time.sleep(0.01)
+    return result
+
+
+class Transfer:
+    """Copy the dump's non-page images to the target (pages went by the page server)."""
+
+    name = "transfer"
+
+    def run(self, plan: Plan) -> None:
+        directory = plan.images.dir(plan.final_iteration)
+        archive = plan.source.run(
+            ["tar", "-C", directory, "-c", "--exclude=pages-*.img", "--exclude=pagemap-*.img",
+             "--exclude=*.log", "--exclude=parent", "."], what="packing images").stdout
+        result = plan.target.agent.exec(["tar", "-C", directory, "-x"], input=archive)
+        if result.exit_code != 0:
+            raise TransmigrateError(f"unpacking images failed in {plan.target.record.name}: "
+                                    f"{result.stderr.decode(errors='replace').strip()}")
+
+    def undo(self, plan: Plan) -> None:
+        """The copied images are removed with the others at the end."""
+
+
+class HandOverData:
+    """Freeze the data volume on the source, then mount it on the target."""
+
+    name = "data handover"
+
+    def run(self, plan: Plan) -> None:
+        mounted = plan.source.agent.exec(["mountpoint", "-q", DATA_MOUNT]).exit_code == 0
+        if mounted:
+            plan.source.run([f"{GUEST_TOOLS}/tm-data", "freeze"], what="freezing the data volume")
+        plan.target.run([f"{GUEST_TOOLS}/tm-data", "mount"], what="mounting the data volume")
+
+    def undo(self, plan: Plan) -> None:
+        plan.target.agent.exec([f"{GUEST_TOOLS}/tm-data", "umount"])
+        plan.source.agent.exec([f"{GUEST_TOOLS}/tm-data", "thaw"])
+
+
+class DetachSource:
+    """Take the source's service NIC off the bridge: from now on no packet reaches it."""
+
+    name = "network handover"
+
+    def run(self, plan: Plan) -> None:
+        plan.network.detach(plan.source.record.service_tap)
+
+    def undo(self, plan: Plan) -> None:
+        plan.network.attach(plan.source.record.service_tap)
+
+
+class Restore:
+    """Recreate the processes on the target kernel by system calls (criu restore)."""
+
+    name = "restore"
+
+    def run(self, plan: Plan) -> None:
+        n = plan.final_iteration
+        result = plan.target.agent.exec(plan.images.restore(n, RESTORED_PIDFILE), timeout=300)
+        if result.exit_code != 0:
+            log = plan.target.agent.exec(["tail", "-n", "3", f"{plan.images.dir(n)}/restore.log"])
+            raise TransmigrateError(f"criu restore failed in {plan.target.record.name}: "
+                                    f"{log.text.strip().splitlines()[-1:] or 'no log'}")
+
+    def undo(self, plan: Plan) -> None:
+        """Kill whatever the restore started on the target."""
+        plan.target.agent.exec(["sh", "-c", f"[ -s {RESTORED_PIDFILE} ] && "
+                                f"pkill -KILL --session $(cat {RESTORED_PIDFILE}); "
+                                f"kill -KILL {plan.pid} 2>/dev/null; rm -f {RESTORED_PIDFILE}"])
+
+
+class AttachTarget:
+    """Put the target's service NIC, with the same MAC and address, on the bridge."""
+
+    name = "attach target"
+
+    def run(self, plan: Plan) -> None:
+        plan.network.attach(plan.target.record.service_tap)
+        plan.report.frozen_seconds = time.monotonic() - plan.frozen_at
+
+    def undo(self, plan: Plan) -> None:
+        plan.network.detach(plan.target.record.service_tap)
+
+
+class Verify:
+    """The service runs on the target: its process is alive and, if given, it answers."""
+
+    name = "verify"
+
+    def run(self, plan: Plan) -> None:
+        plan.target.run(["kill", "-0", str(plan.pid)], what="the restored process")
+        if plan.service_check is not None:
+            plan.service_check()
+
+    def undo(self, plan: Plan) -> None:
+        """Verifying changes nothing."""
+
+
+class Commit:
+    """Let the held dump finish: the source's copy of the service is killed there."""
+
+    name = "commit"
+
+    def run(self, plan: Plan) -> None:
+        assert plan.dump_pid is not None
+        plan.source.sh(f"touch {HOLD_DIR}/go")
+        _wait_exit(plan.source.agent, plan.dump_pid, timeout=60)
+        plan.dump_pid = None
+        n = plan.final_iteration
+        with contextlib.suppress(TransmigrateError):
+            dump = _read_stats(plan.source, plan.images.dir(n), "stats-dump")
+            plan.report.dump = dump if isinstance(dump, DumpStats) else None
+        with contextlib.suppress(TransmigrateError):
+            restore = _read_stats(plan.target, plan.images.dir(n), "stats-restore")
+            plan.report.restore = restore if isinstance(restore, RestoreStats) else None
+
+    def undo(self, plan: Plan) -> None:
+        """There is no way back once the source's copy is gone."""
+
+
+def migration_steps(progress: Progress = silent) -> list[Step]:
+    return [Precheck(), PreCopy(progress), FinalDump(), Transfer(), HandOverData(),
+            DetachSource(), Restore(), AttachTarget(), Verify(), Commit()]
+
+
+def run_steps(plan: Plan, steps: Sequence[Step], progress: Progress = silent) -> MigrationReport:
+    """Run the steps; on failure undo them in reverse and raise MigrationFailed."""
+    done: list[Step] = []
+    for step in steps:
+        progress(step.name)
+        start = time.monotonic()
+        try:
+            step.run(plan)
+        except BaseException as exc:
+            if isinstance(exc, PrecheckFailed):
+                raise
+            failures = []
+            for undone in reversed([*done, step]):
+                try:
+                    undone.undo(plan)
+                except Exception as undo_exc:
+                    failures.append(f"undo {undone.name}: {undo_exc}")
+            where = plan.source.record.name
+            extra = f" (and {'; '.join(failures)})" if failures else ""
+            raise MigrationFailed(f"{step.name} failed: {exc}; rolled back, the service runs "
+                                  f"on in {where}{extra}") from exc
+        plan.report.steps[step.name] = round(time.monotonic() - start, 3)
+        done.append(step)
+    return plan.report

@@ -1,0 +1,106 @@
+"""Live kernel update: move a running service onto a fresh VM with the new kernel.
+
+The policy: boot the standby first (the service keeps running meanwhile),
+check what is to be moved, pre-copy, then freeze, dump, hand over data and
+network, restore and verify, and only then let the old copy go and retire the
+old VM. Any failure before that rolls back to the old VM (see migrate.steps);
+the standby is then discarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from transmigrate.errors import TransmigrateError
+from transmigrate.migrate.criu import IMAGES_ROOT
+from transmigrate.migrate.precopy import PreCopyPolicy
+from transmigrate.migrate.steps import Plan, Side, migration_steps, run_steps
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.lifecycle import running, up
+from transmigrate.progress import Progress, silent
+from transmigrate.vm.machine import Machine
+
+__all__ = ["UpdateReport", "find_service", "update"]
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    name: str
+    pid: int
+    kernel_before: str
+    kernel_after: str
+    steps: dict[str, float]
+    """Seconds per step, the standby's boot included."""
+    frozen_seconds: float
+    total_seconds: float
+    criu: dict[str, Any]
+    """CRIU's own statistics under CRIU's names: pre-copy iterations, dump, restore."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_service(host: Host, name: str, *, pid: int | None = None,
+                 process: str | None = None, declared: Sequence[str] = ()) -> int:
+    """The root pid of what to move: a pid, the oldest process of a name, or a declared one."""
+    agent = host.agent(running(host, name))
+    if pid is not None:
+        if agent.exec(["kill", "-0", str(pid)]).exit_code != 0:
+            raise TransmigrateError(f"no process {pid} in {name}")
+        return pid
+    names = [process] if process else list(declared)
+    if not names:
+        raise TransmigrateError(
+            f"nothing to move in {name}: give --pid or --process, or declare "
+            f"[services] {name} = [...] in transmigrate.toml")
+    for candidate in names:
+        found = agent.exec(["pgrep", "-o", "-x", candidate]).text.split()
+        if found:
+            return int(found[0])
+    raise TransmigrateError(f"no process named {', '.join(names)} runs in {name}")
+
+
+def update(host: Host, name: str, kernel_spec: str, *, pid: int, precopy: bool = True,
+           service_check: Callable[[], None] | None = None,
+           progress: Progress = silent) -> UpdateReport:
+    """Move process tree ``pid`` of VM ``name`` to a new VM on ``kernel_spec``."""
+    start = time.monotonic()
+    source = running(host, name)
+    kernel = host.catalog.fetch(kernel_spec, progress=progress)
+    standby_name = f"{name}-next"
+    boot_start = time.monotonic()
+    target = up(host, standby_name, kernel.release, memory_mib=source.record.memory_mib,
+                cpus=source.record.cpus, standby_for=source, progress=progress).machine
+    boot_seconds = time.monotonic() - boot_start
+    plan = Plan(source=Side(source.record, host.agent(source)),
+                target=Side(target.record, host.agent(target)),
+                network=host.network, pid=pid,
+                policy=PreCopyPolicy() if precopy else None, service_check=service_check)
+    try:
+        report = run_steps(plan, migration_steps(progress), progress)
+    except BaseException:
+        progress(f"discarding {standby_name}")
+        host.machines.remove(target)
+        _remove_images(host, source)
+        raise
+    progress(f"retiring {name} ({source.record.kernel})")
+    host.machines.remove(source)
+    target = host.machines.rename(target, name)
+    _remove_images(host, target)
+    return UpdateReport(
+        name=name, pid=pid, kernel_before=source.record.kernel, kernel_after=kernel.release,
+        steps={"boot standby": round(boot_seconds, 3), **report.steps},
+        frozen_seconds=round(report.frozen_seconds, 3),
+        total_seconds=round(time.monotonic() - start, 3),
+        criu={"precopy": [asdict(s) for s in report.precopy],
+              "dump": asdict(report.dump) if report.dump else None,
+              "restore": asdict(report.restore) if report.restore else None})
+
+
+def _remove_images(host: Host, machine: Machine) -> None:
+    with contextlib.suppress(TransmigrateError):
+        host.agent(machine).exec(["rm", "-rf", IMAGES_ROOT])
