@@ -59,6 +59,8 @@ class GuestRam:
         except (OSError, ValueError) as exc:
             raise IntrospectionError(f"cannot map guest RAM {path}: {exc}") from exc
         self.segments = q35_segments(len(self.buffer))
+        self._spans = tuple((s.physical, s.end, s.file_offset - s.physical)
+                            for s in self.segments)
 
     def __enter__(self) -> GuestRam:
         return self
@@ -76,9 +78,9 @@ class GuestRam:
 
     def offset(self, physical: int, size: int = 1) -> int:
         """File offset of ``size`` bytes at ``physical``; they must lie in one segment."""
-        for segment in self.segments:
-            if segment.physical <= physical and physical + size <= segment.end:
-                return segment.file_offset + physical - segment.physical
+        for start, end, shift in self._spans:
+            if start <= physical and physical + size <= end:
+                return physical + shift
         raise IntrospectionError(
             f"guest-physical {physical:#x}+{size} lies outside the guest's RAM")
 

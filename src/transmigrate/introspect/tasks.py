@@ -91,7 +91,7 @@ class TaskReader:
         state = "__state" if guest.has("struct task_struct", "__state") else "state"
         self._task = guest.record("struct task_struct", (
             "tasks.next", "tasks.prev", "pid", "tgid", "comm", state, "exit_state",
-            "flags", "real_parent", "signal"))
+            "flags", "real_parent", "signal", "thread_node.next", "thread_node.prev"))
         self._thread = guest.record("struct task_struct", ("thread_node.next",
                                                            "thread_node.prev"))
         self._parent = guest.record("struct task_struct", ("tgid",))
@@ -122,6 +122,7 @@ class TaskReader:
     def _walk(self, threads: bool) -> tuple[Task, ...]:
         tasks: list[Task] = []
         seen: set[int] = set()
+        parents: dict[int, int] = {}
         previous, node = self._head, self._task.read(self._head - self._tasks_offset)[0]
         while node != self._head:
             if node in seen:
@@ -133,18 +134,19 @@ class TaskReader:
             fields = self._task.read(address)
             if fields[1] != previous:
                 raise _Torn(f"process list link at {node:#x} does not point back")
-            leader = self._make(address, fields)
-            if threads:
-                self._walk_threads(address, fields[9], leader, tasks)
+            leader = self._make(address, fields, parents)
+            thread_head = fields[9] + self._thread_head_offset
+            if threads and not fields[10] == fields[11] == thread_head:
+                self._walk_threads(address, thread_head, leader, tasks, parents)
             else:
                 tasks.append(leader)
             previous, node = node, fields[0]
         return tuple(tasks)
 
-    def _walk_threads(self, leader_address: int, signal: int, leader: Task,
-                      tasks: list[Task]) -> None:
-        head = signal + self._thread_head_offset
-        previous, node = head, self._signal.read(signal)[0]
+    def _walk_threads(self, leader_address: int, head: int, leader: Task,
+                      tasks: list[Task], parents: dict[int, int]) -> None:
+        """The threads of a multi-threaded process, from its ``signal->thread_head``."""
+        previous, node = head, self._signal.read(head - self._thread_head_offset)[0]
         count = 0
         while node != head:
             count += 1
@@ -155,19 +157,23 @@ class TaskReader:
             if back != previous:
                 raise _Torn(f"thread list link at {node:#x} does not point back")
             tasks.append(leader if address == leader_address
-                         else self._make(address, self._task.read(address)))
+                         else self._make(address, self._task.read(address), parents))
             previous, node = node, next_node
 
-    def _make(self, address: int, fields: tuple[Any, ...]) -> Task:
-        _, _, pid, tgid, comm, state, exit_state, flags, parent, _ = fields
+    def _make(self, address: int, fields: tuple[Any, ...], parents: dict[int, int]) -> Task:
+        """A task from its fields; ``parents`` caches parent tgids within one walk."""
+        pid, tgid, comm, state, exit_state, flags, parent = fields[2:9]
         if not (0 < pid < _PID_LIMIT and 0 < tgid < _PID_LIMIT):
             raise _Torn(f"task at {address:#x} has pid {pid}, tgid {tgid}")
         report = (state | exit_state) & self._report
         char = self._chars[report.bit_length()]
         if char == "D" and state & ~report == _TASK_NOLOAD:
             char = "I"
+        ppid = parents.get(parent)
+        if ppid is None:
+            ppid = parents[parent] = self._parent.read(parent)[0]
         return Task(pid, tgid, comm.split(b"\0", 1)[0].decode(errors="replace"), char,
-                    self._parent.read(parent)[0], bool(flags & PF_KTHREAD), address)
+                    ppid, bool(flags & PF_KTHREAD), address)
 
 
 def _state_chars(guest: Guest) -> tuple[str, int]:

@@ -201,11 +201,12 @@ class FinalDump:
     def run(self, plan: Plan) -> None:
         n = plan.final_iteration
         source, target = plan.source, plan.target
-        for side in (source, target):
-            side.run(["mkdir", "-p", plan.images.dir(n)])
-        source.sh(f"rm -rf {HOLD_DIR} && mkdir -p {HOLD_DIR}")
-        target.run(plan.images.page_server(n, target.record.migration_ip),
-                   what="criu page-server")
+        target.sh(f"mkdir -p {plan.images.dir(n)} && " +
+                  shlex.join(plan.images.page_server(n, target.record.migration_ip)),
+                  what="criu page-server")
+        # Flush the data volume now, so that freezing it later has little left to write.
+        source.sh(f"mkdir -p {plan.images.dir(n)} && rm -rf {HOLD_DIR} && mkdir -p {HOLD_DIR}"
+                  f" && if mountpoint -q {DATA_MOUNT}; then sync -f {DATA_MOUNT}; fi")
         argv = plan.images.dump(n, plan.pid, target.record.migration_ip)
         if plan.policy is None:
             argv = [a for a in argv if a != "--track-mem"]
@@ -241,35 +242,29 @@ def _wait_exit(agent: GuestAgent, pid: int, timeout: float) -> ExecResult:
     return result
 
 
-class Transfer:
-    """Copy the dump's non-page images to the target (pages went by the page server)."""
+class HandOver:
+    """Hand images and data to the target: one command on each side, to keep it short.
 
-    name = "transfer"
+    The source freezes its data volume (flushing it) and packs the dump's
+    non-page images (pages went by the page server); the target unpacks them
+    and mounts the volume.
+    """
+
+    name = "handover"
 
     def run(self, plan: Plan) -> None:
         directory = plan.images.dir(plan.final_iteration)
-        archive = plan.source.run(
-            ["tar", "-C", directory, "-c", "--exclude=pages-*.img", "--exclude=pagemap-*.img",
-             "--exclude=*.log", "--exclude=parent", "."], what="packing images").stdout
-        result = plan.target.agent.exec(["tar", "-C", directory, "-x"], input=archive)
+        archive = plan.source.sh(
+            f"if mountpoint -q {DATA_MOUNT}; then {GUEST_TOOLS}/tm-data freeze || exit 1; fi; "
+            f"tar -C {directory} -c --exclude='pages-*.img' --exclude='pagemap-*.img' "
+            "--exclude='*.log' --exclude=parent .", what="freezing data and packing images",
+        ).stdout
+        result = plan.target.agent.exec(
+            ["sh", "-c", f"tar -C {directory} -x && {GUEST_TOOLS}/tm-data mount"], input=archive)
         if result.exit_code != 0:
-            raise TransmigrateError(f"unpacking images failed in {plan.target.record.name}: "
+            raise TransmigrateError(f"taking over images and data failed in "
+                                    f"{plan.target.record.name}: "
                                     f"{result.stderr.decode(errors='replace').strip()}")
-
-    def undo(self, plan: Plan) -> None:
-        """The copied images are removed with the others at the end."""
-
-
-class HandOverData:
-    """Freeze the data volume on the source, then mount it on the target."""
-
-    name = "data handover"
-
-    def run(self, plan: Plan) -> None:
-        mounted = plan.source.agent.exec(["mountpoint", "-q", DATA_MOUNT]).exit_code == 0
-        if mounted:
-            plan.source.run([f"{GUEST_TOOLS}/tm-data", "freeze"], what="freezing the data volume")
-        plan.target.run([f"{GUEST_TOOLS}/tm-data", "mount"], what="mounting the data volume")
 
     def undo(self, plan: Plan) -> None:
         plan.target.agent.exec([f"{GUEST_TOOLS}/tm-data", "umount"])
@@ -358,8 +353,8 @@ class Commit:
 
 
 def migration_steps(progress: Progress = silent) -> list[Step]:
-    return [Precheck(), PreCopy(progress), FinalDump(), Transfer(), HandOverData(),
-            DetachSource(), Restore(), AttachTarget(), Verify(), Commit()]
+    return [Precheck(), PreCopy(progress), FinalDump(), HandOver(), DetachSource(), Restore(),
+            AttachTarget(), Verify(), Commit()]
 
 
 def run_steps(plan: Plan, steps: Sequence[Step], progress: Progress = silent) -> MigrationReport:
