@@ -68,8 +68,13 @@ def test_a_sleeping_task_waits_in_nanosleep(fixture: str,
                                             request: pytest.FixtureRequest) -> None:
     vm: Attached = request.getfixturevalue(fixture)
     pid = int(vm.run("sleep 300 </dev/null >/dev/null 2>&1 & echo $!").text)
+    reader = TaskReader(vm.guest)
     try:
-        task = next(t for t in TaskReader(vm.guest).sample().tasks if t.pid == pid)
+        deadline = time.monotonic() + 5
+        task = next(t for t in reader.sample().tasks if t.pid == pid)
+        while task.state != "S" and time.monotonic() < deadline:
+            time.sleep(0.01)
+            task = next(t for t in reader.sample().tasks if t.pid == pid)
         site = wait_site(vm.guest, task)
         assert site is not None and "nanosleep" in site.function, site
         assert site.stack.index(site.function) > site.stack.index("schedule")
@@ -82,11 +87,13 @@ def test_sample_is_fast(fixture: str, request: pytest.FixtureRequest) -> None:
     vm: Attached = request.getfixturevalue(fixture)
     reader = TaskReader(vm.guest)
     count = len(reader.sample().tasks)
-    start = time.perf_counter()
-    for _ in range(20):
+    best = float("inf")
+    for _ in range(50):
+        start = time.perf_counter()
         reader.sample()
-    per_hundred = (time.perf_counter() - start) / 20 / count * 100
-    assert per_hundred < 0.002, f"{per_hundred * 1e6:.0f} µs per 100 tasks"
+        best = min(best, time.perf_counter() - start)
+    per_hundred = best / count * 100
+    assert per_hundred < 0.001, f"{per_hundred * 1e6:.0f} µs per 100 tasks"
 
 
 @pytest.fixture()
