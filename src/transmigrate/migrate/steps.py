@@ -45,6 +45,7 @@ __all__ = [
 GUEST_TOOLS = "/usr/lib/transmigrate"
 HOLD_DIR = "/run/transmigrate-hold"
 RESTORED_PIDFILE = "/run/transmigrate-restored.pid"
+COMMIT_WAIT = 10.0
 
 
 class MigrationFailed(TransmigrateError):
@@ -85,6 +86,7 @@ class MigrationReport:
     restore: RestoreStats | None = None
     frozen_seconds: float = 0.0
     """From the final dump's start to the target's NIC on the service bridge."""
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +112,12 @@ class Step(Protocol):
     def run(self, plan: Plan) -> None: ...
 
     def undo(self, plan: Plan) -> None: ...
+
+
+def _criu_error(side: Side, log: str) -> str:
+    """CRIU's first error in ``log`` (its last line only says that it failed)."""
+    found = side.agent.exec(["sh", "-c", f"grep -m1 'Error' {log} || tail -n1 {log}"]).text
+    return found.strip() or "no log"
 
 
 def _read_stats(side: Side, directory: str, name: str) -> DumpStats | RestoreStats:
@@ -178,8 +186,12 @@ class PreCopy:
             plan.source.run(["mkdir", "-p", directory])
             plan.target.run(plan.images.page_server(n, plan.target.record.migration_ip),
                             what="criu page-server")
-            plan.source.run(plan.images.pre_dump(n, plan.pid, plan.target.record.migration_ip),
-                            what="criu pre-dump")
+            predump = plan.source.agent.exec(
+                plan.images.pre_dump(n, plan.pid, plan.target.record.migration_ip), timeout=300)
+            if predump.exit_code != 0:
+                error = _criu_error(plan.source, f"{directory}/pre-dump.log")
+                raise TransmigrateError(f"criu pre-dump failed in {plan.source.record.name}: "
+                                        f"{error}")
             stats = _read_stats(plan.source, directory, "stats-dump")
             assert isinstance(stats, DumpStats)
             plan.report.precopy.append(stats)
@@ -219,9 +231,8 @@ class FinalDump:
             f"kill -0 {plan.dump_pid} 2>/dev/null || exit 3; sleep 0.005; done")],
             timeout=300)
         if waited.exit_code != 0:
-            log = source.agent.exec(["tail", "-n", "3", f"{plan.images.dir(n)}/dump.log"])
-            raise TransmigrateError(f"criu dump failed in {source.record.name}: "
-                                    f"{log.text.strip().splitlines()[-1:] or 'no log'}")
+            error = _criu_error(source, f"{plan.images.dir(n)}/dump.log")
+            raise TransmigrateError(f"criu dump failed in {source.record.name}: {error}")
 
     def undo(self, plan: Plan) -> None:
         """Tell the held dump to abort: CRIU resumes the tasks and unlocks the network."""
@@ -292,9 +303,8 @@ class Restore:
         n = plan.final_iteration
         result = plan.target.agent.exec(plan.images.restore(n, RESTORED_PIDFILE), timeout=300)
         if result.exit_code != 0:
-            log = plan.target.agent.exec(["tail", "-n", "3", f"{plan.images.dir(n)}/restore.log"])
-            raise TransmigrateError(f"criu restore failed in {plan.target.record.name}: "
-                                    f"{log.text.strip().splitlines()[-1:] or 'no log'}")
+            error = _criu_error(plan.target, f"{plan.images.dir(n)}/restore.log")
+            raise TransmigrateError(f"criu restore failed in {plan.target.record.name}: {error}")
 
     def undo(self, plan: Plan) -> None:
         """Kill whatever the restore started on the target."""
@@ -331,15 +341,27 @@ class Verify:
 
 
 class Commit:
-    """Let the held dump finish: the source's copy of the service is killed there."""
+    """Let the held dump finish: the source's copy of the service is killed there.
+
+    This is the point of no return, so nothing here raises. The source's data
+    volume stays frozen (the target has it now): a dying task that must write
+    there, such as one releasing an unlinked file, blocks, and CRIU with it.
+    Then the source VM is retired without waiting for CRIU's statistics.
+    """
 
     name = "commit"
 
     def run(self, plan: Plan) -> None:
         assert plan.dump_pid is not None
-        plan.source.sh(f"touch {HOLD_DIR}/go")
-        _wait_exit(plan.source.agent, plan.dump_pid, timeout=60)
-        plan.dump_pid = None
+        try:
+            plan.source.sh(f"touch {HOLD_DIR}/go")
+            _wait_exit(plan.source.agent, plan.dump_pid, timeout=COMMIT_WAIT)
+        except TransmigrateError as exc:
+            plan.report.warnings.append(f"criu dump did not finish after commit ({exc}); "
+                                        "its statistics are missing")
+            return
+        finally:
+            plan.dump_pid = None
         n = plan.final_iteration
         with contextlib.suppress(TransmigrateError):
             dump = _read_stats(plan.source, plan.images.dir(n), "stats-dump")

@@ -39,6 +39,7 @@ class UpdateReport:
     total_seconds: float
     criu: dict[str, Any]
     """CRIU's own statistics under CRIU's names: pre-copy iterations, dump, restore."""
+    warnings: list[str]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +99,8 @@ def update(host: Host, name: str, kernel_spec: str, *, pid: int, precopy: bool =
         total_seconds=round(time.monotonic() - start, 3),
         criu={"precopy": [asdict(s) for s in report.precopy],
               "dump": asdict(report.dump) if report.dump else None,
-              "restore": asdict(report.restore) if report.restore else None})
+              "restore": asdict(report.restore) if report.restore else None},
+        warnings=report.warnings)
 
 
 def _remove_images(host: Host, machine: Machine) -> None:
