@@ -227,7 +227,7 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
 
 @app.command()
 def demo(json_: JsonOption = False) -> None:
-    """Boot a 6.1 and a 6.12 guest, run redis in the first, query it from the network."""
+    """Live-update redis under load from Linux 6.1 to 6.12, and show the proof."""
     report = demo_job.run(Host.from_environment(), progress=_Progress())
     if json_:
         _emit_json(report)

@@ -14,6 +14,7 @@ import json
 import shlex
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -132,10 +133,13 @@ class Precheck:
 
     def run(self, plan: Plan) -> None:
         source, target = plan.source, plan.target
-        for side in (source, target):
-            side.run(["criu", "check"], what="criu check")
-        found = source.run([f"{GUEST_TOOLS}/tm-resources", str(plan.pid)],
-                           what="listing the process's resources").text
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            # 'criu check' also warms CRIU's cache of kernel features on each side.
+            target_check = pool.submit(target.run, ["criu", "check"], what="criu check")
+            source.run(["criu", "check"], what="criu check")
+            found = source.run([f"{GUEST_TOOLS}/tm-resources", str(plan.pid)],
+                               what="listing the process's resources").text
+            target_check.result()
         resources = json.loads(found)
         if "error" in resources:
             raise PrecheckFailed(f"{resources['error']} in {source.record.name}")
