@@ -98,12 +98,17 @@ class Plan:
     target: Side
     network: Network
     pid: int
+    fence_target: Callable[[], None]
+    """Stop the target VM for good: the last resort when it may still hold the volume."""
     policy: PreCopyPolicy | None = field(default_factory=PreCopyPolicy)
     service_check: Callable[[], None] | None = None
     images: Images = field(default_factory=lambda: Images(IMAGES_ROOT))
     report: MigrationReport = field(default_factory=MigrationReport)
     final_iteration: int = 1
     dump_pid: int | None = None
+    restored_pid: int | None = None
+    """The restored tree's root in the target's pid namespace (differs from ``pid`` only
+    for a tree in its own pid namespace, whose outer pid is new)."""
     frozen_at: float = 0.0
 
 
@@ -118,7 +123,7 @@ class Step(Protocol):
 def _criu_error(side: Side, log: str) -> str:
     """CRIU's first error in ``log`` (its last line only says that it failed)."""
     found = side.agent.exec(["sh", "-c", f"grep -m1 'Error' {log} || tail -n1 {log}"]).text
-    return found.strip() or "no log"
+    return found.strip()
 
 
 def _read_stats(side: Side, directory: str, name: str) -> DumpStats | RestoreStats:
@@ -193,7 +198,7 @@ class PreCopy:
             predump = plan.source.agent.exec(
                 plan.images.pre_dump(n, plan.pid, plan.target.record.migration_ip), timeout=300)
             if predump.exit_code != 0:
-                error = _criu_error(plan.source, f"{directory}/pre-dump.log")
+                error = _criu_error(plan.source, f"{directory}/pre-dump.log") or "no log"
                 raise TransmigrateError(f"criu pre-dump failed in {plan.source.record.name}: "
                                         f"{error}")
             stats = _read_stats(plan.source, directory, "stats-dump")
@@ -235,7 +240,7 @@ class FinalDump:
             f"kill -0 {plan.dump_pid} 2>/dev/null || exit 3; sleep 0.005; done")],
             timeout=300)
         if waited.exit_code != 0:
-            error = _criu_error(source, f"{plan.images.dir(n)}/dump.log")
+            error = _criu_error(source, f"{plan.images.dir(n)}/dump.log") or "no log"
             raise TransmigrateError(f"criu dump failed in {source.record.name}: {error}")
 
     def undo(self, plan: Plan) -> None:
@@ -258,11 +263,11 @@ def _wait_exit(agent: GuestAgent, pid: int, timeout: float) -> ExecResult:
 
 
 class HandOver:
-    """Hand images and data to the target: one command on each side, to keep it short.
+    """Hand the dump to the target: freeze the data volume, copy the non-page images.
 
-    The source freezes its data volume (flushing it) and packs the dump's
-    non-page images (pages went by the page server); the target unpacks them
-    and mounts the volume.
+    One command on each side keeps it short. The source's freeze flushes the
+    volume; pages already went by the page server. The target mounts the
+    volume only when it restores, so a failure up to here never touched it there.
     """
 
     name = "handover"
@@ -274,16 +279,14 @@ class HandOver:
             f"tar -C {directory} -c --exclude='pages-*.img' --exclude='pagemap-*.img' "
             "--exclude='*.log' --exclude=parent .", what="freezing data and packing images",
         ).stdout
-        result = plan.target.agent.exec(
-            ["sh", "-c", f"tar -C {directory} -x && {GUEST_TOOLS}/tm-data mount"], input=archive)
+        result = plan.target.agent.exec(["tar", "-C", directory, "-x"], input=archive)
         if result.exit_code != 0:
-            raise TransmigrateError(f"taking over images and data failed in "
-                                    f"{plan.target.record.name}: "
+            raise TransmigrateError(f"unpacking images failed in {plan.target.record.name}: "
                                     f"{result.stderr.decode(errors='replace').strip()}")
 
     def undo(self, plan: Plan) -> None:
-        plan.target.agent.exec([f"{GUEST_TOOLS}/tm-data", "umount"])
-        plan.source.agent.exec([f"{GUEST_TOOLS}/tm-data", "thaw"])
+        """Thaw the source's volume (Restore's undo has made sure the target let go)."""
+        plan.source.run([f"{GUEST_TOOLS}/tm-data", "thaw"], what="thawing the data volume")
 
 
 class DetachSource:
@@ -299,22 +302,35 @@ class DetachSource:
 
 
 class Restore:
-    """Recreate the processes on the target kernel by system calls (criu restore)."""
+    """Mount the data volume on the target and recreate the processes by system calls."""
 
     name = "restore"
 
     def run(self, plan: Plan) -> None:
         n = plan.final_iteration
-        result = plan.target.agent.exec(plan.images.restore(n, RESTORED_PIDFILE), timeout=300)
+        script = (f"{GUEST_TOOLS}/tm-data mount && "
+                  f"{shlex.join(plan.images.restore(n, RESTORED_PIDFILE))} && "
+                  f"cat {RESTORED_PIDFILE}")
+        result = plan.target.agent.exec(["sh", "-c", script], timeout=300)
         if result.exit_code != 0:
-            error = _criu_error(plan.target, f"{plan.images.dir(n)}/restore.log")
-            raise TransmigrateError(f"criu restore failed in {plan.target.record.name}: {error}")
+            stderr = result.stderr.decode(errors="replace").strip().splitlines()
+            error = _criu_error(plan.target, f"{plan.images.dir(n)}/restore.log") or \
+                (stderr[-1] if stderr else f"exit {result.exit_code}")
+            raise TransmigrateError(f"restore failed in {plan.target.record.name}: {error}")
+        plan.restored_pid = int(result.text.split()[-1])
 
     def undo(self, plan: Plan) -> None:
-        """Kill whatever the restore started on the target."""
-        plan.target.agent.exec(["sh", "-c", f"[ -s {RESTORED_PIDFILE} ] && "
-                                f"pkill -KILL --session $(cat {RESTORED_PIDFILE}); "
-                                f"kill -KILL {plan.pid} 2>/dev/null; rm -f {RESTORED_PIDFILE}"])
+        """Kill what was restored and release the volume; if the target cannot confirm
+        that, fence it, so that the source never writes the volume alongside it."""
+        try:
+            plan.target.run(["sh", "-c", (
+                f"if [ -s {RESTORED_PIDFILE} ]; then "
+                f"pkill -KILL --session $(cat {RESTORED_PIDFILE}); "
+                f"kill -KILL $(cat {RESTORED_PIDFILE}); fi; "
+                f"kill -KILL {plan.pid} 2>/dev/null; rm -f {RESTORED_PIDFILE}; "
+                f"sleep 0.2; {GUEST_TOOLS}/tm-data umount")], what="releasing the target")
+        except TransmigrateError:
+            plan.fence_target()
 
 
 class AttachTarget:
@@ -336,7 +352,7 @@ class Verify:
     name = "verify"
 
     def run(self, plan: Plan) -> None:
-        plan.target.run(["kill", "-0", str(plan.pid)], what="the restored process")
+        plan.target.run(["kill", "-0", str(plan.restored_pid)], what="the restored process")
         if plan.service_check is not None:
             plan.service_check()
 

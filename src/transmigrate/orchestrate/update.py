@@ -31,6 +31,8 @@ __all__ = ["UpdateReport", "find_service", "update"]
 class UpdateReport:
     name: str
     pid: int
+    """The moved tree's root on the new VM: the same pid, unless it has its own pid
+    namespace (then the pids inside are the same and the outer one is new)."""
     kernel_before: str
     kernel_after: str
     steps: dict[str, float]
@@ -80,6 +82,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pid: int, precopy: bool =
     plan = Plan(source=Side(source.record, host.agent(source)),
                 target=Side(target.record, host.agent(target)),
                 network=host.network, pid=pid,
+                fence_target=lambda: host.machines.remove(target),
                 policy=PreCopyPolicy() if precopy else None, service_check=service_check)
     try:
         report = run_steps(plan, migration_steps(progress), progress)
@@ -93,7 +96,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pid: int, precopy: bool =
     target = host.machines.rename(target, name)
     _remove_images(host, target)
     return UpdateReport(
-        name=name, pid=pid, kernel_before=source.record.kernel, kernel_after=kernel.release,
+        name=name, pid=plan.restored_pid or pid, kernel_before=source.record.kernel, kernel_after=kernel.release,
         steps={"boot standby": round(boot_seconds, 3), **report.steps},
         frozen_seconds=round(report.frozen_seconds, 3),
         total_seconds=round(time.monotonic() - start, 3),

@@ -37,6 +37,11 @@ class Counter:
 alarms, usr2, report_wanted = Counter(), Counter(), Counter()
 
 
+def read(path, mode="r"):
+    with open(path, mode) as handle:
+        return handle.read()
+
+
 def sigset(*signals):
     raw = bytearray(128)
     for sig in signals:
@@ -51,7 +56,7 @@ def setup():
     os.makedirs("/sys/fs/cgroup/zoo", exist_ok=True)
     with open("/sys/fs/cgroup/zoo/cgroup.procs", "w") as handle:
         handle.write(str(os.getpid()))
-    s = {"pid": os.getpid(), "cgroup": open("/proc/self/cgroup").read()}
+    s = {"pid": os.getpid(), "cgroup": read("/proc/self/cgroup")}
 
     s["anon"] = bytearray(PATTERN * 64)
     s["anon_map"] = mmap.mmap(-1, len(PATTERN) * 64)
@@ -145,12 +150,12 @@ def check(s):
         return [bool(cond), str(detail)]
 
     r = {"pid": ok(os.getpid() == s["pid"], os.getpid())}
-    r["cgroup"] = ok(open("/proc/self/cgroup").read() == s["cgroup"], s["cgroup"].strip())
+    r["cgroup"] = ok(read("/proc/self/cgroup") == s["cgroup"], s["cgroup"].strip())
     r["memory_anonymous"] = ok(s["anon"] == PATTERN * 64 and s["anon_map"][:] == PATTERN * 64)
     r["memory_file_shared"] = ok(s["file_shared"][:5] == b"moved" and
-                                 open(f"{HERE}/mapped", "rb").read(5) == b"moved")
+                                 read(f"{HERE}/mapped", "rb")[:5] == b"moved")
     r["memory_file_private"] = ok(s["file_private"][:7] == b"private" and
-                                  open(f"{HERE}/mapped", "rb").read(7) != b"private")
+                                  read(f"{HERE}/mapped", "rb")[:7] != b"private")
     before = struct.unpack("Q", s["shared_anon"][:8])[0]
     time.sleep(0.3)
     after = struct.unpack("Q", s["shared_anon"][:8])[0]

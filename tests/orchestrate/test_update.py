@@ -1,0 +1,247 @@
+"""Live kernel update on real guests and kernels, checked from inside and from a client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
+from transmigrate.errors import KernelNotFound, TransmigrateError
+from transmigrate.migrate.steps import MigrationFailed, PrecheckFailed
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
+from transmigrate.orchestrate.update import find_service, update
+
+OLDER_KERNEL = "6.1.0-47"
+ZOO = Path(__file__).parent.parent / "migrate" / "programs" / "zoo.py"
+VM = "t-svc"
+
+
+@pytest.fixture
+def service_vm(prepared: Host) -> Iterator[str]:
+    """A fresh VM for one update; whatever it ends up as is stopped afterwards."""
+    yield VM
+    for machine in prepared.machines.all():
+        if machine.name in (VM, f"{VM}-next"):
+            lifecycle.down(prepared, machine.name)
+
+
+def _redis_under_load(host: Host, kernel_from: str, kernel_to: str,
+                      **update_args: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Update with our client connected; the report records the guest's ESTAB sockets
+    (taken while the client still holds its connection), the client's summary, and
+    the key count before."""
+    lifecycle.up(host, VM, kernel_from, memory_mib=768)
+    pid = start_redis(host, VM)
+    address = host.machines.get(VM).record.ip
+    lifecycle.exec_in(host, VM, ["redis-cli", "DEBUG", "POPULATE", "20000"])
+    client = LoadClient(host, address)
+    try:
+        time.sleep(1.0)
+        keys = int(redis_cli(host, address, "DBSIZE"))
+        report = update(host, VM, kernel_to, pid=pid, **update_args).as_dict()
+        time.sleep(1.0)
+        report["established"] = lifecycle.exec_in(host, VM, [
+            "ss", "-Htn", "state", "established", "sport", "= :6379"]).text
+    finally:
+        summary = client.stop()
+    return report, summary, keys
+
+
+def _assert_same_connection(summary: dict[str, Any]) -> None:
+    assert summary["errors"] == []
+    assert summary["client_id_start"] == summary["client_id_end"]
+    assert summary["out_of_order"] == 0
+    assert summary["replies"] > 100
+
+
+def test_redis_moves_6_1_to_6_12_with_its_connection(prepared: Host, service_vm: str) -> None:
+    report, summary, keys = _redis_under_load(prepared, ACTIVE_KERNEL, STANDBY_KERNEL)
+    _assert_same_connection(summary)
+    machine = prepared.machines.get(VM)
+    assert machine.record.kernel == report["kernel_after"]
+    assert lifecycle.exec_in(prepared, VM, ["uname", "-r"]).text.strip() == report["kernel_after"]
+    assert int(redis_cli(prepared, machine.record.ip, "DBSIZE")) == keys
+    assert "198.18.0.1:" in report["established"], "the client's connection is ESTAB there"
+    aof = lifecycle.exec_in(prepared, VM, ["redis-cli", "INFO", "persistence"]).text
+    assert "aof_enabled:1" in aof and "aof_last_write_status:ok" in aof
+    assert report["criu"]["dump"]["frozen_time"] > 0
+    assert report["criu"]["restore"]["pages_restored"] > 0
+    assert report["criu"]["precopy"][0]["pages_written"] > 0
+    assert set(report["steps"]) >= {"boot standby", "precheck", "pre-copy", "final dump",
+                                    "handover", "restore", "verify", "commit"}
+    assert not [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
+
+
+@pytest.mark.parametrize("kernel_from, kernel_to", [
+    (STANDBY_KERNEL, ACTIVE_KERNEL), (OLDER_KERNEL, ACTIVE_KERNEL)])
+def test_kernel_matrix(prepared: Host, service_vm: str, kernel_from: str,
+                       kernel_to: str) -> None:
+    report, summary, _ = _redis_under_load(prepared, kernel_from, kernel_to)
+    _assert_same_connection(summary)
+    assert report["kernel_before"].startswith(kernel_from)
+    assert report["kernel_after"].startswith(kernel_to)
+
+
+def test_stop_and_copy_without_precopy(prepared: Host, service_vm: str) -> None:
+    report, summary, _ = _redis_under_load(prepared, ACTIVE_KERNEL, STANDBY_KERNEL,
+                                           precopy=False)
+    _assert_same_connection(summary)
+    assert report["criu"]["precopy"] == []
+
+
+def _start_zoo(host: Host, *, container: bool) -> int:
+    lifecycle.exec_in(host, VM, ["sh", "-c", "mkdir -p /data/zoo && cat > /data/zoo/zoo.py"],
+                      input=ZOO.read_bytes())
+    if container:
+        command = ("unshare --ipc --uts --pid --net --fork setsid python3 /data/zoo/zoo.py "
+                   "--container")
+    else:
+        command = "setsid python3 /data/zoo/zoo.py"
+    lifecycle.exec_in(host, VM, ["sh", "-c", f"{command} </dev/null >/data/zoo/out 2>&1 &"])
+    deadline = time.monotonic() + 60
+    while lifecycle.exec_in(host, VM, ["test", "-s", "/data/zoo/pid"]).exit_code != 0:
+        assert time.monotonic() < deadline, lifecycle.exec_in(host, VM, ["cat",
+                                                                        "/data/zoo/out"]).text
+        time.sleep(0.2)
+    found = lifecycle.exec_in(host, VM, ["pgrep", "-o", "-f", "zoo.py"]).text.split()
+    return int(found[0]) if not container else int(
+        lifecycle.exec_in(host, VM, ["pgrep", "-o", "-P", found[0]]).text.split()[0])
+
+
+def _zoo_report(host: Host, pid: int) -> dict[str, list[Any]]:
+    lifecycle.exec_in(host, VM, ["kill", "-USR1", str(pid)])
+    deadline = time.monotonic() + 30
+    while (done := lifecycle.exec_in(host, VM, ["cat", "/data/zoo/report.json"])).exit_code:
+        assert time.monotonic() < deadline, "the zoo wrote no report"
+        time.sleep(0.2)
+    report: dict[str, list[Any]] = json.loads(done.text)
+    return report
+
+
+def _moved_zoo(host: Host, *, container: bool) -> dict[str, list[Any]]:
+    lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=768)
+    try:
+        pid = _start_zoo(host, container=container)
+        report = update(host, VM, STANDBY_KERNEL, pid=pid)
+        assert lifecycle.exec_in(host, VM, ["uname", "-r"]).text.startswith("6.12.")
+        assert container or report.pid == pid
+        return _zoo_report(host, report.pid)
+    finally:
+        for machine in host.machines.all():
+            if machine.name in (VM, f"{VM}-next"):
+                lifecycle.down(host, machine.name)
+
+
+@pytest.fixture(scope="module")
+def moved_zoo(prepared: Host) -> dict[str, list[Any]]:
+    return _moved_zoo(prepared, container=False)
+
+
+@pytest.fixture(scope="module")
+def moved_container(prepared: Host) -> dict[str, list[Any]]:
+    return _moved_zoo(prepared, container=True)
+
+
+ZOO_KINDS = ["pid", "cgroup", "memory_anonymous", "memory_file_shared", "memory_file_private",
+             "memory_shared_with_child", "memfd", "threads", "itimer", "signal_handler",
+             "pending_signal", "signalfd", "timerfd", "file_offset_flags", "pipe", "fifo",
+             "epoll", "eventfd", "unlinked_file", "unix_stream", "unix_dgram"]
+
+
+@pytest.mark.parametrize("kind", ZOO_KINDS)
+def test_resource_survives_6_1_to_6_12(moved_zoo: dict[str, list[Any]], kind: str) -> None:
+    ok, detail = moved_zoo[kind]
+    assert ok, detail
+
+
+@pytest.mark.parametrize("kind", [*ZOO_KINDS, "sysv_shm", "uts_namespace"])
+def test_container_survives_6_1_to_6_12(moved_container: dict[str, list[Any]],
+                                        kind: str) -> None:
+    ok, detail = moved_container[kind]
+    assert ok, detail
+
+
+def _rollback(host: Host, sabotage: Callable[[Host], None], at_step: str) -> None:
+    lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=768)
+    pid = start_redis(host, VM)
+    address = host.machines.get(VM).record.ip
+    lifecycle.exec_in(host, VM, ["redis-cli", "DEBUG", "POPULATE", "5000"])
+    kernel = host.machines.get(VM).record.kernel
+    client = LoadClient(host, address)
+    try:
+        keys = int(redis_cli(host, address, "DBSIZE"))
+
+        def progress(message: str) -> None:
+            if message == at_step:
+                sabotage(host)
+
+        with pytest.raises(MigrationFailed, match="rolled back"):
+            update(host, VM, STANDBY_KERNEL, pid=pid, progress=progress)
+        time.sleep(1.0)
+    finally:
+        summary = client.stop()
+    _assert_same_connection(summary)
+    assert host.machines.get(VM).record.kernel == kernel
+    assert int(redis_cli(host, address, "DBSIZE")) == keys
+    assert redis_cli(host, address, "SET", "after-rollback", "1") == "OK"
+    assert not [m for m in host.machines.all() if m.name == f"{VM}-next"]
+
+
+def _kill_target(host: Host) -> None:
+    pid = host.machines.get(f"{VM}-next").pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+
+def _cut_migration_link(host: Host) -> None:
+    host.network.detach(host.machines.get(f"{VM}-next").record.migration_tap)
+
+
+def test_rollback_when_target_dies_mid_restore(prepared: Host, service_vm: str) -> None:
+    _rollback(prepared, _kill_target, "restore")
+
+
+def test_rollback_when_transfer_breaks(prepared: Host, service_vm: str) -> None:
+    _rollback(prepared, _cut_migration_link, "final dump")
+
+
+def test_unknown_kernel_touches_nothing(prepared: Host, old_vm: str) -> None:
+    with pytest.raises(KernelNotFound, match="nearest"):
+        update(prepared, old_vm, "6.12.999", pid=1)
+    assert [m.name for m in prepared.machines.all() if m.name.endswith("-next")] == []
+
+
+def test_gone_pid_and_nothing_to_move(prepared: Host, old_vm: str) -> None:
+    with pytest.raises(TransmigrateError, match="no process 999999"):
+        find_service(prepared, old_vm, pid=999999)
+    with pytest.raises(TransmigrateError, match="nothing to move"):
+        find_service(prepared, old_vm)
+    with pytest.raises(TransmigrateError, match="no process named"):
+        find_service(prepared, old_vm, process="no-such-daemon")
+
+
+def test_precheck_refuses_what_cannot_move(prepared: Host, service_vm: str) -> None:
+    lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=512)
+    lifecycle.exec_in(prepared, VM, ["sh", "-c", (
+        "echo local > /var/tmp/only-here; "
+        "setsid sh -c 'exec 3</var/tmp/only-here 4</dev/vda; sleep 600' "
+        "</dev/null >/dev/null 2>&1 &")])
+    time.sleep(1.0)
+    pid = find_service(prepared, VM, process="sleep")
+    pid = int(lifecycle.exec_in(prepared, VM, ["cat", f"/proc/{pid}/stat"]).text.split()[3])
+    with pytest.raises(PrecheckFailed) as caught:
+        update(prepared, VM, STANDBY_KERNEL, pid=pid)
+    message = str(caught.value)
+    assert "/var/tmp/only-here exists only in t-svc" in message
+    assert "device /dev/vda" in message
+    assert "\n" not in message
+    assert lifecycle.exec_in(prepared, VM, ["kill", "-0", str(pid)]).exit_code == 0
