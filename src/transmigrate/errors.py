@@ -56,3 +56,7 @@ class NetworkError(TransmigrateError):
 
 class IntrospectionError(TransmigrateError):
     """The guest's memory does not hold what we looked for."""
+
+
+class FaultError(TransmigrateError):
+    """A fault could not be built, injected or cleared."""

@@ -5,6 +5,8 @@ It records the time of every reply and checks that each INCR answers exactly
 one more than the last, so a lost or duplicated reply shows. On SIGTERM or
 after ``--seconds`` it prints one JSON summary: replies, the longest gap between
 two replies, the connection's CLIENT ID at the start and at the end, errors.
+With ``--reconnect`` (for baselines that restart the server) it reconnects
+after an error instead of stopping, and counts the reconnections.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["RespConnection", "main"]
@@ -51,6 +54,18 @@ class RespConnection:
         raise ConnectionError(f"unexpected reply {line[:40]!r}")
 
 
+def _reconnect(host: str, port: int, timeout: float,
+               stopped: Callable[[], bool]) -> RespConnection:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return RespConnection(host, port, 1.0)
+        except OSError:
+            if stopped() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("host")
@@ -58,6 +73,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--key", default="transmigrate:counter")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--reconnect", action="store_true")
     args = parser.parse_args()
     stop = False
 
@@ -68,16 +84,28 @@ def main() -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     summary: dict[str, Any] = {"replies": 0, "max_gap_s": 0.0, "errors": [],
-                               "out_of_order": 0}
+                               "out_of_order": 0, "reconnects": 0}
+    # A baseline that restarts the server leaves the old connection silent: give up on
+    # it after a second and reconnect, instead of waiting for TCP to time out.
+    timeout = 1.0 if args.reconnect else args.timeout
     try:
-        conn = RespConnection(args.host, args.port, args.timeout)
+        conn = RespConnection(args.host, args.port, timeout)
         summary["client_id_start"] = conn.command("CLIENT", "ID")
         last_value = int(conn.command("INCR", args.key))
         last_time = start = time.monotonic()
         sys.stderr.write("loadgen: running\n")
         sys.stderr.flush()
         while not stop and time.monotonic() - start < args.seconds:
-            value = int(conn.command("INCR", args.key))
+            try:
+                value = int(conn.command("INCR", args.key))
+            except (OSError, ConnectionError):
+                if not args.reconnect:
+                    raise
+                conn = _reconnect(args.host, args.port, args.timeout, lambda: stop)
+                conn.sock.settimeout(timeout)
+                summary["reconnects"] += 1
+                last_value = int(conn.command("INCR", args.key)) - 1
+                continue
             now = time.monotonic()
             summary["max_gap_s"] = max(summary["max_gap_s"], now - last_time)
             if value != last_value + 1:

@@ -52,10 +52,11 @@ def redis_cli(host: Host, address: str, *args: str, timeout: float = 30.0) -> st
 class LoadClient:
     """Our redis client (orchestrate.loadgen) running in the private network."""
 
-    def __init__(self, host: Host, address: str, seconds: float = 600.0) -> None:
+    def __init__(self, host: Host, address: str, seconds: float = 600.0, *,
+                 reconnect: bool = False) -> None:
         self.process = subprocess.Popen(
             [*host.network.prefix(), sys.executable, "-m", "transmigrate.orchestrate.loadgen",
-             address, "--seconds", str(seconds)],
+             address, "--seconds", str(seconds), *(["--reconnect"] if reconnect else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.process.stderr is not None
         started = self.process.stderr.readline().decode()

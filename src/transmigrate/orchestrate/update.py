@@ -96,7 +96,8 @@ def update(host: Host, name: str, kernel_spec: str, *, pid: int, precopy: bool =
     target = host.machines.rename(target, name)
     _remove_images(host, target)
     return UpdateReport(
-        name=name, pid=plan.restored_pid or pid, kernel_before=source.record.kernel, kernel_after=kernel.release,
+        name=name, pid=plan.restored_pid or pid, kernel_before=source.record.kernel,
+        kernel_after=kernel.release,
         steps={"boot standby": round(boot_seconds, 3), **report.steps},
         frozen_seconds=round(report.frozen_seconds, 3),
         total_seconds=round(time.monotonic() - start, 3),

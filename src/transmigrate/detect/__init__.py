@@ -1,0 +1,1 @@
+"""Detectors: pure logic over samples of a guest kernel, yielding events with evidence."""

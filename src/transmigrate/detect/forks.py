@@ -1,0 +1,92 @@
+"""Runaway process creation, and memory running out.
+
+A fork bomb forks fast *and* its processes pile up; a busy build or a
+fork-exec loop forks fast too, but its children exit, so the process count
+stays flat. So runaway creation is: the process count grew by at least
+``min_growth`` within ``window_ms`` while forks ran at ``min_fork_rate`` per
+second or more. Memory exhaustion is free memory below ``min_free_fraction`` of
+the total, or below the zones' own low watermarks, whichever is higher.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from transmigrate.detect.events import Event, Sample
+from transmigrate.introspect.counters import Counters, fork_rate
+
+__all__ = ["ForkStormDetector", "MemoryExhaustionDetector"]
+
+MIB = 1024 * 1024
+
+
+class ForkStormDetector:
+    name = "fork-storm"
+    needs = frozenset({"counters"})
+
+    def __init__(self, min_growth: int = 50, min_fork_rate: float = 100.0,
+                 window_ms: float = 1000.0) -> None:
+        self.min_growth = min_growth
+        self.min_fork_rate = min_fork_rate
+        self.window_ns = int(window_ms * 1e6)
+        self._history: deque[Counters] = deque()
+        self._minima: deque[Counters] = deque()
+        """Samples of the window with increasing process counts: the first is the minimum."""
+        self._reported = False
+
+    def observe(self, sample: Sample) -> list[Event]:
+        now = sample.counters
+        assert now is not None
+        history, minima = self._history, self._minima
+        history.append(now)
+        while minima and minima[-1].processes >= now.processes:
+            minima.pop()
+        minima.append(now)
+        horizon = now.monotonic_ns - self.window_ns
+        while history[0].monotonic_ns < horizon:
+            history.popleft()
+        while minima[0].monotonic_ns < horizon:
+            minima.popleft()
+        oldest = history[0]
+        growth = now.processes - minima[0].processes
+        rate = fork_rate(oldest, now) if oldest is not now else 0.0
+        if growth >= self.min_growth and rate >= self.min_fork_rate:
+            if not self._reported:
+                self._reported = True
+                return [Event("fork-storm", now.monotonic_ns,
+                              f"processes grew by {growth} in "
+                              f"{(now.monotonic_ns - oldest.monotonic_ns) / 1e6:.0f} ms "
+                              f"at {rate:.0f} forks/s",
+                              {"processes": now.processes, "threads": now.threads,
+                               "growth": growth, "forks_per_second": round(rate, 1)})]
+        elif growth < self.min_growth // 2:
+            self._reported = False
+        return []
+
+
+class MemoryExhaustionDetector:
+    name = "memory-exhaustion"
+    needs = frozenset({"memory"})
+
+    def __init__(self, min_free_fraction: float = 0.05) -> None:
+        self.min_free_fraction = min_free_fraction
+        self._reported = False
+
+    def observe(self, sample: Sample) -> list[Event]:
+        memory = sample.memory
+        assert memory is not None
+        watermarks = sum(zone.low_watermark for zone in memory.zones)
+        floor = max(int(memory.total * self.min_free_fraction), watermarks)
+        if memory.free < floor:
+            if not self._reported:
+                self._reported = True
+                return [Event("memory-exhaustion", memory.monotonic_ns,
+                              f"free memory {memory.free // MIB} MiB is below "
+                              f"{floor // MIB} MiB of {memory.total // MIB} MiB",
+                              {"free_mib": memory.free // MIB, "total_mib": memory.total // MIB,
+                               "floor_mib": floor // MIB,
+                               "zones": {f"{z.node}/{z.name}": z.free // MIB
+                                         for z in memory.zones}})]
+        elif memory.free > floor * 2:
+            self._reported = False
+        return []

@@ -1,0 +1,210 @@
+"""Watching a guest kernel from the host: sample its memory at an interval, run detectors.
+
+The guest does no work for this: every sample is read straight out of its RAM
+file. Only the readers some detector needs are sampled. A sample torn by the
+running guest is skipped and counted, never fatal. A lockup event is enriched
+with the kernel function the stuck CPU executes, from QEMU's view of its
+registers, symbolized with the kernel's debug info.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from transmigrate.detect.events import READERS, Detector, Event, Sample
+from transmigrate.detect.forks import ForkStormDetector, MemoryExhaustionDetector
+from transmigrate.detect.hung import HungDriverDetector
+from transmigrate.detect.lockup import LockupDetector
+from transmigrate.detect.panic import PanicDetector
+from transmigrate.errors import IntrospectionError, MachineError, TransmigrateError
+from transmigrate.introspect.counters import CounterReader
+from transmigrate.introspect.cpus import CpuReader
+from transmigrate.introspect.kernel import Guest, attach
+from transmigrate.introspect.mm import MemoryReader
+from transmigrate.introspect.panic import PanicReader
+from transmigrate.introspect.tasks import Task, TaskReader, wait_site
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.lifecycle import running
+from transmigrate.vm.machine import Machine
+
+__all__ = ["DETECTORS", "Monitor", "MonitorConfig", "MonitorStats", "parse_interval"]
+
+DETECTORS = ("lockup", "fork-storm", "memory-exhaustion", "hung-driver", "panic")
+_STATUS_EVERY_NS = 1_000_000_000
+
+
+def parse_interval(text: str) -> float:
+    """'10ms', '1s', '0.5' (seconds) -> seconds; between 1 ms and 10 s."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|us)?\s*", text)
+    if not match:
+        raise TransmigrateError(f"cannot read interval {text!r}: use e.g. 10ms or 1s")
+    value = float(match.group(1)) * {"ms": 1e-3, "us": 1e-6, "s": 1.0, None: 1.0}[match.group(2)]
+    if not 0.001 <= value <= 10.0:
+        raise TransmigrateError(f"interval {text} is outside 1 ms .. 10 s")
+    return value
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    interval_s: float = 0.01
+    detectors: tuple[str, ...] = DETECTORS
+    lockup_samples: int = 2
+    lockup_min_ms: float = 0.0
+    fork_min_growth: int = 50
+    fork_min_rate: float = 100.0
+    fork_window_ms: float = 1000.0
+    memory_min_free_fraction: float = 0.05
+    hung_min_tasks: int = 3
+    hung_min_blocked_ms: float = 500.0
+
+
+@dataclass
+class MonitorStats:
+    samples: int = 0
+    torn_samples: int = 0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def cpu_fraction(self) -> float:
+        return self.cpu_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+
+class Monitor:
+    """Attached to one running VM; ``run`` samples until told to stop."""
+
+    def __init__(self, host: Host, vm: str, config: MonitorConfig = MonitorConfig()) -> None:
+        unknown = set(config.detectors) - set(DETECTORS)
+        if unknown:
+            raise TransmigrateError(f"unknown detector {', '.join(sorted(unknown))}; "
+                                    f"known: {', '.join(DETECTORS)}")
+        self.machine: Machine = running(host, vm)
+        self.config = config
+        self.guest: Guest = attach(self.machine, catalog=host.catalog)
+        self.detectors = self._detectors(config)
+        needs = set().union(*(d.needs for d in self.detectors))
+        self._readers: dict[str, Callable[[], Any]] = {}
+        if "cpus" in needs:
+            self._readers["cpus"] = CpuReader(self.guest).sample
+        if "tasks" in needs:
+            self._readers["tasks"] = TaskReader(self.guest).sample
+        if "memory" in needs:
+            self._readers["memory"] = MemoryReader(self.guest).sample
+        if "counters" in needs:
+            self._readers["counters"] = CounterReader(self.guest).sample
+        if "health" in needs:
+            self._readers["health"] = PanicReader(self.guest).sample
+        assert set(self._readers) <= set(READERS)
+
+    def _detectors(self, config: MonitorConfig) -> list[Detector]:
+        built: dict[str, Detector] = {
+            "lockup": LockupDetector(config.lockup_samples, config.lockup_min_ms),
+            "fork-storm": ForkStormDetector(config.fork_min_growth, config.fork_min_rate,
+                                            config.fork_window_ms),
+            "memory-exhaustion": MemoryExhaustionDetector(config.memory_min_free_fraction),
+            "hung-driver": HungDriverDetector(self._wait_site, config.hung_min_tasks,
+                                              config.hung_min_blocked_ms),
+            "panic": PanicDetector(),
+        }
+        return [built[name] for name in config.detectors]
+
+    def _wait_site(self, task: Task) -> str | None:
+        try:
+            site = wait_site(self.guest, task)
+        except IntrospectionError:
+            return None
+        return site.function if site else None
+
+    def sample(self) -> Sample:
+        readings = {name: read() for name, read in self._readers.items()}
+        return Sample(time.monotonic_ns(), **readings)
+
+    def close(self) -> None:
+        self.guest.close()
+
+    def run(self, on_event: Callable[[Event], None], *, duration_s: float | None = None,
+            on_sample: Callable[[Sample], None] | None = None,
+            stop: Callable[[], bool] = lambda: False) -> MonitorStats:
+        """Sample every interval until ``stop()``, ``duration_s`` or the VM's end."""
+        stats = MonitorStats()
+        interval_ns = int(self.config.interval_s * 1e9)
+        start_ns = time.monotonic_ns()
+        cpu_start = time.process_time()
+        next_ns = start_ns
+        next_status_ns = start_ns + _STATUS_EVERY_NS
+        while not stop():
+            now = time.monotonic_ns()
+            if duration_s is not None and now - start_ns >= duration_s * 1e9:
+                break
+            if now < next_ns:
+                time.sleep((next_ns - now) / 1e9)
+            next_ns += interval_ns
+            if next_ns < time.monotonic_ns():  # fell behind: skip, do not burst
+                next_ns = time.monotonic_ns() + interval_ns
+            try:
+                sample = self.sample()
+            except IntrospectionError:
+                stats.torn_samples += 1
+                continue
+            stats.samples += 1
+            if on_sample is not None:
+                on_sample(sample)
+            for detector in self.detectors:
+                for event in detector.observe(sample):
+                    event = self._enrich(event)
+                    stats.events.append(event)
+                    on_event(event)
+            if sample.monotonic_ns >= next_status_ns:
+                next_status_ns = sample.monotonic_ns + _STATUS_EVERY_NS
+                ended = self._vm_ended()
+                if ended is not None:
+                    stats.events.append(ended)
+                    on_event(ended)
+                    break
+        stats.wall_seconds = (time.monotonic_ns() - start_ns) / 1e9
+        stats.cpu_seconds = time.process_time() - cpu_start
+        return stats
+
+    def _vm_ended(self) -> Event | None:
+        """An event if the VM died or QEMU stopped it on a guest panic."""
+        if not self.machine.alive():
+            return Event("vm-dead", time.monotonic_ns(), f"{self.machine.name}: QEMU is gone")
+        with contextlib.suppress(MachineError):
+            status = self.machine.status()
+            if status == "guest-panicked":
+                return Event("panic", time.monotonic_ns(),
+                             "guest panicked (pvpanic); QEMU paused it", {"source": "pvpanic"})
+        return None
+
+    def _enrich(self, event: Event) -> Event:
+        if event.kind != "lockup":
+            return event
+        function = self._cpu_function(int(event.evidence["cpu"]))
+        if function is None:
+            return event
+        return Event(event.kind, event.monotonic_ns, f"{event.summary} in {function}",
+                     {**event.evidence, "function": function})
+
+    def _cpu_function(self, cpu: int) -> str | None:
+        """The kernel function CPU ``cpu`` executes, from QEMU's registers."""
+        try:
+            text = self.machine.qmp("human-monitor-command",
+                                    {"command-line": "info registers -a"}, timeout=2.0)
+        except MachineError:
+            return None
+        blocks = str(text).split("CPU#")
+        for block in blocks[1:]:
+            number, _, body = block.partition("\n")
+            rip = re.search(r"RIP=([0-9a-f]{16})", body)
+            if number.strip().rstrip(":") == str(cpu) and rip:
+                try:
+                    return str(self.guest.prog.symbol(int(rip.group(1), 16)).name)
+                except LookupError:
+                    return f"{rip.group(1)} (unknown)"
+        return None
