@@ -1,0 +1,43 @@
+"""Lockup: stuck in the kernel with preemption off, versus busy and healthy."""
+
+from __future__ import annotations
+
+from transmigrate.detect.lockup import LockupDetector
+
+from .samples import cpu, cpus
+
+
+def test_spinning_cpu_is_reported_once_with_evidence() -> None:
+    detector = LockupDetector(samples=2)
+    stream = [cpus(0, cpu(0, 10), cpu(1, 5)),
+              cpus(10, cpu(0, 11), cpu(1, 9, preempt=1, pid=77, comm="tm_deadlock")),
+              cpus(20, cpu(0, 12), cpu(1, 9, preempt=1, pid=77, comm="tm_deadlock")),
+              cpus(30, cpu(0, 13), cpu(1, 9, preempt=1, pid=77, comm="tm_deadlock")),
+              cpus(40, cpu(0, 14), cpu(1, 9, preempt=1, pid=77, comm="tm_deadlock"))]
+    events = [e for s in stream for e in detector.observe(s)]
+    assert len(events) == 1
+    event = events[0]
+    assert event.kind == "lockup" and event.monotonic_ns == 30_000_000
+    assert event.evidence["cpu"] == 1 and event.evidence["comm"] == "tm_deadlock"
+    assert event.evidence["stuck_ms"] == 20.0
+
+
+def test_busy_user_task_and_idle_cpu_are_not_lockups() -> None:
+    detector = LockupDetector(samples=2)
+    stream = [cpus(t, cpu(0, 10, preempt=0), cpu(1, 3, idle=True, preempt=0))
+              for t in range(0, 1000, 10)]
+    assert [e for s in stream for e in detector.observe(s)] == []
+
+
+def test_short_preempt_off_section_is_not_a_lockup() -> None:
+    detector = LockupDetector(samples=2, min_stuck_ms=50)
+    stream = [cpus(0, cpu(0, 10)), cpus(10, cpu(0, 10, preempt=1)),
+              cpus(20, cpu(0, 10, preempt=1)), cpus(30, cpu(0, 11))]
+    assert [e for s in stream for e in detector.observe(s)] == []
+
+
+def test_recovered_cpu_can_be_reported_again() -> None:
+    detector = LockupDetector(samples=1)
+    stream = [cpus(0, cpu(0, 1)), cpus(1, cpu(0, 1, preempt=1)), cpus(2, cpu(0, 2)),
+              cpus(3, cpu(0, 2, preempt=1))]
+    assert len([e for s in stream for e in detector.observe(s)]) == 2
