@@ -15,14 +15,23 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from transmigrate.config import load_config
+from transmigrate.detect.events import Event, Sample
 from transmigrate.errors import TransmigrateError
 from transmigrate.orchestrate import demo as demo_job
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.monitor import (
+    DETECTORS,
+    Monitor,
+    MonitorConfig,
+    MonitorStats,
+    parse_interval,
+)
 from transmigrate.vm.image import ImageSpec
 
 app = typer.Typer(
@@ -223,6 +232,81 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
               f"total {report.total_seconds:.1f} s")
     for step, seconds in report.steps.items():
         out.print(f"  {step:<18} {seconds:8.3f} s")
+
+
+@app.command()
+def monitor(name: Annotated[str, typer.Argument(help="VM to watch.")],
+            interval: Annotated[str, typer.Option(help="Sampling interval, 1ms .. 10s.")] = "10ms",
+            duration: Annotated[float | None, typer.Option(
+                help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+            detector: Annotated[list[str] | None, typer.Option(
+                help="Run only this detector (repeatable).")] = None,
+            json_: JsonOption = False) -> None:
+    """Watch a VM's kernel from outside: tasks, memory, CPUs, and fault events."""
+    config = MonitorConfig(interval_s=parse_interval(interval),
+                           detectors=tuple(detector) if detector else DETECTORS)
+    watcher = Monitor(Host.from_environment(), name, config)
+    try:
+        if json_:
+            stats = watcher.run(_print_event_json, duration_s=duration)
+        else:
+            stats = _live_view(watcher, duration)
+    except KeyboardInterrupt:
+        return
+    finally:
+        watcher.close()
+    err.print(f"{stats.samples} samples ({stats.torn_samples} torn) in {stats.wall_seconds:.1f} s, "
+              f"monitor CPU {stats.cpu_fraction:.1%}, {len(stats.events)} events")
+
+
+def _print_event_json(event: Event) -> None:
+    sys.stdout.write(json.dumps({"kind": event.kind, "monotonic_ns": event.monotonic_ns,
+                                 "summary": event.summary, "evidence": event.evidence}) + "\n")
+    sys.stdout.flush()
+
+
+def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
+    events: list[Event] = []
+    latest: list[Sample] = []
+    shown = [0.0]
+
+    def render() -> Table:
+        table = Table(title=f"{watcher.machine.name} ({watcher.guest.release})", expand=True)
+        table.add_column("what")
+        table.add_column("now")
+        if latest:
+            sample = latest[-1]
+            if sample.tasks:
+                states: dict[str, int] = {}
+                for task in sample.tasks.tasks:
+                    states[task.state] = states.get(task.state, 0) + 1
+                table.add_row("tasks by state", "  ".join(f"{k}:{v}" for k, v in
+                                                          sorted(states.items())))
+            if sample.memory:
+                table.add_row("memory", f"{sample.memory.free >> 20} MiB free of "
+                                        f"{sample.memory.total >> 20} MiB")
+            if sample.counters:
+                table.add_row("processes / threads / forks",
+                              f"{sample.counters.processes} / {sample.counters.threads} / "
+                              f"{sample.counters.total_forks}")
+            for cpu in sample.cpus.cpus if sample.cpus else ():
+                table.add_row(f"cpu {cpu.cpu}", f"{'idle' if cpu.idle else cpu.current_comm} "
+                                                f"switches {cpu.context_switches} "
+                                                f"preempt {cpu.preempt_count}")
+        for event in events[-5:]:
+            table.add_row(f"[bold red]{event.kind}[/]", event.summary)
+        return table
+
+    with Live(render(), console=err, refresh_per_second=4) as live:
+        def on_sample(sample: Sample) -> None:
+            latest[:] = [sample]
+            if time.monotonic() - shown[0] > 0.25:
+                shown[0] = time.monotonic()
+                live.update(render())
+
+        stats = watcher.run(events.append, duration_s=duration, on_sample=on_sample)
+        live.update(render())
+    return stats
 
 
 @app.command()

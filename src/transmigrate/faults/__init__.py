@@ -1,0 +1,60 @@
+"""Fault injection: the research's three faults, reproduced for real in a running guest.
+
+- ``deadlock``: a kernel thread ``tm_deadlock/CPU`` bound to one CPU takes the
+  spinlock ``tm_fault_lock`` and takes it again, spinning forever in the kernel
+  with preemption off (optionally interrupts off too). It cannot be cleared.
+- ``hung-driver``: the misc device ``/dev/tm_hang`` whose ``read()`` sleeps
+  uninterruptibly in ``tm_hang_read`` and is never woken, even after a write.
+- ``fork-bomb``: ``tm-forkbomb``, a static program that forks without bound,
+  each child touching 16 MiB, in its own session, bounded by a duration.
+
+The first two live in one kernel module (``faults/transmigrate_faults.c`` at
+the repository's root) built on the host against Debian's headers for each
+kernel release (:func:`build_module`) and loaded through the guest agent.
+"""
+
+from transmigrate.faults.build import (
+    FORKBOMB_NAME,
+    MODULE_NAME,
+    SOURCE_DIR,
+    build_forkbomb,
+    build_module,
+)
+from transmigrate.faults.inject import (
+    CONTROL_FILE,
+    DEADLOCK_LOCK,
+    DEADLOCK_THREAD,
+    FAULTS,
+    GUEST_DIR,
+    HANG_DEVICE,
+    HANG_FUNCTION,
+    ClearReport,
+    InjectReport,
+    clear,
+    fault_status,
+    inject,
+    load_module,
+    session_pids,
+)
+
+__all__ = [
+    "CONTROL_FILE",
+    "DEADLOCK_LOCK",
+    "DEADLOCK_THREAD",
+    "FAULTS",
+    "FORKBOMB_NAME",
+    "GUEST_DIR",
+    "HANG_DEVICE",
+    "HANG_FUNCTION",
+    "MODULE_NAME",
+    "SOURCE_DIR",
+    "ClearReport",
+    "InjectReport",
+    "build_forkbomb",
+    "build_module",
+    "clear",
+    "fault_status",
+    "inject",
+    "load_module",
+    "session_pids",
+]
