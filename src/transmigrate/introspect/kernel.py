@@ -60,11 +60,8 @@ def drgn_errors(what: str) -> Iterator[None]:
         raise IntrospectionError(f"{what}: {exc}") from exc
 
 
-def debug_vmlinux(release: str, catalog: KernelCatalog | None = None) -> Path:
+def debug_vmlinux(release: str, catalog: KernelCatalog) -> Path:
     """The DWARF vmlinux of ``release``, downloaded into the kernel cache on first use."""
-    if catalog is None:
-        from transmigrate.orchestrate.host import Host  # the host wiring is only needed here
-        catalog = Host.from_environment().catalog
     try:
         return catalog.fetch(release, debug=True).vmlinux_debug
     except TransmigrateError as exc:
@@ -75,8 +72,7 @@ def attach(target: Machine | Path, vmlinux: Path | None = None, *,
            catalog: KernelCatalog | None = None) -> Guest:
     """Attach to a running VM (or a RAM file): find its kernel and load its types.
 
-    Without ``vmlinux``, the kernel's debug info is fetched through ``catalog``
-    (the environment's by default).
+    Without ``vmlinux``, the kernel's debug info is fetched through ``catalog``.
     """
     if isinstance(target, Machine):
         if not target.alive():
@@ -88,6 +84,8 @@ def attach(target: Machine | Path, vmlinux: Path | None = None, *,
         raise IntrospectionError(f"no guest RAM file at {ram_path}: is the VM running?")
     info = find_vmcoreinfo(ram_path)
     if vmlinux is None:
+        if catalog is None:
+            raise IntrospectionError("attach needs a vmlinux or a kernel catalog to fetch it")
         vmlinux = debug_vmlinux(info.osrelease, catalog)
     elif not vmlinux.is_file():
         raise IntrospectionError(f"no debug vmlinux at {vmlinux}")
