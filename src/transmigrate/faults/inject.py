@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from transmigrate.errors import AgentError, FaultError
 from transmigrate.faults.build import FORKBOMB_NAME, MODULE_NAME, build_forkbomb, build_module
@@ -52,6 +55,7 @@ DEADLOCK_THREAD = "tm_deadlock/{cpu}"
 DEADLOCK_LOCK = "tm_fault_lock"
 """The module's spinlock that is taken and never released."""
 READERS_SID = f"{GUEST_DIR}/readers.sid"
+T = TypeVar("T")
 BOMB_SID = f"{GUEST_DIR}/bomb.sid"
 
 
@@ -166,7 +170,8 @@ def _session_pids(agent: GuestAgent, session: int,
 def inject(host: Host, vm_name: str, fault: str, *, cpu: int | None = None,
            irqs_off: bool = False, readers: int = 16, reader_interval_ms: int = 0,
            bomb_seconds: int = 60, bomb_mib: int = 16, bomb_max: int = 0,
-           bomb_delay_ms: int = 0, progress: Progress = silent) -> InjectReport:
+           bomb_delay_ms: int = 100, bomb_linear: bool = True,
+           progress: Progress = silent) -> InjectReport:
     """Inject ``fault`` (one of :data:`FAULTS`) into VM ``vm_name``; return once it is triggered.
 
     - ``deadlock``: a kthread bound to ``cpu`` (default: the VM's last CPU)
@@ -180,13 +185,19 @@ def inject(host: Host, vm_name: str, fault: str, *, cpu: int | None = None,
     - ``fork-bomb``: :data:`FORKBOMB_NAME` in its own session for
       ``bomb_seconds``, each child touching ``bomb_mib`` MiB, at most
       ``bomb_max`` processes (0: no limit), ``bomb_delay_ms`` between forks.
+      By default only the first process forks: one more process and
+      ``bomb_mib`` more MiB every ``bomb_delay_ms``, unbounded but steady. With
+      ``bomb_linear=False`` every process forks (exponential growth): under TCG
+      the guest, its agent included, then stops answering until
+      ``bomb_seconds`` have passed, so :func:`clear` cannot help before that.
     """
     if fault not in FAULTS:
         raise FaultError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}")
     agent, kernel, cpus = _agent(host, vm_name)
     if fault == "fork-bomb":
         return _fork_bomb(host, agent, vm_name, kernel, seconds=bomb_seconds, mib=bomb_mib,
-                          maximum=bomb_max, delay_ms=bomb_delay_ms, progress=progress)
+                          maximum=bomb_max, delay_ms=bomb_delay_ms, linear=bomb_linear,
+                          progress=progress)
     _load(host, agent, kernel, progress)
     if fault == "hung-driver":
         return _hung_driver(agent, vm_name, kernel, readers, reader_interval_ms)
@@ -271,14 +282,19 @@ def _read_sid(agent: GuestAgent, path: str) -> int:
 
 
 def _fork_bomb(host: Host, agent: GuestAgent, vm_name: str, kernel: Kernel, *, seconds: int,
-               mib: int, maximum: int, delay_ms: int, progress: Progress) -> InjectReport:
+               mib: int, maximum: int, delay_ms: int, linear: bool,
+               progress: Progress) -> InjectReport:
     if seconds <= 0:
         raise FaultError("the fork bomb needs a duration in seconds")
     binary = build_forkbomb(host.cache, progress)
     target = f"{GUEST_DIR}/{FORKBOMB_NAME}"
     _copy(agent, binary, target, mode="0755")
     argv = [target, "--daemon", "--seconds", str(seconds), "--mib", str(mib),
-            "--max", str(maximum), "--delay-ms", str(delay_ms)]
+            "--max", str(maximum), "--delay-ms", str(delay_ms), "--sid-file", BOMB_SID,
+            *(["--linear"] if linear else [])]
+    # Keep the host's only channel into the guest alive under the bomb.
+    _sh(agent, "for p in $(pidof qemu-ga); do renice -n -20 -p $p; "
+               "echo -1000 > /proc/$p/oom_score_adj; done > /dev/null", check=False)
     triggered = time.monotonic()
     result = agent.exec(argv, timeout=30)
     returned = time.monotonic()
@@ -286,10 +302,21 @@ def _fork_bomb(host: Host, agent: GuestAgent, vm_name: str, kernel: Kernel, *, s
     if result.exit_code != 0 or not text.isdigit():
         raise FaultError(f"{FORKBOMB_NAME} did not start: {result.stderr.decode(errors='replace')}")
     session = int(text)
-    _sh(agent, f"echo {session} >> {BOMB_SID}")
     return InjectReport(vm_name, "fork-bomb", kernel.release, triggered, returned,
-                        session=session, details={"program": target, "seconds": str(seconds),
-                                                  "mib": str(mib)})
+                        session=session, details={
+                            "program": target, "seconds": str(seconds), "mib": str(mib),
+                            "growth": "linear" if linear else "exponential"})
+
+
+def _retry(what: str, deadline: float, action: Callable[[], T]) -> T:
+    """``action()``, retried while the guest agent is too busy to answer (a bomb's victim)."""
+    while True:
+        try:
+            return action()
+        except AgentError as exc:
+            if time.monotonic() > deadline:
+                raise FaultError(f"cannot {what}: {exc}") from exc
+            time.sleep(0.5)
 
 
 def _sessions(agent: GuestAgent, path: str) -> list[int]:
@@ -297,39 +324,44 @@ def _sessions(agent: GuestAgent, path: str) -> list[int]:
     return [int(s) for s in text.split() if s.isdigit()]
 
 
-def _kill_sessions(agent: GuestAgent, sessions: list[int], *, wake: bool,
-                   timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for session in sessions:
-        while True:
-            # The process group of the session leader holds every process we started.
-            _sh(agent, f"kill -KILL -- -{session} 2>/dev/null; "
-                       f"{'echo wake > ' + CONTROL_FILE + ' 2>/dev/null; ' if wake else ''}true",
-                timeout=60)
-            if not _session_pids(agent, session, timeout=60):
-                break
-            if time.monotonic() > deadline:
-                raise FaultError(f"processes of guest session {session} survive SIGKILL")
-            time.sleep(0.2)
+def _kill_session(agent: GuestAgent, session: int, wake: bool) -> bool:
+    """SIGKILL the process group of ``session``'s leader (every process we started in it);
+    True once none is left."""
+    release = f"echo wake > {CONTROL_FILE} 2>/dev/null; " if wake else ""
+    script = (f"kill -KILL -{session} 2>/dev/null; {release}"
+              f"ps -s {session} -o pid= | wc -l")
+    return _sh(agent, script, check=False, timeout=30).text.strip() == "0"
 
 
 def clear(host: Host, vm_name: str, *, unload: bool = True, timeout: float = 120.0) -> ClearReport:
     """Stop the fork bombs and free the hung readers in ``vm_name``; unload the module.
 
     A deadlock cannot be cleared: it stays in ``remaining`` and the VM must be stopped.
+    Retries while the guest is too loaded to answer, up to ``timeout`` seconds.
     """
     agent, _, _ = _agent(host, vm_name)
+    deadline = time.monotonic() + timeout
     cleared: list[str] = []
     remaining: list[str] = []
-    bombs = _sessions(agent, BOMB_SID)
+    bombs = _retry("list the fork bombs", deadline, lambda: _sessions(agent, BOMB_SID))
+    for session in bombs:
+        while not _retry("kill the fork bomb", deadline,
+                         partial(_kill_session, agent, session, False)):
+            if time.monotonic() > deadline:
+                raise FaultError(f"fork bomb session {session} survives SIGKILL")
+            time.sleep(0.2)
     if bombs:
-        _kill_sessions(agent, bombs, wake=False, timeout=timeout)
-        _sh(agent, f"rm -f {BOMB_SID}")
+        _retry("forget the fork bombs", deadline, lambda: _sh(agent, f"rm -f {BOMB_SID}"))
         cleared.append("fork-bomb")
-    status = _status(agent)
-    readers = _sessions(agent, READERS_SID)
+    status = _retry("read the fault module's state", deadline, lambda: _status(agent))
+    readers = _retry("list the readers", deadline, lambda: _sessions(agent, READERS_SID))
+    for session in readers:
+        while not _retry("free the readers", deadline,
+                         partial(_kill_session, agent, session, bool(status))):
+            if time.monotonic() > deadline:
+                raise FaultError(f"readers of session {session} survive SIGKILL")
+            time.sleep(0.2)
     if readers:
-        _kill_sessions(agent, readers, wake=bool(status), timeout=timeout)
         _sh(agent, f"rm -f {READERS_SID} {READERS_SID}.*")
         cleared.append("hung-driver")
     if status and status.get("deadlock_cpu", -1) >= 0:
@@ -337,7 +369,6 @@ def clear(host: Host, vm_name: str, *, unload: bool = True, timeout: float = 120
     elif status and unload:
         if status.get("hang_readers", 0):
             _sh(agent, f"echo wake > {CONTROL_FILE}")  # readers we did not start
-        deadline = time.monotonic() + 30
         while _sh(agent, f"rmmod {MODULE_NAME}", check=False).exit_code != 0:
             if time.monotonic() > deadline:
                 raise FaultError(f"{MODULE_NAME} stays in use in vm {vm_name!r}")
