@@ -16,7 +16,7 @@
  * (default 0: no limit) bounds the number of processes created.
  *
  * It puts itself in its own session (setsid), so the whole bomb is killed with
- * `kill -KILL -- -SID`, and asks the OOM killer to take its processes first
+ * `kill -KILL -SID`, and asks the OOM killer to take its processes first
  * (oom_score_adj 1000) so that the guest's own services survive.
  * With --daemon it detaches, prints the session id and returns at once;
  * --sid-file appends the session id to PATH before the first fork.
