@@ -108,7 +108,9 @@ class _Connection:
         while (end := self.buffer.find(b"\n", self.scanned)) == -1:
             self.scanned = len(self.buffer)
             self._fill(deadline)
-        line = bytes(self.buffer[:end])
+        # A delimiter from a later sync can start a line when an earlier sync's reply,
+        # left over from a conversation that timed out, came first.
+        line = bytes(self.buffer[:end]).lstrip(_DELIMITER)
         del self.buffer[: end + 1]
         self.scanned = 0
         try:

@@ -21,6 +21,7 @@ from rich.table import Table
 from transmigrate.config import load_config
 from transmigrate.detect.events import Event, Sample
 from transmigrate.errors import TransmigrateError
+from transmigrate.faults import FAULTS, inject
 from transmigrate.orchestrate import demo as demo_job
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate import update as update_job
@@ -307,6 +308,23 @@ def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
         stats = watcher.run(events.append, duration_s=duration, on_sample=on_sample)
         live.update(render())
     return stats
+
+
+@app.command("inject")
+def inject_fault(
+        name: Annotated[str, typer.Argument(help="VM to break.")],
+        fault: Annotated[str, typer.Argument(help=f"One of: {', '.join(FAULTS)}.")],
+        cpu: Annotated[int | None, typer.Option(help="deadlock: the CPU to wedge.")] = None,
+        readers: Annotated[int, typer.Option(help="hung-driver: readers to block.")] = 16,
+        json_: JsonOption = False) -> None:
+    """Inject a real fault: a spinlock deadlock, a hung driver, or a fork and memory bomb."""
+    report = inject(Host.from_environment(), name, fault, cpu=cpu, readers=readers,
+                    progress=_Progress())
+    if json_:
+        _emit_json(asdict(report))
+    else:
+        out.print(f"{fault} injected into {name} ({report.kernel})"
+                  + (f" on CPU {report.cpu}" if report.cpu is not None else ""))
 
 
 @app.command()

@@ -98,17 +98,21 @@ def main() -> None:
         while not stop and time.monotonic() - start < args.seconds:
             try:
                 value = int(conn.command("INCR", args.key))
-            except (OSError, ConnectionError):
+            except (OSError, ConnectionError, RuntimeError) as exc:
+                # RuntimeError is a server error reply, e.g. LOADING while redis reads its AOF.
                 if not args.reconnect:
                     raise
-                conn = _reconnect(args.host, args.port, args.timeout, lambda: stop)
-                conn.sock.settimeout(timeout)
-                summary["reconnects"] += 1
-                last_value = int(conn.command("INCR", args.key)) - 1
+                if not isinstance(exc, RuntimeError):
+                    conn = _reconnect(args.host, args.port, args.timeout, lambda: stop)
+                    conn.sock.settimeout(timeout)
+                    summary["reconnects"] += 1
+                else:
+                    time.sleep(0.05)
+                last_value = -1
                 continue
             now = time.monotonic()
             summary["max_gap_s"] = max(summary["max_gap_s"], now - last_time)
-            if value != last_value + 1:
+            if value != last_value + 1 and last_value != -1:
                 summary["out_of_order"] += 1
             last_value, last_time = value, now
             summary["replies"] += 1

@@ -1,0 +1,124 @@
+"""Out-of-guest detection on real kernels: each injected fault is caught, health stays quiet."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
+from transmigrate.detect.events import Event
+from transmigrate.errors import TransmigrateError
+from transmigrate.faults import DEADLOCK_THREAD, HANG_FUNCTION, clear, inject, load_module
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, parse_interval
+from transmigrate.orchestrate.services import start_redis
+
+from ..conftest import cli
+
+KERNELS = [ACTIVE_KERNEL, STANDBY_KERNEL]
+
+
+class Watching:
+    def __init__(self, host: Host, vm: str, interval_s: float = 0.01) -> None:
+        self.monitor = Monitor(host, vm, MonitorConfig(interval_s=interval_s))
+        self.events: list[Event] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=lambda: self.monitor.run(
+            self.events.append, stop=lambda: self.stopped), daemon=True)
+        self.thread.start()
+
+    def wait(self, kind: str, timeout: float) -> Event:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.events if e.kind == kind]
+            if found:
+                return found[0]
+            time.sleep(0.01)
+        raise AssertionError(f"no {kind} event within {timeout} s; got {self.events}")
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.thread.join()
+        self.monitor.close()
+
+
+@pytest.fixture
+def vm(prepared: Host, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = f"t-mon-{request.param.split('.')[1]}"
+    lifecycle.up(prepared, name, request.param, memory_mib=640, cpus=2)
+    yield name
+    lifecycle.down(prepared, name)
+
+
+@pytest.mark.parametrize("vm", KERNELS, indirect=True)
+def test_deadlock_is_caught_on_its_cpu(prepared: Host, vm: str) -> None:
+    load_module(prepared, vm)
+    watching = Watching(prepared, vm)
+    try:
+        report = inject(prepared, vm, "deadlock", cpu=1)
+        event = watching.wait("lockup", timeout=10)
+    finally:
+        watching.stop()
+    assert event.evidence["cpu"] == 1
+    assert event.evidence["comm"] == DEADLOCK_THREAD.format(cpu=1)
+    assert "spin" in event.evidence["function"] or "tm_deadlock" in event.evidence["function"]
+    assert event.monotonic_ns / 1e9 > report.triggered_at
+    assert [e.kind for e in watching.events] == ["lockup"]
+
+
+@pytest.mark.parametrize("vm", KERNELS, indirect=True)
+def test_hung_driver_and_fork_bomb_are_caught(prepared: Host, vm: str) -> None:
+    watching = Watching(prepared, vm)
+    try:
+        inject(prepared, vm, "hung-driver", readers=5)
+        hung = watching.wait("hung-driver", timeout=15)
+        clear(prepared, vm)
+        inject(prepared, vm, "fork-bomb", bomb_seconds=20, bomb_mib=8)
+        storm = watching.wait("fork-storm", timeout=20)
+        clear(prepared, vm)
+    finally:
+        watching.stop()
+    assert hung.evidence["function"] == HANG_FUNCTION
+    assert hung.evidence["blocked"] >= 3
+    assert storm.evidence["growth"] >= 50
+    assert "lockup" not in [e.kind for e in watching.events]
+
+
+@pytest.mark.parametrize("vm", KERNELS, indirect=True)
+def test_healthy_guest_under_heavy_load_raises_nothing(prepared: Host, vm: str) -> None:
+    start_redis(prepared, vm)
+    load = ("redis-benchmark -q -n 100000000 -c 20 >/dev/null 2>&1 & "
+            "while :; do /bin/true; done & "
+            "python3 -c 'while True: sum(i*i for i in range(10000))' & "
+            "while :; do find /usr -name '*.py' | xargs -n 50 cat >/dev/null; done & "
+            "while :; do dd if=/dev/zero of=/data/fill bs=1M count=64 conv=fsync "
+            "2>/dev/null; done")
+    lifecycle.exec_in(prepared, vm, ["sh", "-c", f"setsid sh -c '{load}' "
+                                                 "</dev/null >/dev/null 2>&1 &"])
+    watching = Watching(prepared, vm)
+    try:
+        time.sleep(60)
+    finally:
+        watching.stop()
+    assert watching.events == []
+
+
+def test_monitor_json_prints_one_event_per_line(prepared: Host, new_vm: str) -> None:
+    done = cli("monitor", new_vm, "--json", "--duration", "2", "--interval", "5ms")
+    assert done.returncode == 0, done.stderr
+    assert all(json.loads(line)["kind"] for line in done.stdout.splitlines())
+    assert "samples" in done.stderr
+
+
+def test_bad_monitor_input(prepared: Host) -> None:
+    with pytest.raises(TransmigrateError, match="outside"):
+        parse_interval("20s")
+    with pytest.raises(TransmigrateError, match="no VM named"):
+        Monitor(prepared, "t-none")
+    done = cli("inject", "t-none", "deadlock")
+    assert done.returncode != 0 and "no VM named" in done.stderr
