@@ -8,8 +8,8 @@ from .samples import cpu, cpus
 
 
 def test_spinning_cpu_is_reported_once_with_evidence() -> None:
-    detector = LockupDetector(samples=2)
-    stream = [cpus(0, cpu(0, 10), cpu(1, 5)),
+    detector = LockupDetector(samples=2, min_stuck_ms=0)
+    stream = [cpus(0, cpu(0, 10), cpu(1, 5, pid=77, comm="tm_deadlock")),
               cpus(10, cpu(0, 11), cpu(1, 9, preempt=1, pid=77, comm="tm_deadlock")),
               cpus(20, cpu(0, 12), cpu(1, 9, preempt=1, pid=77, comm="tm_deadlock")),
               cpus(30, cpu(0, 13), cpu(1, 9, preempt=1, pid=77, comm="tm_deadlock")),
@@ -37,7 +37,21 @@ def test_short_preempt_off_section_is_not_a_lockup() -> None:
 
 
 def test_recovered_cpu_can_be_reported_again() -> None:
-    detector = LockupDetector(samples=1)
+    detector = LockupDetector(samples=1, min_stuck_ms=0)
     stream = [cpus(0, cpu(0, 1)), cpus(1, cpu(0, 1, preempt=1)), cpus(2, cpu(0, 2)),
               cpus(3, cpu(0, 2, preempt=1))]
     assert len([e for s in stream for e in detector.observe(s)]) == 2
+
+
+def test_default_waits_out_a_busy_kernel_under_memory_pressure() -> None:
+    detector = LockupDetector()
+    stream = [cpus(t, cpu(0, 10, preempt=1)) for t in range(0, 100, 10)]
+    assert [e for s in stream for e in detector.observe(s)] == []
+    assert detector.observe(cpus(110, cpu(0, 10, preempt=1)))
+
+
+def test_a_different_task_is_not_the_same_stuck_cpu() -> None:
+    detector = LockupDetector(samples=2, min_stuck_ms=0)
+    stream = [cpus(0, cpu(0, 5, pid=1)), cpus(10, cpu(0, 5, preempt=1, pid=2)),
+              cpus(20, cpu(0, 5, preempt=1, pid=3)), cpus(30, cpu(0, 5, preempt=1, pid=4))]
+    assert [e for s in stream for e in detector.observe(s)] == []

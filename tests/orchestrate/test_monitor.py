@@ -85,8 +85,9 @@ def test_hung_driver_and_fork_bomb_are_caught(prepared: Host, vm: str) -> None:
         watching.stop()
     assert hung.evidence["function"] == HANG_FUNCTION
     assert hung.evidence["blocked"] >= 3
-    assert storm.evidence["growth"] >= 50
-    assert "lockup" not in [e.kind for e in watching.events]
+    assert storm.evidence["growth"] >= 40
+    assert "lockup" not in [e.kind for e in watching.events], \
+        [e for e in watching.events if e.kind == "lockup"]
 
 
 @pytest.mark.parametrize("vm", KERNELS, indirect=True)

@@ -1,10 +1,11 @@
 """Runaway process creation, and memory running out.
 
-A fork bomb forks fast *and* its processes pile up; a busy build or a
-fork-exec loop forks fast too, but its children exit, so the process count
-stays flat. So runaway creation is: the process count grew by at least
-``min_growth`` within ``window_ms`` while forks ran at ``min_fork_rate`` per
-second or more. Memory exhaustion is free memory below ``min_free_fraction`` of
+A fork bomb forks *and* its processes pile up; a busy build or a fork-exec
+loop forks as fast, but its children exit, so the process count stays flat.
+So runaway creation is: the process count grew by at least ``min_growth``
+within ``window_ms`` while forks went on at ``min_fork_rate`` per second or
+more. Growth, not speed, is the signal: a bomb throttled to a few forks a
+second is still a bomb. Memory exhaustion is free memory below ``min_free_fraction`` of
 the total, or below the zones' own low watermarks, whichever is higher.
 """
 
@@ -24,8 +25,8 @@ class ForkStormDetector:
     name = "fork-storm"
     needs = frozenset({"counters"})
 
-    def __init__(self, min_growth: int = 50, min_fork_rate: float = 100.0,
-                 window_ms: float = 1000.0) -> None:
+    def __init__(self, min_growth: int = 40, min_fork_rate: float = 5.0,
+                 window_ms: float = 5000.0) -> None:
         self.min_growth = min_growth
         self.min_fork_rate = min_fork_rate
         self.window_ns = int(window_ms * 1e6)
@@ -59,7 +60,7 @@ class ForkStormDetector:
                               f"at {rate:.0f} forks/s",
                               {"processes": now.processes, "threads": now.threads,
                                "growth": growth, "forks_per_second": round(rate, 1)})]
-        elif growth < self.min_growth // 2:
+        elif growth <= 0:  # a whole window without net growth: the storm is over
             self._reported = False
         return []
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import drgn
 from drgn.helpers.linux.cpumask import for_each_possible_cpu
+from drgn.helpers.linux.kallsyms import load_module_kallsyms
 from drgn.helpers.linux.mm import follow_phys
 
 from transmigrate.errors import IntrospectionError, TransmigrateError
@@ -144,6 +145,20 @@ class Guest:
             self.per_cpu_offsets = {cpu: int(offsets[cpu]) for cpu in self.possible_cpus}
             self._online_mask = prog["__cpu_online_mask"].address_
             self._online_words = struct.Struct(f"<{max(self.possible_cpus) // 64 + 1}Q")
+        self._module_symbols: drgn.SymbolIndex | None = None
+
+    def module_symbol(self, address: int) -> str | None:
+        """The module function at ``address``, from the kernel's own kallsyms of its
+        modules (we have DWARF for vmlinux only). The table is read again on a miss,
+        since modules load while we watch; misses are rare (a new blocked task)."""
+        for reread in (False, True):
+            if self._module_symbols is None or reread:
+                with drgn_errors("cannot read the kernel's module symbols"):
+                    self._module_symbols = load_module_kallsyms(self.prog)
+            found = self._module_symbols(self.prog, None, address, True)
+            if found:
+                return str(found[0].name)
+        return None
 
     def __enter__(self) -> Guest:
         return self

@@ -197,7 +197,9 @@ def wait_site(guest: Guest, task: Task) -> WaitSite | None:
             return None
         frames = []
         for frame in list(trace)[:_STACK_FRAMES]:
-            name = frame.name or f"{frame.pc:#x}"
+            name = frame.name
+            if not name or name.startswith("0x"):  # no DWARF for it: a module's function
+                name = guest.module_symbol(frame.pc) or f"{frame.pc:#x}"
             frames.append((frame.pc, name))
     stack = tuple(name for _, name in frames)
     for pc, name in frames:

@@ -54,10 +54,10 @@ class MonitorConfig:
     interval_s: float = 0.01
     detectors: tuple[str, ...] = DETECTORS
     lockup_samples: int = 2
-    lockup_min_ms: float = 0.0
-    fork_min_growth: int = 50
-    fork_min_rate: float = 100.0
-    fork_window_ms: float = 1000.0
+    lockup_min_ms: float = 100.0
+    fork_min_growth: int = 40
+    fork_min_rate: float = 5.0
+    fork_window_ms: float = 5000.0
     memory_min_free_fraction: float = 0.05
     hung_min_tasks: int = 3
     hung_min_blocked_ms: float = 500.0
