@@ -38,7 +38,7 @@ def test_unknown_kernel_names_nearest(host: Host) -> None:
 
 
 def test_fetched_kernel_has_what_a_vm_boots_from(prepared: Host) -> None:
-    kernel = prepared.catalog.get(ACTIVE_KERNEL)
+    kernel = prepared.catalog.fetch(ACTIVE_KERNEL)  # cached: no download
     for path in (kernel.vmlinuz, kernel.initramfs, kernel.modules_image, kernel.config):
         assert path.stat().st_size > 0, path
     assert "CONFIG_CHECKPOINT_RESTORE=y" in kernel.config.read_text()

@@ -73,10 +73,6 @@ class Kernel:
         return self.directory / "config"
 
     @property
-    def system_map(self) -> Path:
-        return self.directory / "System.map"
-
-    @property
     def vmlinux_debug(self) -> Path:
         """The kernel with full DWARF, from the -dbg package, if fetched."""
         return self.directory / "vmlinux"
@@ -140,13 +136,6 @@ class KernelCatalog:
         nearest = ", ".join(_nearest(spec, releases))
         raise KernelNotFound(f"kernel {spec!r} is not in the archive; nearest: {nearest}")
 
-    def get(self, spec: str) -> Kernel:
-        """A cached kernel, without touching the network."""
-        for kernel in self.cached():
-            if _matches(spec, kernel.release):
-                return kernel
-        raise KernelNotFound(f"kernel {spec!r} is not cached; run: transmigrate fetch {spec}")
-
     def fetch(self, spec: str, *, debug: bool = False, headers: bool = False,
               progress: Progress = silent) -> Kernel:
         """Bring a kernel (and on request its debug info and headers) into the cache."""
@@ -172,9 +161,8 @@ class KernelCatalog:
             run(["dpkg-deb", "-x", deb, tree])
             staging = work / "kernel"
             staging.mkdir()
-            for name, target in (("vmlinuz", "vmlinuz"), ("config", "config"),
-                                 ("System.map", "System.map")):
-                shutil.copy(tree / "boot" / f"{name}-{kernel.release}", staging / target)
+            for name in ("vmlinuz", "config"):
+                shutil.copy(tree / "boot" / f"{name}-{kernel.release}", staging / name)
             modules = tree / "lib" / "modules" / kernel.release
             run(["depmod", "-b", tree, kernel.release])
             progress("building initramfs")
