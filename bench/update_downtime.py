@@ -69,7 +69,8 @@ def _reboot(host: Host, resident_mib: int) -> dict[str, Any]:
         try:
             time.sleep(2)
             start = time.monotonic()
-            host.machines.remove(host.machines.get(VM))  # the data volume stays
+            # The data volume stays, and so does the network with the client in it.
+            host.machines.remove(host.machines.get(VM), keep_network=True)
             lifecycle.up(host, VM, STANDBY_KERNEL, memory_mib=max(768, resident_mib * 2 + 512))
             assert host.machines.get(VM).record.ip == address
             start_redis(host, VM, timeout=600)

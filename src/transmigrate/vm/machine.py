@@ -298,19 +298,20 @@ class MachineRegistry:
                 raise
             return machine
 
-    def _forget_links(self, machine: Machine) -> None:
+    def _forget_links(self, machine: Machine, keep_network: bool = False) -> None:
         """Remove the network if no VM is left, else this VM's TAPs if they linger."""
-        if not self.all():
+        if not self.all() and not keep_network:
             self.network.remove()
         else:
             self.network.delete_link(machine.record.service_tap)
             self.network.delete_link(machine.record.migration_tap)
 
-    def remove(self, machine: Machine) -> None:
-        """Stop a machine and its TAP; the last one out removes the network too."""
+    def remove(self, machine: Machine, *, keep_network: bool = False) -> None:
+        """Stop a machine and its TAPs; the last one out removes the network too,
+        unless ``keep_network`` (a VM about to be replaced, with clients waiting)."""
         with self.locked():
             machine.stop()
-            self._forget_links(machine)
+            self._forget_links(machine, keep_network)
 
     def _launch(self, machine: Machine, kernel: Kernel, accel: Accelerator, *,
                 standby: bool, pid_base: int) -> None:
