@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -53,12 +54,24 @@ def test_killed_qemu_is_reported_and_cleaned(prepared: Host) -> None:
     os.kill(pid, signal.SIGKILL)
     while machine.alive():
         time.sleep(0.05)
-    with pytest.raises(MachineDead, match="t-victim"):
+    with pytest.raises(MachineDead, match="data volume kept"):
         lifecycle.exec_in(prepared, "t-victim", ["true"])
+    assert prepared.volume("t-victim").exists(), "the service's data survives its VM"
     assert not machine.directory.exists()
     assert not machine.ram_path.exists()
     assert machine.record.service_tap not in prepared.network.links()
     assert pid not in qemu_pids()
+    prepared.volume("t-victim").unlink()
+
+
+def test_clean_removes_volumes_kept_from_dead_vms(host: Host, tmp_path: Path) -> None:
+    other = dataclasses.replace(host, state=tmp_path / "state", data=tmp_path / "data",
+                                network_name="tm-t-clean")
+    kept = other.volume("gone")
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"data of a VM that died")
+    assert lifecycle.clean(other) == []
+    assert not kept.exists()
 
 
 def test_down_removes_everything_and_twice_is_an_error(prepared: Host) -> None:

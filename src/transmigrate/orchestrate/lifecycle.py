@@ -74,13 +74,15 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
 
 
 def running(host: Host, name: str) -> Machine:
-    """The machine ``name``, which must be running; a dead one is cleaned away."""
+    """The machine ``name``, which must be running; a dead one is cleaned away, but its
+    data volume is kept: it holds the service's data (``up`` of the same name reuses it)."""
     machine = host.machines.get(name)
     if not machine.alive():
         tail = machine.console_tail()
         host.machines.remove(machine)
         raise MachineDead(f"vm {name!r} died: its QEMU is gone (console: {tail or 'empty'}); "
-                          "its state was removed")
+                          f"its state was removed, its data volume kept at "
+                          f"{machine.record.data_volume}")
     return machine
 
 
@@ -103,12 +105,14 @@ def _drop_unused_volume(host: Host, volume: Path) -> None:
 
 
 def clean(host: Host) -> list[str]:
-    """Stop every VM, remove the network and their volumes; return the names stopped."""
+    """Stop every VM, remove the network and every data volume (also those kept from VMs
+    that died); return the names stopped."""
     names = []
     for machine in host.machines.all():
         host.machines.remove(machine)
-        _drop_unused_volume(host, Path(machine.record.data_volume))
         names.append(machine.name)
+    for volume in host.volume("*").parent.glob(host.volume("*").name):
+        volume.unlink()
     with host.machines.locked():
         host.network.remove()
     return names
