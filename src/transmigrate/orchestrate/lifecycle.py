@@ -18,6 +18,8 @@ from transmigrate.vm.volume import create_volume
 __all__ = ["BootReport", "clean", "down", "exec_in", "running", "up"]
 
 BOOT_TIMEOUT = 180.0
+FIRST_PID = 10_000
+"""Processes started after boot get pids above this; boot-time ones stay below."""
 STANDBY_PID_MARGIN = 100_000
 """A standby's own processes start this far above its predecessor's last pid."""
 
@@ -40,21 +42,19 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
     if any(m.name == name for m in host.machines.all()):
         raise MachineExists(f"a VM named {name!r} already exists")
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
-    if standby_for is not None:
-        image = Path(standby_for.record.image)  # the same files on both sides
-    else:
+    if standby_for is None:
         image = host.image(image_spec or ImageSpec()).ensure(progress).path
-    accel = host.accelerator()
-    pid_base = 10_000
-    if standby_for is not None:
-        volume = Path(standby_for.record.data_volume)
-        last = host.agent(standby_for).exec(["cat", "/proc/sys/kernel/ns_last_pid"]).text
-        pid_base = int(last) + STANDBY_PID_MARGIN
-    else:
         volume = host.volume(name)
         if not volume.exists():
             progress(f"creating data volume {volume}")
             create_volume(volume)
+        pid_base = FIRST_PID
+    else:
+        image = Path(standby_for.record.image)  # the same files on both sides
+        volume = Path(standby_for.record.data_volume)
+        last = host.agent(standby_for).exec(["cat", "/proc/sys/kernel/ns_last_pid"]).text
+        pid_base = int(last) + STANDBY_PID_MARGIN
+    accel = host.accelerator()
     progress(f"starting {name} on {kernel.release} ({accel.upper()})")
     start = time.monotonic()
     machine = host.machines.create(

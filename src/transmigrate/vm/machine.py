@@ -254,8 +254,8 @@ class MachineRegistry:
 
     def create(self, name: str, kernel: Kernel, image: Path, accel: Accelerator, *,
                memory_mib: int, cpus: int, data_volume: Path,
-               identity: ServiceIdentity | None = None, standby: bool = False,
-               pid_base: int = 10_000) -> Machine:
+               pid_base: int, identity: ServiceIdentity | None = None,
+               standby: bool = False) -> Machine:
         """Start QEMU for a new VM; on any failure leave nothing behind.
 
         A standby VM takes an existing service ``identity`` but stays off the
