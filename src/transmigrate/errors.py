@@ -50,6 +50,16 @@ class AgentError(TransmigrateError):
     """The guest agent did not answer, or answered out of protocol."""
 
 
+class GuestCommandFailed(TransmigrateError):
+    """A command in a guest exited non-zero; keeps what it was for, exit code and output."""
+
+    def __init__(self, what: str, where: str, exit_code: int, output: str) -> None:
+        self.exit_code = exit_code
+        self.output = output
+        last = output.strip().splitlines()[-1] if output.strip() else f"exit {exit_code}"
+        super().__init__(f"{what} failed in {where} (exit {exit_code}): {last}")
+
+
 class NetworkError(TransmigrateError):
     """The private network could not be set up or torn down."""
 

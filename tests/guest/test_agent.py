@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from transmigrate.errors import AgentError
+from transmigrate.errors import AgentError, GuestCommandFailed
 from transmigrate.guest.agent import MAX_MESSAGE, GuestAgent
 from transmigrate.orchestrate.host import Host
 
@@ -23,6 +23,12 @@ def agent(prepared: Host, old_vm: str) -> GuestAgent:
 def test_exec_passes_exit_code_and_output(agent: GuestAgent) -> None:
     result = agent.exec(["sh", "-c", "echo out; echo err >&2; exit 7"])
     assert (result.exit_code, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
+
+
+def test_check_names_the_command_and_its_last_words(agent: GuestAgent) -> None:
+    assert agent.exec(["true"]).check("nothing").exit_code == 0
+    with pytest.raises(GuestCommandFailed, match=r"^frobbing failed in t-old \(exit 3\): oops$"):
+        agent.exec(["sh", "-c", "echo first >&2; echo oops >&2; exit 3"]).check("frobbing", "t-old")
 
 
 def test_exec_feeds_stdin(agent: GuestAgent) -> None:

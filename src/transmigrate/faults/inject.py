@@ -98,11 +98,7 @@ def _agent(host: Host, vm_name: str) -> tuple[GuestAgent, Kernel, int]:
 def _sh(agent: GuestAgent, script: str, *, input: bytes | None = None,
         timeout: float = 60.0, check: bool = True) -> ExecResult:
     result = agent.exec(["sh", "-c", script], input=input, timeout=timeout)
-    if check and result.exit_code != 0:
-        err = (result.stderr or result.stdout).decode(errors="replace").strip()
-        raise FaultError(f"in the guest, `{script[:80]}` failed (exit {result.exit_code}): "
-                         f"{err[-300:]}")
-    return result
+    return result.check(f"`{script[:80]}`") if check else result
 
 
 def _copy(agent: GuestAgent, source: Path, target: str, mode: str = "0644") -> None:

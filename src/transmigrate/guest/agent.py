@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transmigrate.errors import AgentError
+from transmigrate.errors import AgentError, GuestCommandFailed
 
 __all__ = ["ExecResult", "GuestAgent", "GuestProcess"]
 
@@ -40,6 +40,13 @@ class ExecResult:
     @property
     def text(self) -> str:
         return self.stdout.decode(errors="replace")
+
+    def check(self, what: str, where: str = "the guest") -> ExecResult:
+        """This result if the command succeeded; else GuestCommandFailed naming ``what``."""
+        if self.exit_code != 0:
+            output = (self.stderr or self.stdout).decode(errors="replace")
+            raise GuestCommandFailed(what, where, self.exit_code, output)
+        return self
 
 
 @dataclass(frozen=True)

@@ -66,12 +66,7 @@ class Side:
 
     def run(self, argv: Sequence[str], *, timeout: float = 120.0, what: str = "") -> ExecResult:
         """Run in the guest; a non-zero exit is an error that names the VM and the command."""
-        result = self.agent.exec(argv, timeout=timeout)
-        if result.exit_code != 0:
-            detail = (result.stderr or result.stdout).decode(errors="replace").strip()
-            last = detail.splitlines()[-1] if detail else f"exit {result.exit_code}"
-            raise TransmigrateError(f"{what or argv[0]} failed in {self.record.name}: {last}")
-        return result
+        return self.agent.exec(argv, timeout=timeout).check(what or argv[0], self.record.name)
 
     def sh(self, script: str, *, timeout: float = 120.0, what: str = "") -> ExecResult:
         return self.run(["sh", "-c", script], timeout=timeout, what=what or script.split()[0])
