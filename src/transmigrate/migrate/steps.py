@@ -274,10 +274,8 @@ class HandOver:
             f"tar -C {directory} -c --exclude='pages-*.img' --exclude='pagemap-*.img' "
             "--exclude='*.log' --exclude=parent .", what="freezing data and packing images",
         ).stdout
-        result = plan.target.agent.exec(["tar", "-C", directory, "-x"], input=archive)
-        if result.exit_code != 0:
-            raise TransmigrateError(f"unpacking images failed in {plan.target.record.name}: "
-                                    f"{result.stderr.decode(errors='replace').strip()}")
+        plan.target.agent.exec(["tar", "-C", directory, "-x"], input=archive).check(
+            "unpacking images", plan.target.record.name)
 
     def undo(self, plan: Plan) -> None:
         """Thaw the source's volume (Restore's undo has made sure the target let go)."""

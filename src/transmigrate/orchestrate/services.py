@@ -24,13 +24,11 @@ def start_redis(host: Host, vm: str, *, timeout: float = 30.0) -> int:
 
     Everything redis writes (AOF, RDB, log) is on /data, so that it moves with it.
     """
-    started = exec_in(host, vm, [
+    exec_in(host, vm, [
         "redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--daemonize", "yes",
         "--dir", DATA_MOUNT, "--appendonly", "yes", "--save", "",
         "--logfile", f"{DATA_MOUNT}/redis.log", "--pidfile", f"{DATA_MOUNT}/redis.pid",
-        "--enable-debug-command", "local"])
-    if started.exit_code != 0:
-        raise TransmigrateError(f"redis-server did not start in {vm}: {started.stderr!r}")
+        "--enable-debug-command", "local"]).check("starting redis-server", vm)
     deadline = time.monotonic() + timeout
     while exec_in(host, vm, ["redis-cli", "PING"]).text.strip() != "PONG":
         if time.monotonic() > deadline:
