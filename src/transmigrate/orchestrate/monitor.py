@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = ["DETECTORS", "Monitor", "MonitorConfig", "MonitorStats", "parse_inter
 
 DETECTORS = ("lockup", "fork-storm", "memory-exhaustion", "hung-driver", "panic")
 _STATUS_EVERY_NS = 1_000_000_000
+_RIP_LOOKS = 7
 
 
 def parse_interval(text: str) -> float:
@@ -192,7 +194,14 @@ class Monitor:
                      {**event.evidence, "function": function})
 
     def _cpu_function(self, cpu: int) -> str | None:
-        """The kernel function CPU ``cpu`` executes, from QEMU's registers."""
+        """The kernel function CPU ``cpu`` executes: the most frequent of a few looks at
+        QEMU's registers, since a stuck CPU with interrupts on is sometimes caught in
+        its timer interrupt."""
+        seen = Counter(f for f in (self._cpu_function_once(cpu) for _ in range(_RIP_LOOKS))
+                       if f is not None)
+        return seen.most_common(1)[0][0] if seen else None
+
+    def _cpu_function_once(self, cpu: int) -> str | None:
         try:
             text = self.machine.qmp("human-monitor-command",
                                     {"command-line": "info registers -a"}, timeout=2.0)
