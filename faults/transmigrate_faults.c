@@ -14,6 +14,9 @@
  *                     the CPU's timer interrupts stop too.
  *   wake              release the readers blocked on /dev/tm_hang (the fix
  *                     the buggy driver lacks), so that they can be killed.
+ *   oops              BUG() in tm_oops, in the writer's context: a kernel
+ *                     oops that kills the writer and leaves the kernel
+ *                     running, tainted with TAINT_DIE.
  *
  * Reading it reports the state, one "key value" per line.
  *
@@ -171,6 +174,13 @@ static void tm_hang_wake(void)
 
 /* ---- the control file ------------------------------------------------------ */
 
+/* Outside every lock of ours: the oops kills the calling task where it stands. */
+static noinline void tm_oops(void)
+{
+	pr_emerg("transmigrate_faults: oops on request\n");
+	BUG();
+}
+
 static int tm_control_show(struct seq_file *m, void *v)
 {
 	seq_printf(m, "deadlock_cpu %d\n", tm_deadlock_cpu);
@@ -205,6 +215,9 @@ static ssize_t tm_control_write(struct file *file, const char __user *ubuf, size
 	cmd = strsep(&arg, " \t");
 	if (arg)
 		arg = skip_spaces(arg);
+
+	if (!strcmp(cmd, "oops"))
+		tm_oops();
 
 	mutex_lock(&tm_control_mutex);
 	if (!strcmp(cmd, "deadlock") || !strcmp(cmd, "deadlock-irq")) {

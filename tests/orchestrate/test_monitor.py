@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
 from transmigrate.detect.events import Event
 from transmigrate.errors import TransmigrateError
-from transmigrate.faults import DEADLOCK_THREAD, HANG_FUNCTION, clear, inject, load_module
+from transmigrate.faults import (
+    DEADLOCK_LOCK,
+    DEADLOCK_THREAD,
+    HANG_FUNCTION,
+    clear,
+    inject,
+    load_module,
+)
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, parse_interval
@@ -24,8 +31,9 @@ KERNELS = [ACTIVE_KERNEL, STANDBY_KERNEL]
 
 
 class Watching:
-    def __init__(self, host: Host, vm: str, interval_s: float = 0.01) -> None:
-        self.monitor = Monitor(host, vm, MonitorConfig(interval_s=interval_s))
+    def __init__(self, host: Host, vm: str, interval_s: float = 0.01,
+                 locks: tuple[str, ...] = ()) -> None:
+        self.monitor = Monitor(host, vm, MonitorConfig(interval_s=interval_s, locks=locks))
         self.events: list[Event] = []
         self.stopped = False
         self.thread = threading.Thread(target=lambda: self.monitor.run(
@@ -33,13 +41,16 @@ class Watching:
         self.thread.start()
 
     def wait(self, kind: str, timeout: float) -> Event:
+        return self.wait_for(lambda e: e.kind == kind, timeout)
+
+    def wait_for(self, match: Callable[[Event], bool], timeout: float) -> Event:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = [e for e in self.events if e.kind == kind]
+            found = [e for e in self.events if match(e)]
             if found:
                 return found[0]
             time.sleep(0.01)
-        raise AssertionError(f"no {kind} event within {timeout} s; got {self.events}")
+        raise AssertionError(f"no matching event within {timeout} s; got {self.events}")
 
     def stop(self) -> None:
         self.stopped = True
@@ -58,7 +69,7 @@ def vm(prepared: Host, request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.mark.parametrize("vm", KERNELS, indirect=True)
 def test_deadlock_is_caught_on_its_cpu(prepared: Host, vm: str) -> None:
     load_module(prepared, vm)
-    watching = Watching(prepared, vm)
+    watching = Watching(prepared, vm, locks=(f"{DEADLOCK_LOCK}:spinlock", "tasklist_lock"))
     try:
         report = inject(prepared, vm, "deadlock", cpu=1)
         event = watching.wait("lockup", timeout=10)
@@ -68,7 +79,29 @@ def test_deadlock_is_caught_on_its_cpu(prepared: Host, vm: str) -> None:
     assert event.evidence["comm"] == DEADLOCK_THREAD.format(cpu=1)
     assert "spin" in event.evidence["function"] or "tm_deadlock" in event.evidence["function"]
     assert event.monotonic_ns / 1e9 > report.triggered_at
+    assert [lock["name"] for lock in event.evidence["locks_held"]] == [DEADLOCK_LOCK]
     assert [e.kind for e in watching.events] == ["lockup"]
+
+
+@pytest.mark.parametrize("vm", KERNELS, indirect=True)
+def test_oops_then_panic_are_caught_and_nothing_else(prepared: Host, vm: str) -> None:
+    watching = Watching(prepared, vm)
+    try:
+        oops = inject(prepared, vm, "oops")
+        oopsed = watching.wait("oops", timeout=10)
+        assert lifecycle.exec_in(prepared, vm, ["true"]).exit_code == 0  # the kernel runs on
+        panic = inject(prepared, vm, "panic")
+        panicked = watching.wait("panic", timeout=10)
+        paused = watching.wait_for(lambda e: e.evidence.get("source") == "pvpanic", timeout=10)
+    finally:
+        watching.stop()
+    assert oops.details["writer_exit"] != "0"
+    assert oopsed.monotonic_ns / 1e9 > oops.triggered_at
+    assert panicked.monotonic_ns / 1e9 > panic.triggered_at
+    assert panicked.evidence["cpu"] in (0, 1)
+    assert paused.monotonic_ns >= panicked.monotonic_ns
+    assert [e.kind for e in watching.events] == ["oops", "panic", "panic"]
+    assert prepared.machines.get(vm).status() == "guest-panicked"
 
 
 @pytest.mark.parametrize("vm", KERNELS, indirect=True)

@@ -1,4 +1,4 @@
-"""Fault injection: the research's three faults, reproduced for real in a running guest.
+"""Fault injection: the research's three faults and the kernel's own crashes, for real.
 
 - ``deadlock``: a kernel thread ``tm_deadlock/CPU`` bound to one CPU takes the
   spinlock ``tm_fault_lock`` and takes it again, spinning forever in the kernel
@@ -7,8 +7,10 @@
   uninterruptibly in ``tm_hang_read`` and is never woken, even after a write.
 - ``fork-bomb``: ``tm-forkbomb``, a static program that forks without bound,
   each child touching 16 MiB, in its own session, bounded by a duration.
+- ``oops``: ``BUG()`` in the module's ``tm_oops``; the kernel runs on, tainted.
+- ``panic``: ``panic()`` through ``/proc/sysrq-trigger``; QEMU pauses the VM.
 
-The first two live in one kernel module (``faults/transmigrate_faults.c`` at
+Deadlock, hung driver and oops live in one kernel module (``faults/transmigrate_faults.c`` at
 the repository's root) built on the host against Debian's headers for each
 kernel release (:func:`build_module`) and loaded through the guest agent.
 """
@@ -28,6 +30,7 @@ from transmigrate.faults.inject import (
     GUEST_DIR,
     HANG_DEVICE,
     HANG_FUNCTION,
+    OOPS_FUNCTION,
     ClearReport,
     InjectReport,
     clear,
@@ -47,6 +50,7 @@ __all__ = [
     "HANG_DEVICE",
     "HANG_FUNCTION",
     "MODULE_NAME",
+    "OOPS_FUNCTION",
     "SOURCE_DIR",
     "ClearReport",
     "InjectReport",

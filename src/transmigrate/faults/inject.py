@@ -1,4 +1,4 @@
-"""Injecting the research's three faults into a running guest, and clearing what can be cleared.
+"""Injecting faults into a running guest, and clearing what can be cleared.
 
 Everything goes through the guest agent: the module and the bomb are copied
 into :data:`GUEST_DIR`, the module is loaded with ``insmod``, and the fault is
@@ -34,6 +34,7 @@ __all__ = [
     "GUEST_DIR",
     "HANG_DEVICE",
     "HANG_FUNCTION",
+    "OOPS_FUNCTION",
     "ClearReport",
     "InjectReport",
     "clear",
@@ -43,7 +44,7 @@ __all__ = [
     "session_pids",
 ]
 
-FAULTS = ("deadlock", "hung-driver", "fork-bomb")
+FAULTS = ("deadlock", "hung-driver", "fork-bomb", "oops", "panic")
 GUEST_DIR = "/run/transmigrate-faults"
 """Where the module, the bomb and the session-id files live in the guest."""
 CONTROL_FILE = f"/proc/{MODULE_NAME}"
@@ -54,6 +55,8 @@ DEADLOCK_THREAD = "tm_deadlock/{cpu}"
 """The comm of the kthread that spins on the deadlocked CPU."""
 DEADLOCK_LOCK = "tm_fault_lock"
 """The module's spinlock that is taken and never released."""
+OOPS_FUNCTION = "tm_oops"
+"""The module function whose ``BUG()`` oopses."""
 READERS_SID = f"{GUEST_DIR}/readers.sid"
 T = TypeVar("T")
 BOMB_SID = f"{GUEST_DIR}/bomb.sid"
@@ -178,6 +181,10 @@ def inject(host: Host, vm_name: str, fault: str, *, cpu: int | None = None,
       in one new session, one every ``reader_interval_ms``) block in state D in
       :data:`HANG_FUNCTION`; then data is written to the device, which does not
       wake them. With an interval, returns as soon as the readers are starting.
+    - ``oops``: ``BUG()`` in the module, in the context of a shell that writes
+      the command: the kernel oopses, kills that shell and runs on, tainted.
+    - ``panic``: the kernel's own ``panic()`` through ``/proc/sysrq-trigger``;
+      the guest's pvpanic device then makes QEMU pause the VM, memory intact.
     - ``fork-bomb``: :data:`FORKBOMB_NAME` in its own session for
       ``bomb_seconds``, each child touching ``bomb_mib`` MiB, at most
       ``bomb_max`` processes (0: no limit), ``bomb_delay_ms`` between forks.
@@ -194,9 +201,20 @@ def inject(host: Host, vm_name: str, fault: str, *, cpu: int | None = None,
         return _fork_bomb(host, agent, vm_name, kernel, seconds=bomb_seconds, mib=bomb_mib,
                           maximum=bomb_max, delay_ms=bomb_delay_ms, linear=bomb_linear,
                           progress=progress)
+    if fault == "panic":
+        triggered = time.monotonic()
+        agent.spawn(["sh", "-c", "echo c > /proc/sysrq-trigger"])  # never answers
+        return InjectReport(vm_name, "panic", kernel.release, triggered, None,
+                            details={"trigger": "/proc/sysrq-trigger"})
     _load(host, agent, kernel, progress)
     if fault == "hung-driver":
         return _hung_driver(agent, vm_name, kernel, readers, reader_interval_ms)
+    if fault == "oops":
+        triggered = time.monotonic()
+        killed = _sh(agent, f"echo oops > {CONTROL_FILE}", check=False)
+        return InjectReport(vm_name, "oops", kernel.release, triggered, time.monotonic(),
+                            details={"function": OOPS_FUNCTION,
+                                     "writer_exit": str(killed.exit_code)})
     return _deadlock(agent, vm_name, kernel, cpus, cpu, irqs_off)
 
 

@@ -242,10 +242,15 @@ def monitor(name: Annotated[str, typer.Argument(help="VM to watch.")],
                 help="Stop after this many seconds (default: until Ctrl-C).")] = None,
             detector: Annotated[list[str] | None, typer.Option(
                 help="Run only this detector (repeatable).")] = None,
+            lock: Annotated[list[str] | None, typer.Option(
+                help="Show this kernel lock and report it with events if held: a vmlinux "
+                     "global, or NAME:spinlock|mutex|rwlock for a module's (repeatable).")
+            ] = None,
             json_: JsonOption = False) -> None:
-    """Watch a VM's kernel from outside: tasks, memory, CPUs, and fault events."""
+    """Watch a VM's kernel from outside: tasks, memory, CPUs, locks, and fault events."""
     config = MonitorConfig(interval_s=parse_interval(interval),
-                           detectors=tuple(detector) if detector else DETECTORS)
+                           detectors=tuple(detector) if detector else DETECTORS,
+                           locks=tuple(lock or ()))
     watcher = Monitor(Host.from_environment(), name, config)
     try:
         if json_:
@@ -294,6 +299,10 @@ def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
                 table.add_row(f"cpu {cpu.cpu}", f"{'idle' if cpu.idle else cpu.current_comm} "
                                                 f"switches {cpu.context_switches} "
                                                 f"preempt {cpu.preempt_count}")
+        for lock in watcher.lock_states():
+            holder = f" by {lock.holder_pid} {lock.holder_comm}" if lock.holder_pid else ""
+            table.add_row(f"lock {lock.name}", ("held" + holder if lock.held else "free")
+                          + (", waiters" if lock.waiters else ""))
         for event in events[-5:]:
             table.add_row(f"[bold red]{event.kind}[/]", event.summary)
         return table
@@ -317,7 +326,8 @@ def inject_fault(
         cpu: Annotated[int | None, typer.Option(help="deadlock: the CPU to wedge.")] = None,
         readers: Annotated[int, typer.Option(help="hung-driver: readers to block.")] = 16,
         json_: JsonOption = False) -> None:
-    """Inject a real fault: a spinlock deadlock, a hung driver, or a fork and memory bomb."""
+    """Inject a real fault: a spinlock deadlock, a hung driver, a fork and memory bomb,
+    a kernel oops or a kernel panic."""
     report = inject(Host.from_environment(), name, fault, cpu=cpu, readers=readers,
                     progress=_Progress())
     if json_:

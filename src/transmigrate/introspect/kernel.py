@@ -211,10 +211,18 @@ class Guest:
         return bytes(self.ram.buffer[start:start + size])
 
     def address_of(self, name: str) -> int:
-        """Address of a kernel global (for a per-CPU variable: its offset in the per-CPU area)."""
-        with drgn_errors(f"guest kernel {self.release} has no symbol {name!r}"):
+        """Address of a kernel global (for a per-CPU variable: its offset in the per-CPU area),
+        or of a loaded module's global, from the kernel's kallsyms."""
+        with contextlib.suppress(LookupError):
             address: int = self.prog.symbol(name).address
-        return address
+            return address
+        with drgn_errors(f"cannot read the kernel's module symbols for {name!r}"):
+            self._module_symbols = load_module_kallsyms(self.prog)
+            found = self._module_symbols(self.prog, name, None, True)
+        if not found:
+            raise IntrospectionError(f"guest kernel {self.release} has no symbol {name!r} "
+                                     "in vmlinux or any loaded module")
+        return int(found[0].address)
 
     def has(self, type_name: str, member: str) -> bool:
         """Whether the kernel's ``type_name`` has ``member``: picks between kernel versions."""

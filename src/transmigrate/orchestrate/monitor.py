@@ -4,7 +4,10 @@ The guest does no work for this: every sample is read straight out of its RAM
 file. Only the readers some detector needs are sampled. A sample torn by the
 running guest is skipped and counted, never fatal. A lockup event is enriched
 with the kernel function the stuck CPU executes, from QEMU's view of its
-registers, symbolized with the kernel's debug info.
+registers, symbolized with the kernel's debug info, and with the state of the
+locks the operator named. Once the kernel has panicked, what else trips is its
+consequence (the panicking CPU spins with preemption off): only the panic is
+reported.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from transmigrate.errors import IntrospectionError, MachineError, TransmigrateEr
 from transmigrate.introspect.counters import CounterReader
 from transmigrate.introspect.cpus import CpuReader
 from transmigrate.introspect.kernel import Guest, attach
+from transmigrate.introspect.locks import LockReader, LockState
 from transmigrate.introspect.mm import MemoryReader
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.tasks import Task, TaskReader, wait_site
@@ -63,6 +67,8 @@ class MonitorConfig:
     memory_min_free_fraction: float = 0.05
     hung_min_tasks: int = 3
     hung_min_blocked_ms: float = 500.0
+    locks: tuple[str, ...] = ()
+    """Locks to report with lockup and hung-driver events: NAME or NAME:KIND."""
 
 
 @dataclass
@@ -103,6 +109,7 @@ class Monitor:
         if "health" in needs:
             self._readers["health"] = PanicReader(self.guest).sample
         assert set(self._readers) <= set(READERS)
+        self._locks = LockReader(self.guest, config.locks) if config.locks else None
 
     def _detectors(self, config: MonitorConfig) -> list[Detector]:
         built: dict[str, Detector] = {
@@ -127,6 +134,15 @@ class Monitor:
         readings = {name: read() for name, read in self._readers.items()}
         return Sample(time.monotonic_ns(), **readings)
 
+    def lock_states(self) -> tuple[LockState, ...]:
+        """The named locks now; empty if none were named or a read tore."""
+        if self._locks is None:
+            return ()
+        try:
+            return self._locks.sample()
+        except IntrospectionError:
+            return ()
+
     def close(self) -> None:
         self.guest.close()
 
@@ -140,6 +156,7 @@ class Monitor:
         cpu_start = time.process_time()
         next_ns = start_ns
         next_status_ns = start_ns + _STATUS_EVERY_NS
+        panicked = False
         while not stop():
             now = time.monotonic_ns()
             if duration_s is not None and now - start_ns >= duration_s * 1e9:
@@ -159,6 +176,9 @@ class Monitor:
                 on_sample(sample)
             for detector in self.detectors:
                 for event in detector.observe(sample):
+                    if panicked and event.kind != "oops":
+                        continue
+                    panicked = panicked or event.kind == "panic"
                     event = self._enrich(event)
                     stats.events.append(event)
                     on_event(event)
@@ -185,13 +205,19 @@ class Monitor:
         return None
 
     def _enrich(self, event: Event) -> Event:
-        if event.kind != "lockup":
+        if event.kind not in ("lockup", "hung-driver"):
             return event
-        function = self._cpu_function(int(event.evidence["cpu"]))
-        if function is None:
-            return event
-        return Event(event.kind, event.monotonic_ns, f"{event.summary} in {function}",
-                     {**event.evidence, "function": function})
+        summary, evidence = event.summary, dict(event.evidence)
+        held = [lock for lock in self.lock_states() if lock.held]
+        if self._locks is not None:
+            evidence["locks_held"] = [lock.as_dict() for lock in held]
+        if event.kind == "lockup":
+            function = self._cpu_function(int(event.evidence["cpu"]))
+            if function is not None:
+                summary, evidence["function"] = f"{summary} in {function}", function
+        if held:
+            summary += f"; held: {', '.join(lock.name for lock in held)}"
+        return Event(event.kind, event.monotonic_ns, summary, evidence)
 
     def _cpu_function(self, cpu: int) -> str | None:
         """The kernel function CPU ``cpu`` executes: the most frequent of a few looks at
@@ -212,8 +238,14 @@ class Monitor:
             number, _, body = block.partition("\n")
             rip = re.search(r"RIP=([0-9a-f]{16})", body)
             if number.strip().rstrip(":") == str(cpu) and rip:
-                try:
-                    return str(self.guest.prog.symbol(int(rip.group(1), 16)).name)
-                except LookupError:
-                    return f"{rip.group(1)} (unknown)"
+                return self._symbolize(int(rip.group(1), 16))
         return None
+
+    def _symbolize(self, address: int) -> str:
+        with contextlib.suppress(LookupError):
+            return str(self.guest.prog.symbol(address).name)
+        with contextlib.suppress(IntrospectionError):
+            in_module = self.guest.module_symbol(address)
+            if in_module:
+                return in_module
+        return f"{address:016x} (unknown)"
