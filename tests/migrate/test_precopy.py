@@ -26,3 +26,9 @@ def test_stops_when_no_longer_shrinking() -> None:
 
 def test_stops_at_the_iteration_limit() -> None:
     assert not policy.should_continue([100_000 // 2**i for i in range(8)])
+
+
+def test_post_copy_only_when_pre_copy_left_a_large_dirty_set() -> None:
+    assert PreCopyPolicy(postcopy_above_pages=4096).should_postcopy([50_000, 48_000])
+    assert not PreCopyPolicy(postcopy_above_pages=4096).should_postcopy([50_000, 60])
+    assert not policy.should_postcopy([])

@@ -22,6 +22,7 @@ from transmigrate.orchestrate.update import find_service, update
 
 OLDER_KERNEL = "6.1.0-47"
 ZOO = Path(__file__).parent.parent / "migrate" / "programs" / "zoo.py"
+DIRTIER = ZOO.with_name("dirtier.py")
 VM = "t-svc"
 
 
@@ -93,9 +94,50 @@ def test_kernel_matrix(prepared: Host, service_vm: str, kernel_from: str,
 
 def test_stop_and_copy_without_precopy(prepared: Host, service_vm: str) -> None:
     report, summary, _ = _redis_under_load(prepared, ACTIVE_KERNEL, STANDBY_KERNEL,
-                                           precopy=False)
+                                           copy="stop")
     _assert_same_connection(summary)
     assert report["criu"]["precopy"] == []
+    assert report["copy"] == "stop-and-copy"
+
+
+def test_post_copy_moves_redis_with_its_connection(prepared: Host, service_vm: str) -> None:
+    report, summary, keys = _redis_under_load(prepared, ACTIVE_KERNEL, STANDBY_KERNEL,
+                                              copy="post")
+    _assert_same_connection(summary)
+    assert report["copy"] == "post-copy"
+    assert report["criu"]["precopy"] == []
+    assert report["criu"]["restore"]["pages_restored"] > 0
+    assert "post-copy transfer" in report["steps"]
+    assert int(redis_cli(prepared, prepared.machines.get(VM).record.ip, "DBSIZE")) == keys
+
+
+def _fixed_sha(host: Host, pid: int) -> str:
+    lifecycle.exec_in(host, VM, ["sh", "-c", f"rm -f /data/dirtier/fixed.sha; kill -USR1 {pid}"])
+    deadline = time.monotonic() + 60
+    while (done := lifecycle.exec_in(host, VM, ["cat", "/data/dirtier/fixed.sha"])).exit_code:
+        assert time.monotonic() < deadline, "the dirtier wrote no checksum"
+        time.sleep(0.2)
+    return done.text
+
+
+def test_auto_switches_to_post_copy_when_pre_copy_does_not_converge(
+        prepared: Host, service_vm: str) -> None:
+    lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=768)
+    lifecycle.exec_in(prepared, VM, ["sh", "-c", "mkdir -p /data/dirtier && "
+                                     "cat > /data/dirtier/dirtier.py"], input=DIRTIER.read_bytes())
+    lifecycle.exec_in(prepared, VM, ["sh", "-c", "setsid python3 /data/dirtier/dirtier.py "
+                                     "</dev/null >/data/dirtier/out 2>&1 &"])
+    deadline = time.monotonic() + 60
+    while lifecycle.exec_in(prepared, VM, ["test", "-s", "/data/dirtier/pid"]).exit_code:
+        assert time.monotonic() < deadline, "the dirtier did not start"
+        time.sleep(0.2)
+    pid = int(lifecycle.exec_in(prepared, VM, ["cat", "/data/dirtier/pid"]).text)
+    before = _fixed_sha(prepared, pid)
+    report = update(prepared, VM, STANDBY_KERNEL, pid=pid)
+    assert report.copy == "post-copy"
+    assert report.criu["precopy"], "pre-copy ran first"
+    assert lifecycle.exec_in(prepared, VM, ["uname", "-r"]).text.startswith("6.12.")
+    assert _fixed_sha(prepared, pid) == before
 
 
 def _start_zoo(host: Host, *, container: bool) -> int:
@@ -170,7 +212,8 @@ def test_container_survives_6_1_to_6_12(moved_container: dict[str, list[Any]],
     assert ok, detail
 
 
-def _rollback(host: Host, sabotage: Callable[[Host], None], at_step: str) -> None:
+def _rollback(host: Host, sabotage: Callable[[Host], None], at_step: str,
+              **update_args: Any) -> None:
     lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=768)
     pid = start_redis(host, VM)
     address = host.machines.get(VM).record.ip
@@ -185,7 +228,7 @@ def _rollback(host: Host, sabotage: Callable[[Host], None], at_step: str) -> Non
                 sabotage(host)
 
         with pytest.raises(MigrationFailed, match="rolled back"):
-            update(host, VM, STANDBY_KERNEL, pid=pid, progress=progress)
+            update(host, VM, STANDBY_KERNEL, pid=pid, progress=progress, **update_args)
         time.sleep(1.0)
     finally:
         summary = client.stop()
@@ -214,6 +257,11 @@ def test_rollback_when_transfer_breaks(prepared: Host, service_vm: str) -> None:
     _rollback(prepared, _cut_migration_link, "final dump")
 
 
+def test_rollback_when_target_dies_mid_post_copy_restore(prepared: Host,
+                                                         service_vm: str) -> None:
+    _rollback(prepared, _kill_target, "restore", copy="post")
+
+
 def test_unknown_kernel_touches_nothing(prepared: Host, old_vm: str) -> None:
     with pytest.raises(KernelNotFound, match="nearest"):
         update(prepared, old_vm, "6.12.999", pid=1)
@@ -227,6 +275,31 @@ def test_gone_pid_and_nothing_to_move(prepared: Host, old_vm: str) -> None:
         find_service(prepared, old_vm)
     with pytest.raises(TransmigrateError, match="no process named"):
         find_service(prepared, old_vm, process="no-such-daemon")
+
+
+def test_service_found_by_cgroup_when_it_holds_one_tree(prepared: Host, old_vm: str) -> None:
+    group = "/sys/fs/cgroup/tm-svc"
+    tree = f"setsid sh -c 'echo $$ > {group}/cgroup.procs; sleep 300 & sleep 300' " \
+        "</dev/null >/dev/null 2>&1 &"
+    lifecycle.exec_in(prepared, old_vm, ["sh", "-c", f"mkdir -p {group}; {tree}"])
+    try:
+        time.sleep(0.5)
+        root = find_service(prepared, old_vm, cgroup="tm-svc")
+        assert lifecycle.exec_in(prepared, old_vm, ["cat", f"/proc/{root}/comm"]).text == "sh\n"
+        lifecycle.exec_in(prepared, old_vm, ["sh", "-c", tree])
+        time.sleep(0.5)
+        with pytest.raises(TransmigrateError, match="holds 2 process trees"):
+            find_service(prepared, old_vm, cgroup="/tm-svc/")
+    finally:
+        lifecycle.exec_in(prepared, old_vm, ["sh", "-c", (
+            f"kill -KILL $(cat {group}/cgroup.procs); sleep 0.2; rmdir {group}")])
+    with pytest.raises(TransmigrateError, match="no cgroup tm-none"):
+        find_service(prepared, old_vm, cgroup="tm-none")
+
+
+def test_two_running_declared_services_are_refused(prepared: Host, old_vm: str) -> None:
+    with pytest.raises(TransmigrateError, match="runs 2 declared services"):
+        find_service(prepared, old_vm, declared=("qemu-ga", "tini"))
 
 
 def test_precheck_refuses_what_cannot_move(prepared: Host, service_vm: str) -> None:

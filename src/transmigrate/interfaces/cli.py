@@ -216,20 +216,25 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
            pid: Annotated[int | None, typer.Option(help="Move this process tree.")] = None,
            process: Annotated[str | None, typer.Option(
                help="Move the oldest process of this name, with its tree.")] = None,
-           precopy: Annotated[bool, typer.Option(
-               help="Copy memory while the service runs before freezing it.")] = True,
+           cgroup: Annotated[str | None, typer.Option(
+               help="Move the process tree in this cgroup (path under /sys/fs/cgroup).")
+           ] = None,
+           copy: Annotated[str, typer.Option(
+               help="How memory goes: auto (pre-copy, then post-copy if it does not "
+                    "converge), pre, post, or stop (stop-and-copy).")] = "auto",
            config: ConfigOption = None, json_: JsonOption = False) -> None:
     """Move a running service onto a new VM with another kernel; retire the old VM."""
     host = Host.from_environment()
     declared = load_config(config).services.get(name, ())
-    root = update_job.find_service(host, name, pid=pid, process=process, declared=declared)
-    report = update_job.update(host, name, kernel, pid=root, precopy=precopy,
+    root = update_job.find_service(host, name, pid=pid, process=process, cgroup=cgroup,
+                                   declared=declared)
+    report = update_job.update(host, name, kernel, pid=root, copy=copy,
                                progress=_Progress())
     if json_:
         _emit_json(report.as_dict())
         return
     out.print(f"{name}: pid {report.pid} moved from {report.kernel_before} to "
-              f"{report.kernel_after}; frozen {report.frozen_seconds:.2f} s, "
+              f"{report.kernel_after} ({report.copy}); frozen {report.frozen_seconds:.2f} s, "
               f"total {report.total_seconds:.1f} s")
     for step, seconds in report.steps.items():
         out.print(f"  {step:<18} {seconds:8.3f} s")

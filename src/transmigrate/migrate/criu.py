@@ -16,6 +16,7 @@ from transmigrate.errors import TransmigrateError
 __all__ = [
     "HOLD_SCRIPT",
     "IMAGES_ROOT",
+    "LAZY_PAGES_PORT",
     "PAGE_SERVER_PORT",
     "DumpStats",
     "Images",
@@ -26,6 +27,7 @@ __all__ = [
 IMAGES_ROOT = "/var/lib/transmigrate/migration"
 HOLD_SCRIPT = "/usr/lib/transmigrate/criu-hold"
 PAGE_SERVER_PORT = 27100
+LAZY_PAGES_PORT = 27101
 LOG_LEVEL = "-v2"
 """Errors and warnings: more detailed logs cost measurable frozen time under TCG."""
 
@@ -58,15 +60,38 @@ class Images:
                 "--port", str(PAGE_SERVER_PORT), "-o", "pre-dump.log", LOG_LEVEL]
 
     def dump(self, n: int, pid: int, target: str) -> list[str]:
+        """The final dump, its pages streamed to the target's page server."""
         return ["criu", "dump", "-t", str(pid), "-D", self.dir(n), *self.parent_args(n),
                 "--track-mem", "--page-server", "--address", target,
-                "--port", str(PAGE_SERVER_PORT), "--tcp-established", "--file-locks",
-                "--link-remap", "--ghost-limit", "64M", "--network-lock", "nftables",
-                "--action-script", HOLD_SCRIPT, "-o", "dump.log", LOG_LEVEL]
+                "--port", str(PAGE_SERVER_PORT), *self._final_dump_args()]
 
-    def restore(self, n: int, pidfile: str) -> list[str]:
+    def lazy_dump(self, n: int, pid: int, source: str) -> list[str]:
+        """The final dump for post-copy: everything but private anonymous memory goes to
+        images. After the post-dump hook the dump serves that memory, from the still
+        frozen tasks, to the target's lazy-pages daemon on ``source``:LAZY_PAGES_PORT, and
+        exits when it is all fetched, leaving the tasks stopped (not killed), so that a
+        failed transfer can still continue them. (CRIU 3.17 cannot take a parent from
+        pre-dumps sent by page server.)"""
+        return ["criu", "dump", "-t", str(pid), "-D", self.dir(n), "--lazy-pages",
+                "--address", source, "--port", str(LAZY_PAGES_PORT), "--leave-stopped",
+                *self._final_dump_args()]
+
+    @staticmethod
+    def _final_dump_args() -> list[str]:
+        return ["--tcp-established", "--file-locks", "--link-remap", "--ghost-limit", "64M",
+                "--network-lock", "nftables", "--action-script", HOLD_SCRIPT,
+                "-o", "dump.log", LOG_LEVEL]
+
+    def lazy_pages(self, n: int, source: str) -> list[str]:
+        """The target's daemon that fills a lazily restored process's memory: on demand
+        (userfaultfd) first, then everything else in the background."""
+        return ["criu", "lazy-pages", "-D", self.dir(n), "--page-server", "--address", source,
+                "--port", str(LAZY_PAGES_PORT), "-o", "lazy-pages.log", LOG_LEVEL]
+
+    def restore(self, n: int, pidfile: str, *, lazy: bool = False) -> list[str]:
         return ["criu", "restore", "-D", self.dir(n), "--tcp-established", "--file-locks",
-                "--restore-detached", "--pidfile", pidfile, "-o", "restore.log", LOG_LEVEL]
+                "--restore-detached", "--pidfile", pidfile, *(["--lazy-pages"] if lazy else []),
+                "-o", "restore.log", LOG_LEVEL]
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,23 @@
-"""When to stop pre-copying: P.Haul's policy, as one small readable rule.
+"""When to stop pre-copying, and when to leave the rest to post-copy: P.Haul's policy.
 
 Each pre-dump copies the pages dirtied since the previous one while the
 service runs. Iterating pays while the dirty set shrinks; once it is small, or
-stops shrinking, the final dump should be taken.
+stops shrinking, the final dump should be taken. If it stopped shrinking while
+still large (the service dirties memory faster than it can be copied), copying
+it while frozen would cost downtime in proportion: then the final dump leaves
+memory where it is and the target fetches it after the service runs there
+(post-copy, CRIU's lazy pages).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PreCopyPolicy"]
+__all__ = ["COPY_MODES", "PreCopyPolicy"]
+
+COPY_MODES = ("auto", "pre", "post", "stop")
+"""auto: pre-copy, then post-copy if it did not converge; pre: pre-copy only; post:
+post-copy only; stop: stop-and-copy (everything copied while frozen)."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +28,8 @@ class PreCopyPolicy:
     """A dirty set this small costs nothing to copy while frozen."""
     min_shrink: float = 0.10
     """A dirty set that shrank by less than this fraction has stopped converging."""
+    postcopy_above_pages: int = 4096
+    """A dirty set still larger than this (16 MiB) when pre-copy stops goes by post-copy."""
 
     def should_continue(self, pages_written: list[int]) -> bool:
         """Whether to pre-dump again, given the pages each pre-dump so far wrote."""
@@ -32,3 +42,7 @@ class PreCopyPolicy:
             return False
         stalled = len(pages_written) >= 2 and last > pages_written[-2] * (1 - self.min_shrink)
         return not stalled
+
+    def should_postcopy(self, pages_written: list[int]) -> bool:
+        """Whether pre-copy, now stopped, left too much to copy while frozen."""
+        return bool(pages_written) and pages_written[-1] > self.postcopy_above_pages

@@ -5,6 +5,14 @@ run, and the failed one, are undone in reverse, which leaves the service
 running on the source exactly as it was: the final dump holds the source's
 tasks frozen (see ``criu-hold``) until the target runs them, and only the last
 step, Commit, lets the source's copy go.
+
+With post-copy the target runs the service before it has all its memory: the
+rest is fetched from the source's frozen tasks. CRIU 3.17 serves that memory
+only after its post-dump hook has said "go", and from then on it cannot resume
+the tasks' TCP sockets itself: so the target is made ready (volume, images,
+lazy-pages daemon) before "go", and a failure after it still rolls back to the
+source's intact tasks and data, but their TCP connections are lost, and what the
+target did after the switch is not undone.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from transmigrate.errors import TransmigrateError
 from transmigrate.guest.agent import ExecResult, GuestAgent
 from transmigrate.migrate.criu import (
     IMAGES_ROOT,
+    LAZY_PAGES_PORT,
     DumpStats,
     Images,
     RestoreStats,
@@ -46,7 +55,10 @@ __all__ = [
 GUEST_TOOLS = "/usr/lib/transmigrate"
 HOLD_DIR = "/run/transmigrate-hold"
 RESTORED_PIDFILE = "/run/transmigrate-restored.pid"
+LAZY_STATUS = "/run/transmigrate-lazy-pages"
+"""On the target: the lazy-pages daemon's pid (``.pid``) and exit code (``.rc``)."""
 COMMIT_WAIT = 10.0
+LAZY_TRANSFER_WAIT = 900.0
 
 
 class MigrationFailed(TransmigrateError):
@@ -82,6 +94,8 @@ class MigrationReport:
     restore: RestoreStats | None = None
     frozen_seconds: float = 0.0
     """From the final dump's start to the target's NIC on the service bridge."""
+    copy: str = ""
+    """How memory went: "pre-copy", "post-copy" or "stop-and-copy"."""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -96,6 +110,9 @@ class Plan:
     fence_target: Callable[[], None]
     """Stop the target VM for good: the last resort when it may still hold the volume."""
     policy: PreCopyPolicy | None = field(default_factory=PreCopyPolicy)
+    """None: no pre-copy."""
+    postcopy: str = "auto"
+    """"yes", "no", or "auto": when pre-copy does not converge (and the target can)."""
     service_check: Callable[[], None] | None = None
     images: Images = field(default_factory=lambda: Images(IMAGES_ROOT))
     report: MigrationReport = field(default_factory=MigrationReport)
@@ -105,6 +122,10 @@ class Plan:
     """The restored tree's root in the target's pid namespace (differs from ``pid`` only
     for a tree in its own pid namespace, whose outer pid is new)."""
     frozen_at: float = 0.0
+    tree_pids: list[int] = field(default_factory=list)
+    """Every pid of the tree in the source, from the precheck."""
+    lazy_released: bool = False
+    """Post-copy: the held dump was told to go on and serve the memory."""
 
 
 class Step(Protocol):
@@ -143,6 +164,7 @@ class Precheck:
         resources = json.loads(found)
         if "error" in resources:
             raise PrecheckFailed(f"{resources['error']} in {source.record.name}")
+        plan.tree_pids = list(resources["pids"])
         problems: list[str] = list(resources["problems"])
         local = {p: s for p, s in resources["files"].items()
                  if not p.startswith(DATA_MOUNT + "/")}
@@ -163,6 +185,13 @@ class Precheck:
         tracking = source.agent.exec(["criu", "check", "--feature", "mem_dirty_track"])
         if tracking.exit_code != 0:
             plan.policy = None
+        if plan.postcopy != "no":
+            lazy = target.agent.exec(["criu", "check", "--feature", "uffd-noncoop"])
+            if lazy.exit_code != 0 and plan.postcopy == "yes":
+                raise PrecheckFailed(f"{target.record.name} cannot restore lazily (post-copy): "
+                                     "its kernel lacks userfaultfd's non-cooperative events")
+            if lazy.exit_code != 0:
+                plan.postcopy = "no"
         for side in (source, target):
             side.run(["rm", "-rf", plan.images.root])
             side.run(["mkdir", "-p", plan.images.root])
@@ -204,6 +233,9 @@ class PreCopy:
                           f"{stats.pages_skipped_parent} unchanged")
             n += 1
         plan.final_iteration = n
+        if plan.postcopy == "auto" and plan.policy.should_postcopy(written):
+            self.progress(f"pre-copy did not converge ({written[-1]} pages dirty): post-copy")
+            plan.postcopy = "yes"
 
     def undo(self, plan: Plan) -> None:
         """Pre-dumps leave the service running; their images are removed at the end."""
@@ -217,21 +249,27 @@ class FinalDump:
     def run(self, plan: Plan) -> None:
         n = plan.final_iteration
         source, target = plan.source, plan.target
-        target.sh(f"mkdir -p {plan.images.dir(n)} && " +
-                  shlex.join(plan.images.page_server(n, target.record.migration_ip)),
-                  what="criu page-server")
+        postcopy = plan.postcopy == "yes"
+        plan.report.copy = "post-copy" if postcopy else \
+            "stop-and-copy" if plan.policy is None else "pre-copy"
+        if postcopy:
+            argv = plan.images.lazy_dump(n, plan.pid, source.record.migration_ip)
+        else:
+            target.sh(f"mkdir -p {plan.images.dir(n)} && " +
+                      shlex.join(plan.images.page_server(n, target.record.migration_ip)),
+                      what="criu page-server")
+            argv = plan.images.dump(n, plan.pid, target.record.migration_ip)
+            if plan.policy is None:
+                argv = [a for a in argv if a != "--track-mem"]
         # Flush the data volume now, so that freezing it later has little left to write.
         source.sh(f"mkdir -p {plan.images.dir(n)} && rm -rf {HOLD_DIR} && mkdir -p {HOLD_DIR}"
                   f" && if mountpoint -q {DATA_MOUNT}; then sync -f {DATA_MOUNT}; fi")
-        argv = plan.images.dump(n, plan.pid, target.record.migration_ip)
-        if plan.policy is None:
-            argv = [a for a in argv if a != "--track-mem"]
         plan.frozen_at = time.monotonic()
         plan.dump_pid = source.agent.spawn(argv, env=[
             f"TM_HOLD={HOLD_DIR}", "TM_HOLD_TIMEOUT=120",
             "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
         waited = source.agent.exec(["sh", "-c", (
-            f"while [ ! -e {HOLD_DIR}/dumped ]; do "
+            f"until [ -e {HOLD_DIR}/dumped ]; do "
             f"kill -0 {plan.dump_pid} 2>/dev/null || exit 3; sleep 0.005; done")],
             timeout=300)
         if waited.exit_code != 0:
@@ -239,13 +277,31 @@ class FinalDump:
             raise TransmigrateError(f"criu dump failed in {source.record.name}: {error}")
 
     def undo(self, plan: Plan) -> None:
-        """Tell the held dump to abort: CRIU resumes the tasks and unlocks the network."""
+        """Tell the held dump to abort: CRIU resumes the tasks and unlocks the network.
+
+        A post-copy dump serves its memory even then, so its page server is ended
+        by connections that ask for nothing. One that was already told to go on
+        leaves the tasks stopped, network locked and sockets in repair: the lock is
+        lifted and the tasks continued here, without their TCP connections."""
         if plan.dump_pid is None:
             return
-        plan.source.sh(f"touch {HOLD_DIR}/abort")
+        source = plan.source
+        source.sh(f"touch {HOLD_DIR}/abort")
+        if plan.postcopy == "yes":
+            address = source.record.migration_ip
+            source.agent.exec(["python3", "-c", (
+                "import os, socket, time\n"
+                f"while os.path.exists('/proc/{plan.dump_pid}'):\n"
+                f"    try: socket.create_connection(({address!r}, {LAZY_PAGES_PORT}), 1).close()\n"
+                "    except OSError: pass\n"
+                "    time.sleep(0.1)")], timeout=60)
         with contextlib.suppress(TransmigrateError):
-            _wait_exit(plan.source.agent, plan.dump_pid, timeout=60)
+            _wait_exit(source.agent, plan.dump_pid, timeout=60)
         plan.dump_pid = None
+        if plan.lazy_released:
+            source.sh(f"nft delete table inet CRIU-{plan.pid} 2>/dev/null; "
+                      f"kill -CONT {' '.join(map(str, plan.tree_pids))}",
+                      what="continuing the stopped tasks")
 
 
 def _wait_exit(agent: GuestAgent, pid: int, timeout: float) -> ExecResult:
@@ -269,12 +325,15 @@ class HandOver:
 
     def run(self, plan: Plan) -> None:
         directory = plan.images.dir(plan.final_iteration)
+        # With post-copy, the memory CRIU cannot fetch lazily is in local page images.
+        pages = "" if plan.postcopy == "yes" else \
+            "--exclude='pages-*.img' --exclude='pagemap-*.img' "
         archive = plan.source.sh(
             f"if mountpoint -q {DATA_MOUNT}; then {GUEST_TOOLS}/tm-data freeze || exit 1; fi; "
-            f"tar -C {directory} -c --exclude='pages-*.img' --exclude='pagemap-*.img' "
-            "--exclude='*.log' --exclude=parent .", what="freezing data and packing images",
-        ).stdout
-        plan.target.agent.exec(["tar", "-C", directory, "-x"], input=archive).check(
+            f"tar -C {directory} -c {pages}--exclude='*.log' --exclude=parent .",
+            what="freezing data and packing images").stdout
+        plan.target.agent.exec(["sh", "-c", f"mkdir -p {directory} && tar -C {directory} -x"],
+                               input=archive).check(
             "unpacking images", plan.target.record.name)
 
     def undo(self, plan: Plan) -> None:
@@ -301,22 +360,51 @@ class Restore:
 
     def run(self, plan: Plan) -> None:
         n = plan.final_iteration
-        script = (f"{GUEST_TOOLS}/tm-data mount && "
-                  f"{shlex.join(plan.images.restore(n, RESTORED_PIDFILE))} && "
-                  f"cat {RESTORED_PIDFILE}")
+        lazy = plan.postcopy == "yes"
+        restore = shlex.join(plan.images.restore(n, RESTORED_PIDFILE, lazy=lazy))
+        if lazy:
+            self._prepare_lazy(plan, n)
+            script = f"{restore} && cat {RESTORED_PIDFILE}"
+        else:
+            script = f"{GUEST_TOOLS}/tm-data mount && {restore} && cat {RESTORED_PIDFILE}"
         result = plan.target.agent.exec(["sh", "-c", script], timeout=300)
         if result.exit_code != 0:
             stderr = result.stderr.decode(errors="replace").strip().splitlines()
             error = _criu_error(plan.target, f"{plan.images.dir(n)}/restore.log") or \
                 (stderr[-1] if stderr else f"exit {result.exit_code}")
+            if lazy:
+                daemon_error = _criu_error(plan.target, f"{plan.images.dir(n)}/lazy-pages.log")
+                error += f" (criu lazy-pages: {daemon_error or 'no log'})"
             raise TransmigrateError(f"restore failed in {plan.target.record.name}: {error}")
         plan.restored_pid = int(result.text.split()[-1])
+
+    @staticmethod
+    def _prepare_lazy(plan: Plan, n: int) -> None:
+        """Make the target ready, then let the source's dump serve the memory.
+
+        The lazy-pages daemon must listen on its socket in the images directory
+        before the restore connects; it outlives this command and records how it
+        ended. It connects to the source only once the restore has connected."""
+        fetch = shlex.join(plan.images.lazy_pages(n, plan.source.record.migration_ip))
+        plan.target.sh(
+            f"{GUEST_TOOLS}/tm-data mount && rm -f {LAZY_STATUS}.rc && setsid sh -c "
+            f"{shlex.quote(f'{fetch}; echo $? > {LAZY_STATUS}.rc')} "
+            f"</dev/null >/dev/null 2>&1 & echo $! > {LAZY_STATUS}.pid; "
+            f"until [ -S {plan.images.dir(n)}/lazy-pages.socket ]; do "
+            f"[ -e {LAZY_STATUS}.rc ] && exit 4; sleep 0.005; done",
+            what="starting criu lazy-pages")
+        plan.lazy_released = True
+        plan.source.sh(
+            f"touch {HOLD_DIR}/go; until ss -Hltn 'sport = :{LAZY_PAGES_PORT}' | grep -q .; do "
+            f"kill -0 {plan.dump_pid} 2>/dev/null || exit 3; sleep 0.005; done",
+            what="serving the memory")
 
     def undo(self, plan: Plan) -> None:
         """Kill what was restored and release the volume; if the target cannot confirm
         that, fence it, so that the source never writes the volume alongside it."""
         try:
             plan.target.run(["sh", "-c", (
+                f"if [ -s {LAZY_STATUS}.pid ]; then pkill -KILL -s $(cat {LAZY_STATUS}.pid); fi; "
                 f"if [ -s {RESTORED_PIDFILE} ]; then "
                 f"pkill -KILL --session $(cat {RESTORED_PIDFILE}); "
                 f"kill -KILL $(cat {RESTORED_PIDFILE}); fi; "
@@ -353,8 +441,33 @@ class Verify:
         """Verifying changes nothing."""
 
 
+class PostCopyTransfer:
+    """With post-copy: wait until the target has fetched all the memory the service had.
+
+    Until then the source's frozen tasks hold the only whole copy; if the
+    transfer fails, the steps before are undone and the service resumes there.
+    """
+
+    name = "post-copy transfer"
+
+    def run(self, plan: Plan) -> None:
+        if plan.postcopy != "yes":
+            return
+        waited = plan.target.agent.exec(["sh", "-c", (
+            f"until [ -e {LAZY_STATUS}.rc ]; do sleep 0.05; done; cat {LAZY_STATUS}.rc")],
+            timeout=LAZY_TRANSFER_WAIT)
+        if waited.exit_code != 0 or waited.text.strip() != "0":
+            log = f"{plan.images.dir(plan.final_iteration)}/lazy-pages.log"
+            raise TransmigrateError(f"the post-copy transfer to {plan.target.record.name} "
+                                    f"failed: {_criu_error(plan.target, log) or 'no log'}")
+
+    def undo(self, plan: Plan) -> None:
+        """Waiting changes nothing; the restore's undo stops the daemon."""
+
+
 class Commit:
-    """Let the held dump finish: the source's copy of the service is killed there.
+    """Let the held dump finish: the source's copy of the service is killed there
+    (with post-copy it was told to go on already, and leaves the tasks stopped).
 
     This is the point of no return, so nothing here raises. The source's data
     volume stays frozen (the target has it now): a dying task that must write
@@ -376,9 +489,12 @@ class Commit:
         finally:
             plan.dump_pid = None
         n = plan.final_iteration
+        # CRIU 3.17 writes a lazy dump's statistics before it serves the memory, with
+        # its timers still running and its page counters empty: not worth reporting.
         with contextlib.suppress(TransmigrateError):
-            dump = _read_stats(plan.source, plan.images.dir(n), "stats-dump")
-            plan.report.dump = dump if isinstance(dump, DumpStats) else None
+            if plan.postcopy != "yes":
+                dump = _read_stats(plan.source, plan.images.dir(n), "stats-dump")
+                plan.report.dump = dump if isinstance(dump, DumpStats) else None
         with contextlib.suppress(TransmigrateError):
             restore = _read_stats(plan.target, plan.images.dir(n), "stats-restore")
             plan.report.restore = restore if isinstance(restore, RestoreStats) else None
@@ -389,7 +505,7 @@ class Commit:
 
 def migration_steps(progress: Progress = silent) -> list[Step]:
     return [Precheck(), PreCopy(progress), FinalDump(), HandOver(), DetachSource(), Restore(),
-            AttachTarget(), Verify(), Commit()]
+            AttachTarget(), Verify(), PostCopyTransfer(), Commit()]
 
 
 def run_steps(plan: Plan, steps: Sequence[Step], progress: Progress = silent) -> MigrationReport:
