@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
-from transmigrate.detect.events import Event
+from transmigrate.detect.events import Event, Sample
 from transmigrate.errors import TransmigrateError
 from transmigrate.faults import (
     DEADLOCK_LOCK,
@@ -24,7 +24,12 @@ from transmigrate.faults import (
 )
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, parse_interval
+from transmigrate.orchestrate.monitor import (
+    Monitor,
+    MonitorConfig,
+    parse_interval,
+    with_settings,
+)
 from transmigrate.orchestrate.services import start_redis
 from transmigrate.vm.image import ImageSpec
 
@@ -172,10 +177,37 @@ def test_healthy_guest_under_heavy_load_raises_nothing(prepared: Host, soak_vm: 
 
 
 def test_monitor_json_prints_one_event_per_line(prepared: Host, new_vm: str) -> None:
-    done = cli("monitor", new_vm, "--json", "--duration", "2", "--interval", "5ms")
+    done = cli("monitor", new_vm, "--json", "--duration", "2", "--interval", "5ms",
+               "--set", "hung-driver=100ms", "--set", "lockup_min_ms=50")
     assert done.returncode == 0, done.stderr
     assert all(json.loads(line)["kind"] for line in done.stdout.splitlines())
     assert "samples" in done.stderr
+
+
+def test_each_detector_samples_at_its_own_interval(prepared: Host, new_vm: str) -> None:
+    config = with_settings(MonitorConfig(interval_s=0.01), ["hung-driver=200ms"])
+    monitor = Monitor(prepared, new_vm, config)
+    samples: list[Sample] = []
+    try:
+        stats = monitor.run(lambda e: None, duration_s=2.0, on_sample=samples.append)
+    finally:
+        monitor.close()
+    with_tasks = [s for s in samples if s.tasks is not None]
+    assert 150 <= stats.samples <= 210
+    assert 8 <= len(with_tasks) <= 11
+    assert all(s.cpus is not None for s in samples)
+
+
+def test_settings_name_intervals_and_thresholds() -> None:
+    config = with_settings(MonitorConfig(), ["interval=5ms", "hung-driver=100ms",
+                                             "hung_min_tasks=4", "lockup_min_ms=50"])
+    assert config.interval_of("lockup") == 0.005
+    assert config.interval_of("hung-driver") == 0.1
+    assert config.hung_min_tasks == 4 and config.lockup_min_ms == 50.0
+    for bad, message in (("colour=red", "unknown setting"), ("hung_min_tasks=x", "a number"),
+                         ("lockup=20s", "outside"), ("lockup", "NAME=VALUE")):
+        with pytest.raises(TransmigrateError, match=message):
+            with_settings(MonitorConfig(), [bad])
 
 
 def test_bad_monitor_input(prepared: Host) -> None:

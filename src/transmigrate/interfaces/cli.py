@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 
 from transmigrate.config import load_config
-from transmigrate.detect.events import Event, Sample
+from transmigrate.detect.events import READERS, Event, Sample
 from transmigrate.errors import TransmigrateError
 from transmigrate.faults import FAULTS, inject
 from transmigrate.orchestrate import demo as demo_job
@@ -32,6 +32,7 @@ from transmigrate.orchestrate.monitor import (
     MonitorConfig,
     MonitorStats,
     parse_interval,
+    with_settings,
 )
 from transmigrate.vm.image import ImageSpec
 
@@ -247,15 +248,19 @@ def monitor(name: Annotated[str, typer.Argument(help="VM to watch.")],
                 help="Stop after this many seconds (default: until Ctrl-C).")] = None,
             detector: Annotated[list[str] | None, typer.Option(
                 help="Run only this detector (repeatable).")] = None,
+            set_: Annotated[list[str] | None, typer.Option(
+                "--set", help="DETECTOR=INTERVAL (e.g. hung-driver=100ms) or THRESHOLD=VALUE "
+                              "(e.g. lockup_min_ms=50; see MonitorConfig) (repeatable).")
+            ] = None,
             lock: Annotated[list[str] | None, typer.Option(
                 help="Show this kernel lock and report it with events if held: a vmlinux "
                      "global, or NAME:spinlock|mutex|rwlock for a module's (repeatable).")
             ] = None,
             json_: JsonOption = False) -> None:
     """Watch a VM's kernel from outside: tasks, memory, CPUs, locks, and fault events."""
-    config = MonitorConfig(interval_s=parse_interval(interval),
-                           detectors=tuple(detector) if detector else DETECTORS,
-                           locks=tuple(lock or ()))
+    config = with_settings(MonitorConfig(interval_s=parse_interval(interval),
+                                         detectors=tuple(detector) if detector else DETECTORS,
+                                         locks=tuple(lock or ())), set_ or [])
     watcher = Monitor(Host.from_environment(), name, config)
     try:
         if json_:
@@ -278,7 +283,8 @@ def _print_event_json(event: Event) -> None:
 
 def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
     events: list[Event] = []
-    latest: list[Sample] = []
+    latest: dict[str, Any] = {}
+    """The newest of each reading: with per-detector intervals a sample has only some."""
     shown = [0.0]
 
     def render() -> Table:
@@ -286,7 +292,7 @@ def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
         table.add_column("what")
         table.add_column("now")
         if latest:
-            sample = latest[-1]
+            sample = Sample(0, **latest)
             if sample.tasks:
                 states: dict[str, int] = {}
                 for task in sample.tasks.tasks:
@@ -314,7 +320,8 @@ def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
 
     with Live(render(), console=err, refresh_per_second=4) as live:
         def on_sample(sample: Sample) -> None:
-            latest[:] = [sample]
+            latest.update({name: getattr(sample, name) for name in READERS
+                           if getattr(sample, name) is not None})
             if time.monotonic() - shown[0] > 0.25:
                 shown[0] = time.monotonic()
                 live.update(render())

@@ -1,7 +1,8 @@
 """Watching a guest kernel from the host: sample its memory at an interval, run detectors.
 
 The guest does no work for this: every sample is read straight out of its RAM
-file. Only the readers some detector needs are sampled. A sample torn by the
+file. Each detector has its own interval (by default the monitor's); a sample
+reads only what the detectors due at that moment need. A sample torn by the
 running guest is skipped and counted, never fatal. A lockup event is enriched
 with the kernel function the stuck CPU executes, from QEMU's view of its
 registers, symbolized with the kernel's debug info, and with the state of the
@@ -17,7 +18,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from transmigrate.detect.events import READERS, Detector, Event, Sample
@@ -37,7 +38,8 @@ from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import running
 from transmigrate.vm.machine import Machine
 
-__all__ = ["DETECTORS", "Monitor", "MonitorConfig", "MonitorStats", "parse_interval"]
+__all__ = ["DETECTORS", "Monitor", "MonitorConfig", "MonitorStats", "parse_interval",
+           "with_settings"]
 
 DETECTORS = ("lockup", "fork-storm", "memory-exhaustion", "hung-driver", "panic")
 _STATUS_EVERY_NS = 1_000_000_000
@@ -58,6 +60,8 @@ def parse_interval(text: str) -> float:
 @dataclass(frozen=True)
 class MonitorConfig:
     interval_s: float = 0.01
+    detector_intervals: tuple[tuple[str, float], ...] = ()
+    """(detector, seconds): a detector that samples at its own interval."""
     detectors: tuple[str, ...] = DETECTORS
     lockup_samples: int = 2
     lockup_min_ms: float = 100.0
@@ -69,6 +73,38 @@ class MonitorConfig:
     hung_min_blocked_ms: float = 500.0
     locks: tuple[str, ...] = ()
     """Locks to report with lockup and hung-driver events: NAME or NAME:KIND."""
+
+    def interval_of(self, detector: str) -> float:
+        return dict(self.detector_intervals).get(detector, self.interval_s)
+
+
+_THRESHOLDS = {f.name: str(f.type) for f in fields(MonitorConfig)
+               if f.name not in ("interval_s", "detector_intervals", "detectors", "locks")}
+"""The numeric thresholds, by name, with their type's name."""
+
+
+def with_settings(config: MonitorConfig, settings: list[str]) -> MonitorConfig:
+    """``config`` with ``interval=10ms``, ``DETECTOR=100ms`` (its interval) or
+    ``THRESHOLD=VALUE`` (a MonitorConfig field, e.g. ``lockup_min_ms=50``) applied."""
+    changes: dict[str, Any] = {}
+    intervals = dict(config.detector_intervals)
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if not value:
+            raise TransmigrateError(f"cannot read {setting!r}: use NAME=VALUE")
+        if key == "interval":
+            changes["interval_s"] = parse_interval(value)
+        elif key in DETECTORS:
+            intervals[key] = parse_interval(value)
+        elif key in _THRESHOLDS:
+            try:
+                changes[key] = int(value) if _THRESHOLDS[key] == "int" else float(value)
+            except ValueError:
+                raise TransmigrateError(f"{key} wants a number, not {value!r}") from None
+        else:
+            raise TransmigrateError(f"unknown setting {key!r}; known: interval, "
+                                    f"{', '.join(DETECTORS)}, {', '.join(_THRESHOLDS)}")
+    return replace(config, detector_intervals=tuple(sorted(intervals.items())), **changes)
 
 
 @dataclass
@@ -88,7 +124,9 @@ class Monitor:
     """Attached to one running VM; ``run`` samples until told to stop."""
 
     def __init__(self, host: Host, vm: str, config: MonitorConfig = MonitorConfig()) -> None:
-        unknown = set(config.detectors) - set(DETECTORS)
+        if not config.detectors:
+            raise TransmigrateError("no detector to run")
+        unknown = (set(config.detectors) | set(dict(config.detector_intervals))) - set(DETECTORS)
         if unknown:
             raise TransmigrateError(f"unknown detector {', '.join(sorted(unknown))}; "
                                     f"known: {', '.join(DETECTORS)}")
@@ -130,8 +168,10 @@ class Monitor:
             return None
         return site.function if site else None
 
-    def sample(self) -> Sample:
-        readings = {name: read() for name, read in self._readers.items()}
+    def sample(self, needs: frozenset[str] | None = None) -> Sample:
+        """One look at the guest: every reader, or those in ``needs``."""
+        readings = {name: read() for name, read in self._readers.items()
+                    if needs is None or name in needs}
         return Sample(time.monotonic_ns(), **readings)
 
     def lock_states(self) -> tuple[LockState, ...]:
@@ -149,32 +189,38 @@ class Monitor:
     def run(self, on_event: Callable[[Event], None], *, duration_s: float | None = None,
             on_sample: Callable[[Sample], None] | None = None,
             stop: Callable[[], bool] = lambda: False) -> MonitorStats:
-        """Sample every interval until ``stop()``, ``duration_s`` or the VM's end."""
+        """Run each detector at its interval until ``stop()``, ``duration_s`` or the
+        VM's end. A detector that fell behind skips ahead rather than bursting."""
         stats = MonitorStats()
-        interval_ns = int(self.config.interval_s * 1e9)
+        interval_ns = {d.name: int(self.config.interval_of(d.name) * 1e9)
+                       for d in self.detectors}
         start_ns = time.monotonic_ns()
         cpu_start = time.process_time()
-        next_ns = start_ns
+        due_ns = dict.fromkeys(interval_ns, start_ns)
         next_status_ns = start_ns + _STATUS_EVERY_NS
         panicked = False
         while not stop():
             now = time.monotonic_ns()
             if duration_s is not None and now - start_ns >= duration_s * 1e9:
                 break
-            if now < next_ns:
-                time.sleep((next_ns - now) / 1e9)
-            next_ns += interval_ns
-            if next_ns < time.monotonic_ns():  # fell behind: skip, do not burst
-                next_ns = time.monotonic_ns() + interval_ns
+            wake = min(due_ns.values())
+            if now < wake:
+                time.sleep((wake - now) / 1e9)
+                now = time.monotonic_ns()
+            due = [d for d in self.detectors if due_ns[d.name] <= now]
+            for detector in due:
+                due_ns[detector.name] += interval_ns[detector.name]
+                if due_ns[detector.name] < now:
+                    due_ns[detector.name] = now + interval_ns[detector.name]
             try:
-                sample = self.sample()
+                sample = self.sample(frozenset().union(*(d.needs for d in due)))
             except IntrospectionError:
                 stats.torn_samples += 1
                 continue
             stats.samples += 1
             if on_sample is not None:
                 on_sample(sample)
-            for detector in self.detectors:
+            for detector in due:
                 for event in detector.observe(sample):
                     if panicked and event.kind != "oops":
                         continue
