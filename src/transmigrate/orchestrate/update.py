@@ -72,15 +72,15 @@ def find_service(host: Host, name: str, *, pid: int | None = None,
             f"[services] {name} = [...] in transmigrate.toml")
     found = {candidate: agent.exec(["pgrep", "-o", "-x", candidate]).text.split()
              for candidate in names}
-    running_ = {candidate: int(pids[0]) for candidate, pids in found.items() if pids}
-    if not running_:
+    alive = {candidate: int(pids[0]) for candidate, pids in found.items() if pids}
+    if not alive:
         raise TransmigrateError(f"no process named {', '.join(names)} runs in {name}")
-    if len(running_) > 1:
+    if len(alive) > 1:
         raise TransmigrateError(
-            f"{name} runs {len(running_)} declared services "
-            f"({', '.join(f'{n} pid {p}' for n, p in running_.items())}): one update moves "
+            f"{name} runs {len(alive)} declared services "
+            f"({', '.join(f'{n} pid {p}' for n, p in alive.items())}): one update moves "
             "one process tree, and the rest would die with the old VM")
-    return next(iter(running_.values()))
+    return next(iter(alive.values()))
 
 
 def _cgroup_root(agent: GuestAgent, name: str, cgroup: str) -> int:
