@@ -51,7 +51,7 @@ def _live(host: Host, resident_mib: int, copy: str) -> dict[str, Any]:
         client = LoadClient(host, address)
         try:
             time.sleep(2)
-            report = update(host, VM, STANDBY_KERNEL, pid=pid, copy=copy)
+            report = update(host, VM, STANDBY_KERNEL, pids=[pid], copy=copy)
             time.sleep(2)
         finally:
             summary = client.stop()
@@ -59,7 +59,7 @@ def _live(host: Host, resident_mib: int, copy: str) -> dict[str, Any]:
         return {"rss_mib": rss, "downtime_s": summary["max_gap_s"],
                 "frozen_s": report.frozen_seconds, "total_s": report.total_seconds,
                 "steps": report.steps,
-                "precopy_iterations": len(report.criu["precopy"])}
+                "precopy_iterations": len(report.criu[0]["precopy"])}
     finally:
         lifecycle.down(host, VM)
 

@@ -32,3 +32,15 @@ def test_parent_links_are_relative() -> None:
     dump = images.dump(3, 42, "198.19.0.11")
     assert dump[dump.index("-D") + 1] == "/m/3"
     assert "--tcp-established" in dump and "--action-script" in dump
+
+
+def test_each_tree_talks_on_its_own_ports() -> None:
+    images = Images("/m/1", page_server_port=27101, lazy_pages_port=27201)
+    server = images.page_server(2, "198.19.0.11")
+    assert server[server.index("--port") + 1] == "27101"
+    lazy = images.lazy_dump(1, 42, "198.19.0.10")
+    assert lazy[lazy.index("--port") + 1] == "27201"
+    assert "--lazy-pages" in lazy and "--leave-stopped" in lazy and "--page-server" not in lazy
+    daemon = images.lazy_pages(1, "198.19.0.10")
+    assert daemon[:2] == ["criu", "lazy-pages"] and daemon[daemon.index("--port") + 1] == "27201"
+    assert "--lazy-pages" in images.restore(1, "/run/p", lazy=True)

@@ -18,7 +18,7 @@ from transmigrate.migrate.steps import MigrationFailed, PrecheckFailed
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
-from transmigrate.orchestrate.update import find_service, update
+from transmigrate.orchestrate.update import find_services, update
 
 OLDER_KERNEL = "6.1.0-47"
 ZOO = Path(__file__).parent.parent / "migrate" / "programs" / "zoo.py"
@@ -36,6 +36,7 @@ def service_vm(prepared: Host) -> Iterator[str]:
 
 
 def _redis_under_load(host: Host, kernel_from: str, kernel_to: str,
+                      also: Callable[[Host], int] | None = None,
                       **update_args: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
     """Update with our client connected; the report records the guest's ESTAB sockets
     (taken while the client still holds its connection), the client's summary, and
@@ -44,11 +45,12 @@ def _redis_under_load(host: Host, kernel_from: str, kernel_to: str,
     pid = start_redis(host, VM)
     address = host.machines.get(VM).record.ip
     lifecycle.exec_in(host, VM, ["redis-cli", "DEBUG", "POPULATE", "20000"])
+    pids = [pid] if also is None else [pid, also(host)]
     client = LoadClient(host, address)
     try:
         time.sleep(1.0)
         keys = int(redis_cli(host, address, "DBSIZE"))
-        report = update(host, VM, kernel_to, pid=pid, **update_args).as_dict()
+        report = update(host, VM, kernel_to, pids=pids, **update_args).as_dict()
         time.sleep(1.0)
         report["established"] = lifecycle.exec_in(host, VM, [
             "ss", "-Htn", "state", "established", "sport", "= :6379"]).text
@@ -74,9 +76,9 @@ def test_redis_moves_6_1_to_6_12_with_its_connection(prepared: Host, service_vm:
     assert "198.18.0.1:" in report["established"], "the client's connection is ESTAB there"
     aof = lifecycle.exec_in(prepared, VM, ["redis-cli", "INFO", "persistence"]).text
     assert "aof_enabled:1" in aof and "aof_last_write_status:ok" in aof
-    assert report["criu"]["dump"]["frozen_time"] > 0
-    assert report["criu"]["restore"]["pages_restored"] > 0
-    assert report["criu"]["precopy"][0]["pages_written"] > 0
+    assert report["criu"][0]["dump"]["frozen_time"] > 0
+    assert report["criu"][0]["restore"]["pages_restored"] > 0
+    assert report["criu"][0]["precopy"][0]["pages_written"] > 0
     assert set(report["steps"]) >= {"boot standby", "precheck", "pre-copy", "final dump",
                                     "handover", "restore", "verify", "commit"}
     assert not [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
@@ -96,8 +98,43 @@ def test_stop_and_copy_without_precopy(prepared: Host, service_vm: str) -> None:
     report, summary, _ = _redis_under_load(prepared, ACTIVE_KERNEL, STANDBY_KERNEL,
                                            copy="stop")
     _assert_same_connection(summary)
-    assert report["criu"]["precopy"] == []
+    assert report["criu"][0]["precopy"] == []
     assert report["copy"] == "stop-and-copy"
+
+
+TICKER = ("import os, time\n"
+          "n = 0\n"
+          "with open('/data/ticker.pid', 'w') as f: f.write(str(os.getpid()))\n"
+          "while True:\n"
+          "    n += 1\n"
+          "    with open('/data/ticker', 'a') as f: f.write(f'{n}\\n')\n"
+          "    time.sleep(0.05)\n")
+
+
+def _start_ticker(host: Host) -> int:
+    """A second, unrelated tree: counts in memory and appends each count to /data."""
+    lifecycle.exec_in(host, VM, ["sh", "-c", "cat > /data/ticker.py"], input=TICKER.encode())
+    lifecycle.exec_in(host, VM, ["sh", "-c", "setsid python3 /data/ticker.py "
+                                 "</dev/null >/dev/null 2>&1 &"])
+    deadline = time.monotonic() + 30
+    while lifecycle.exec_in(host, VM, ["test", "-s", "/data/ticker.pid"]).exit_code:
+        assert time.monotonic() < deadline, "the ticker did not start"
+        time.sleep(0.1)
+    return int(lifecycle.exec_in(host, VM, ["cat", "/data/ticker.pid"]).text)
+
+
+def test_two_trees_move_together(prepared: Host, service_vm: str) -> None:
+    report, summary, keys = _redis_under_load(prepared, ACTIVE_KERNEL, STANDBY_KERNEL,
+                                              also=_start_ticker)
+    _assert_same_connection(summary)
+    ticker = report["pids"][1]
+    assert len(report["criu"]) == 2 and report["criu"][1]["pid"] == ticker
+    time.sleep(0.5)
+    counts = [int(n) for n in lifecycle.exec_in(prepared, VM, [
+        "cat", "/data/ticker"]).text.split()]
+    assert counts == list(range(1, len(counts) + 1)), "the count went on where it was"
+    assert lifecycle.exec_in(prepared, VM, ["kill", "-0", str(ticker)]).exit_code == 0
+    assert int(redis_cli(prepared, prepared.machines.get(VM).record.ip, "DBSIZE")) == keys
 
 
 def test_post_copy_moves_redis_with_its_connection(prepared: Host, service_vm: str) -> None:
@@ -105,8 +142,8 @@ def test_post_copy_moves_redis_with_its_connection(prepared: Host, service_vm: s
                                               copy="post")
     _assert_same_connection(summary)
     assert report["copy"] == "post-copy"
-    assert report["criu"]["precopy"] == []
-    assert report["criu"]["restore"]["pages_restored"] > 0
+    assert report["criu"][0]["precopy"] == []
+    assert report["criu"][0]["restore"]["pages_restored"] > 0
     assert "post-copy transfer" in report["steps"]
     assert int(redis_cli(prepared, prepared.machines.get(VM).record.ip, "DBSIZE")) == keys
 
@@ -133,9 +170,9 @@ def test_auto_switches_to_post_copy_when_pre_copy_does_not_converge(
         time.sleep(0.2)
     pid = int(lifecycle.exec_in(prepared, VM, ["cat", "/data/dirtier/pid"]).text)
     before = _fixed_sha(prepared, pid)
-    report = update(prepared, VM, STANDBY_KERNEL, pid=pid)
+    report = update(prepared, VM, STANDBY_KERNEL, pids=[pid])
     assert report.copy == "post-copy"
-    assert report.criu["precopy"], "pre-copy ran first"
+    assert report.criu[0]["precopy"], "pre-copy ran first"
     assert lifecycle.exec_in(prepared, VM, ["uname", "-r"]).text.startswith("6.12.")
     assert _fixed_sha(prepared, pid) == before
 
@@ -173,10 +210,10 @@ def _moved_zoo(host: Host, *, container: bool) -> dict[str, list[Any]]:
     lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=768)
     try:
         pid = _start_zoo(host, container=container)
-        report = update(host, VM, STANDBY_KERNEL, pid=pid)
+        report = update(host, VM, STANDBY_KERNEL, pids=[pid])
         assert lifecycle.exec_in(host, VM, ["uname", "-r"]).text.startswith("6.12.")
-        assert container or report.pid == pid
-        return _zoo_report(host, report.pid)
+        assert container or report.pids == [pid]
+        return _zoo_report(host, report.pids[0])
     finally:
         for machine in host.machines.all():
             if machine.name in (VM, f"{VM}-next"):
@@ -228,7 +265,7 @@ def _rollback(host: Host, sabotage: Callable[[Host], None], at_step: str,
                 sabotage(host)
 
         with pytest.raises(MigrationFailed, match="rolled back"):
-            update(host, VM, STANDBY_KERNEL, pid=pid, progress=progress, **update_args)
+            update(host, VM, STANDBY_KERNEL, pids=[pid], progress=progress, **update_args)
         time.sleep(1.0)
     finally:
         summary = client.stop()
@@ -264,42 +301,47 @@ def test_rollback_when_target_dies_mid_post_copy_restore(prepared: Host,
 
 def test_unknown_kernel_touches_nothing(prepared: Host, old_vm: str) -> None:
     with pytest.raises(KernelNotFound, match="nearest"):
-        update(prepared, old_vm, "6.12.999", pid=1)
+        update(prepared, old_vm, "6.12.999", pids=[1])
     assert [m.name for m in prepared.machines.all() if m.name.endswith("-next")] == []
 
 
 def test_gone_pid_and_nothing_to_move(prepared: Host, old_vm: str) -> None:
     with pytest.raises(TransmigrateError, match="no process 999999"):
-        find_service(prepared, old_vm, pid=999999)
+        find_services(prepared, old_vm, pids=[999999])
     with pytest.raises(TransmigrateError, match="nothing to move"):
-        find_service(prepared, old_vm)
+        find_services(prepared, old_vm)
     with pytest.raises(TransmigrateError, match="no process named"):
-        find_service(prepared, old_vm, process="no-such-daemon")
+        find_services(prepared, old_vm, processes=["no-such-daemon"])
+    with pytest.raises(TransmigrateError, match="none of the declared services"):
+        find_services(prepared, old_vm, declared=["no-such-daemon"])
+    with pytest.raises(TransmigrateError, match="name each once"):
+        update(prepared, old_vm, STANDBY_KERNEL, pids=[1, 1])
 
 
-def test_service_found_by_cgroup_when_it_holds_one_tree(prepared: Host, old_vm: str) -> None:
+def test_services_found_by_cgroup_one_root_per_tree(prepared: Host, old_vm: str) -> None:
     group = "/sys/fs/cgroup/tm-svc"
     tree = f"setsid sh -c 'echo $$ > {group}/cgroup.procs; sleep 300 & sleep 300' " \
         "</dev/null >/dev/null 2>&1 &"
     lifecycle.exec_in(prepared, old_vm, ["sh", "-c", f"mkdir -p {group}; {tree}"])
     try:
         time.sleep(0.5)
-        root = find_service(prepared, old_vm, cgroup="tm-svc")
+        [root] = find_services(prepared, old_vm, cgroups=["tm-svc"])
         assert lifecycle.exec_in(prepared, old_vm, ["cat", f"/proc/{root}/comm"]).text == "sh\n"
         lifecycle.exec_in(prepared, old_vm, ["sh", "-c", tree])
         time.sleep(0.5)
-        with pytest.raises(TransmigrateError, match="holds 2 process trees"):
-            find_service(prepared, old_vm, cgroup="/tm-svc/")
+        roots = find_services(prepared, old_vm, cgroups=["/tm-svc/"])
+        assert len(roots) == 2 and root in roots
     finally:
         lifecycle.exec_in(prepared, old_vm, ["sh", "-c", (
             f"kill -KILL $(cat {group}/cgroup.procs); sleep 0.2; rmdir {group}")])
     with pytest.raises(TransmigrateError, match="no cgroup tm-none"):
-        find_service(prepared, old_vm, cgroup="tm-none")
+        find_services(prepared, old_vm, cgroups=["tm-none"])
 
 
-def test_two_running_declared_services_are_refused(prepared: Host, old_vm: str) -> None:
-    with pytest.raises(TransmigrateError, match="runs 2 declared services"):
-        find_service(prepared, old_vm, declared=("qemu-ga", "tini"))
+def test_every_declared_service_that_runs_is_moved(prepared: Host, old_vm: str) -> None:
+    roots = find_services(prepared, old_vm, declared=("qemu-ga", "no-such-daemon", "tini"))
+    assert [lifecycle.exec_in(prepared, old_vm, ["cat", f"/proc/{pid}/comm"]).text.strip()
+            for pid in roots] == ["qemu-ga", "tini"]
 
 
 def test_precheck_refuses_what_cannot_move(prepared: Host, service_vm: str) -> None:
@@ -309,10 +351,10 @@ def test_precheck_refuses_what_cannot_move(prepared: Host, service_vm: str) -> N
         "setsid sh -c 'exec 3</var/tmp/only-here 4</dev/vda; sleep 600' "
         "</dev/null >/dev/null 2>&1 &")])
     time.sleep(1.0)
-    pid = find_service(prepared, VM, process="sleep")
+    [pid] = find_services(prepared, VM, processes=["sleep"])
     pid = int(lifecycle.exec_in(prepared, VM, ["cat", f"/proc/{pid}/stat"]).text.split()[3])
     with pytest.raises(PrecheckFailed) as caught:
-        update(prepared, VM, STANDBY_KERNEL, pid=pid)
+        update(prepared, VM, STANDBY_KERNEL, pids=[pid])
     message = str(caught.value)
     assert "/var/tmp/only-here exists only in t-svc" in message
     assert "device /dev/vda" in message

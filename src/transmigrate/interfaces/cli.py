@@ -214,29 +214,33 @@ def clean(json_: JsonOption = False) -> None:
 @app.command()
 def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.")],
            kernel: Annotated[str, typer.Option("--kernel", "-k", help="The new kernel.")],
-           pid: Annotated[int | None, typer.Option(help="Move this process tree.")] = None,
-           process: Annotated[str | None, typer.Option(
-               help="Move the oldest process of this name, with its tree.")] = None,
-           cgroup: Annotated[str | None, typer.Option(
-               help="Move the process tree in this cgroup (path under /sys/fs/cgroup).")
+           pid: Annotated[list[int] | None, typer.Option(
+               help="Move this process tree (repeatable).")] = None,
+           process: Annotated[list[str] | None, typer.Option(
+               help="Move the oldest process of this name, with its tree (repeatable).")
            ] = None,
+           cgroup: Annotated[list[str] | None, typer.Option(
+               help="Move every process tree in this cgroup, a path under /sys/fs/cgroup "
+                    "(repeatable).")] = None,
            copy: Annotated[str, typer.Option(
                help="How memory goes: auto (pre-copy, then post-copy if it does not "
                     "converge), pre, post, or stop (stop-and-copy).")] = "auto",
            config: ConfigOption = None, json_: JsonOption = False) -> None:
-    """Move a running service onto a new VM with another kernel; retire the old VM."""
+    """Move running services onto a new VM with another kernel; retire the old VM.
+
+    Without --pid, --process or --cgroup: the services declared for NAME."""
     host = Host.from_environment()
     declared = load_config(config).services.get(name, ())
-    root = update_job.find_service(host, name, pid=pid, process=process, cgroup=cgroup,
-                                   declared=declared)
-    report = update_job.update(host, name, kernel, pid=root, copy=copy,
+    roots = update_job.find_services(host, name, pids=pid or (), processes=process or (),
+                                     cgroups=cgroup or (), declared=declared)
+    report = update_job.update(host, name, kernel, pids=roots, copy=copy,
                                progress=_Progress())
     if json_:
         _emit_json(report.as_dict())
         return
-    out.print(f"{name}: pid {report.pid} moved from {report.kernel_before} to "
-              f"{report.kernel_after} ({report.copy}); frozen {report.frozen_seconds:.2f} s, "
-              f"total {report.total_seconds:.1f} s")
+    out.print(f"{name}: pids {', '.join(map(str, report.pids))} moved from "
+              f"{report.kernel_before} to {report.kernel_after} ({report.copy}); "
+              f"frozen {report.frozen_seconds:.2f} s, total {report.total_seconds:.1f} s")
     for step, seconds in report.steps.items():
         out.print(f"  {step:<18} {seconds:8.3f} s")
 

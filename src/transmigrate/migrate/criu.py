@@ -27,14 +27,17 @@ __all__ = [
 IMAGES_ROOT = "/var/lib/transmigrate/migration"
 HOLD_SCRIPT = "/usr/lib/transmigrate/criu-hold"
 PAGE_SERVER_PORT = 27100
-LAZY_PAGES_PORT = 27101
+"""The target's page server for the first tree; tree ``i`` uses ``PAGE_SERVER_PORT + i``."""
+LAZY_PAGES_PORT = 27200
+"""The source's lazy page server for the first tree; tree ``i`` uses ``LAZY_PAGES_PORT + i``."""
 LOG_LEVEL = "-v2"
 """Errors and warnings: more detailed logs cost measurable frozen time under TCG."""
 
 
 @dataclass(frozen=True)
 class Images:
-    """The image directories of one migration, the same paths on both guests.
+    """The image directories of one process tree's migration, the same paths on both
+    guests, and the ports its CRIU runs talk on.
 
     Iteration ``n`` lives in ``<root>/<n>``; each names its predecessor as
     ``../<n-1>`` (CRIU wants parent links relative), so restore follows the chain
@@ -42,6 +45,8 @@ class Images:
     """
 
     root: str
+    page_server_port: int = PAGE_SERVER_PORT
+    lazy_pages_port: int = LAZY_PAGES_PORT
 
     def dir(self, n: int) -> str:
         return f"{self.root}/{n}"
@@ -51,29 +56,29 @@ class Images:
 
     def page_server(self, n: int, address: str) -> list[str]:
         return ["criu", "page-server", "-D", self.dir(n), *self.parent_args(n),
-                "--address", address, "--port", str(PAGE_SERVER_PORT), "--daemon",
+                "--address", address, "--port", str(self.page_server_port), "--daemon",
                 "-o", "page-server.log", LOG_LEVEL]
 
     def pre_dump(self, n: int, pid: int, target: str) -> list[str]:
         return ["criu", "pre-dump", "-t", str(pid), "-D", self.dir(n), *self.parent_args(n),
                 "--track-mem", "--page-server", "--address", target,
-                "--port", str(PAGE_SERVER_PORT), "-o", "pre-dump.log", LOG_LEVEL]
+                "--port", str(self.page_server_port), "-o", "pre-dump.log", LOG_LEVEL]
 
     def dump(self, n: int, pid: int, target: str) -> list[str]:
         """The final dump, its pages streamed to the target's page server."""
         return ["criu", "dump", "-t", str(pid), "-D", self.dir(n), *self.parent_args(n),
                 "--track-mem", "--page-server", "--address", target,
-                "--port", str(PAGE_SERVER_PORT), *self._final_dump_args()]
+                "--port", str(self.page_server_port), *self._final_dump_args()]
 
     def lazy_dump(self, n: int, pid: int, source: str) -> list[str]:
         """The final dump for post-copy: everything but private anonymous memory goes to
         images. After the post-dump hook the dump serves that memory, from the still
-        frozen tasks, to the target's lazy-pages daemon on ``source``:LAZY_PAGES_PORT, and
+        frozen tasks, to the target's lazy-pages daemon, on ``source``, and
         exits when it is all fetched, leaving the tasks stopped (not killed), so that a
         failed transfer can still continue them. (CRIU 3.17 cannot take a parent from
         pre-dumps sent by page server.)"""
         return ["criu", "dump", "-t", str(pid), "-D", self.dir(n), "--lazy-pages",
-                "--address", source, "--port", str(LAZY_PAGES_PORT), "--leave-stopped",
+                "--address", source, "--port", str(self.lazy_pages_port), "--leave-stopped",
                 *self._final_dump_args()]
 
     @staticmethod
@@ -86,7 +91,7 @@ class Images:
         """The target's daemon that fills a lazily restored process's memory: on demand
         (userfaultfd) first, then everything else in the background."""
         return ["criu", "lazy-pages", "-D", self.dir(n), "--page-server", "--address", source,
-                "--port", str(LAZY_PAGES_PORT), "-o", "lazy-pages.log", LOG_LEVEL]
+                "--port", str(self.lazy_pages_port), "-o", "lazy-pages.log", LOG_LEVEL]
 
     def restore(self, n: int, pidfile: str, *, lazy: bool = False) -> list[str]:
         return ["criu", "restore", "-D", self.dir(n), "--tcp-established", "--file-locks",

@@ -49,7 +49,7 @@ def _update_under_load(host: Host, progress: Progress) -> dict[str, Any]:
     try:
         time.sleep(2.0)
         keys_before = int(redis_cli(host, address, "DBSIZE"))
-        report = update(host, VM, STANDBY_KERNEL, pid=pid, progress=progress)
+        report = update(host, VM, STANDBY_KERNEL, pids=[pid], progress=progress)
         time.sleep(2.0)
     finally:
         summary = client.stop()
@@ -57,7 +57,7 @@ def _update_under_load(host: Host, progress: Progress) -> dict[str, Any]:
     return {
         "kernel before": kernel_before,
         "kernel after": exec_in(host, VM, ["uname", "-r"]).text.strip(),
-        "redis pid (same on both)": report.pid,
+        "redis pid before / after": f"{pid} / {report.pids[0]}",
         "keys before / after": f"{keys_before} / {keys_after}",
         "same connection": summary.get("client_id_start") == summary.get("client_id_end")
         and not summary["errors"],

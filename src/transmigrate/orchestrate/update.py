@@ -26,15 +26,15 @@ from transmigrate.orchestrate.lifecycle import running, up
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
 
-__all__ = ["UpdateReport", "find_service", "update"]
+__all__ = ["UpdateReport", "find_services", "update"]
 
 
 @dataclass(frozen=True)
 class UpdateReport:
     name: str
-    pid: int
-    """The moved tree's root on the new VM: the same pid, unless it has its own pid
-    namespace (then the pids inside are the same and the outer one is new)."""
+    pids: list[int]
+    """The moved trees' roots on the new VM: the same pids, unless a tree has its own
+    pid namespace (then the pids inside are the same and the outer one is new)."""
     kernel_before: str
     kernel_after: str
     copy: str
@@ -43,48 +43,53 @@ class UpdateReport:
     """Seconds per step, the standby's boot included."""
     frozen_seconds: float
     total_seconds: float
-    criu: dict[str, Any]
-    """CRIU's own statistics under CRIU's names: pre-copy iterations, dump, restore."""
+    criu: list[dict[str, Any]]
+    """Per tree, CRIU's own statistics under CRIU's names: pre-copy iterations, dump,
+    restore."""
     warnings: list[str]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def find_service(host: Host, name: str, *, pid: int | None = None,
-                 process: str | None = None, cgroup: str | None = None,
-                 declared: Sequence[str] = ()) -> int:
-    """The root pid of what to move: a pid, the oldest process of a name, the one
-    process tree in a cgroup (v2, its path under /sys/fs/cgroup), or the declared
-    service. One update moves one process tree: more would be left behind when the
-    old VM is retired, so that is refused."""
+def find_services(host: Host, name: str, *, pids: Sequence[int] = (),
+                  processes: Sequence[str] = (), cgroups: Sequence[str] = (),
+                  declared: Sequence[str] = ()) -> list[int]:
+    """The roots of the process trees to move: the pids, the oldest process of each
+    name, every tree in each cgroup (v2, a path under /sys/fs/cgroup); with none of
+    these, every declared service that runs."""
     agent = host.agent(running(host, name))
-    if pid is not None:
+    roots: list[int] = []
+    for pid in pids:
         if agent.exec(["kill", "-0", str(pid)]).exit_code != 0:
             raise TransmigrateError(f"no process {pid} in {name}")
-        return pid
-    if cgroup is not None:
-        return _cgroup_root(agent, name, cgroup)
-    names = [process] if process else list(declared)
-    if not names:
-        raise TransmigrateError(
-            f"nothing to move in {name}: give --pid, --process or --cgroup, or declare "
-            f"[services] {name} = [...] in transmigrate.toml")
-    found = {candidate: agent.exec(["pgrep", "-o", "-x", candidate]).text.split()
-             for candidate in names}
-    alive = {candidate: int(pids[0]) for candidate, pids in found.items() if pids}
-    if not alive:
-        raise TransmigrateError(f"no process named {', '.join(names)} runs in {name}")
-    if len(alive) > 1:
-        raise TransmigrateError(
-            f"{name} runs {len(alive)} declared services "
-            f"({', '.join(f'{n} pid {p}' for n, p in alive.items())}): one update moves "
-            "one process tree, and the rest would die with the old VM")
-    return next(iter(alive.values()))
+        roots.append(pid)
+    for process in processes:
+        found = _oldest(agent, process)
+        if found is None:
+            raise TransmigrateError(f"no process named {process} runs in {name}")
+        roots.append(found)
+    for cgroup in cgroups:
+        roots += _cgroup_roots(agent, name, cgroup)
+    if not (pids or processes or cgroups):
+        if not declared:
+            raise TransmigrateError(
+                f"nothing to move in {name}: give --pid, --process or --cgroup, or declare "
+                f"[services] {name} = [...] in transmigrate.toml")
+        roots = [pid for pid in (_oldest(agent, n) for n in declared) if pid is not None]
+        if not roots:
+            raise TransmigrateError(f"none of the declared services ({', '.join(declared)}) "
+                                    f"runs in {name}")
+    return sorted(set(roots), key=roots.index)
 
 
-def _cgroup_root(agent: GuestAgent, name: str, cgroup: str) -> int:
-    """The root of the one process tree that the cgroup (and its children) holds."""
+def _oldest(agent: GuestAgent, process: str) -> int | None:
+    found = agent.exec(["pgrep", "-o", "-x", process]).text.split()
+    return int(found[0]) if found else None
+
+
+def _cgroup_roots(agent: GuestAgent, name: str, cgroup: str) -> list[int]:
+    """The roots of the process trees that the cgroup (and its children) holds."""
     path = "/sys/fs/cgroup/" + cgroup.strip("/")
     listed = agent.exec(["sh", "-c", (
         f"[ -d {shlex.quote(path)} ] || exit 3; "
@@ -100,23 +105,20 @@ def _cgroup_root(agent: GuestAgent, name: str, cgroup: str) -> int:
     roots = sorted(pid for pid, parent in parents.items() if parent not in parents)
     if not roots:
         raise TransmigrateError(f"cgroup {cgroup} in {name} holds no process")
-    if len(roots) > 1:
-        raise TransmigrateError(
-            f"cgroup {cgroup} in {name} holds {len(roots)} process trees (roots "
-            f"{', '.join(map(str, roots))}): one update moves one tree")
-    return roots[0]
+    return roots
 
 
-def update(host: Host, name: str, kernel_spec: str, *, pid: int, copy: str = "auto",
-           service_check: Callable[[], None] | None = None,
+def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
+           copy: str = "auto", service_check: Callable[[], None] | None = None,
            progress: Progress = silent) -> UpdateReport:
-    """Move process tree ``pid`` of VM ``name`` to a new VM on ``kernel_spec``.
-
-    ``copy`` is one of :data:`COPY_MODES`.
+    """Move the process trees rooted at ``pids`` in VM ``name`` to a new VM on
+    ``kernel_spec``, all frozen together. ``copy`` is one of :data:`COPY_MODES`.
     """
     if copy not in COPY_MODES:
         raise TransmigrateError(f"unknown copy mode {copy!r}; choose one of "
                                 f"{', '.join(COPY_MODES)}")
+    if not pids or len(set(pids)) != len(pids):
+        raise TransmigrateError(f"cannot move the trees {list(pids)}: name each once")
     start = time.monotonic()
     source = running(host, name)
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
@@ -127,7 +129,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pid: int, copy: str = "au
     boot_seconds = time.monotonic() - boot_start
     plan = Plan(source=Side(source.record, host.agent(source)),
                 target=Side(target.record, host.agent(target)),
-                network=host.network, pid=pid,
+                network=host.network, pids=pids,
                 fence_target=lambda: host.machines.remove(target),
                 policy=PreCopyPolicy() if copy in ("auto", "pre") else None,
                 postcopy={"auto": "auto", "post": "yes"}.get(copy, "no"),
@@ -144,14 +146,13 @@ def update(host: Host, name: str, kernel_spec: str, *, pid: int, copy: str = "au
     target = host.machines.rename(target, name)
     _remove_images(host, target)
     return UpdateReport(
-        name=name, pid=plan.restored_pid or pid, kernel_before=source.record.kernel,
+        name=name, pids=[t.restored_pid or t.pid for t in report.trees],
+        kernel_before=source.record.kernel,
         kernel_after=kernel.release, copy=report.copy,
         steps={"boot standby": round(boot_seconds, 3), **report.steps},
         frozen_seconds=round(report.frozen_seconds, 3),
         total_seconds=round(time.monotonic() - start, 3),
-        criu={"precopy": [asdict(s) for s in report.precopy],
-              "dump": asdict(report.dump) if report.dump else None,
-              "restore": asdict(report.restore) if report.restore else None},
+        criu=[asdict(tree) for tree in report.trees],
         warnings=report.warnings)
 
 
