@@ -27,6 +27,9 @@ __all__ = ["ExecResult", "GuestAgent", "GuestProcess"]
 
 MAX_MESSAGE = 64 * 1024 * 1024
 _DELIMITER = b"\xff"
+_POLL_MAX = 0.02
+"""Longest pause between two looks at a running command: every command of a
+migration's frozen window pays up to this much after it has finished."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,7 @@ class GuestAgent:
                                time.monotonic() + step)
                     raise AgentError(f"{argv[0]} did not finish within {timeout:g} s; killed it")
                 time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+                pause = min(pause * 2, _POLL_MAX)
 
     def processes(self) -> list[GuestProcess]:
         """The guest's processes, as its ``ps`` sees them."""
