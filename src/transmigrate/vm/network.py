@@ -114,9 +114,14 @@ class Network:
         return words[words.index("master") + 1] if "master" in words else None
 
     def delete_link(self, name: str) -> None:
-        """Remove a link if it is still there (a TAP whose QEMU was killed may linger)."""
+        """Remove a link if it is still there (a TAP whose QEMU was killed may linger,
+        or vanish while we look: the kernel deletes it once QEMU's descriptor closes)."""
         if name in self.links():
-            self._ip("link", "del", name)
+            try:
+                self._ip("link", "del", name)
+            except CommandError:
+                if name in self.links():
+                    raise
 
     def links(self) -> list[str]:
         if not self.exists():
