@@ -59,6 +59,16 @@ def _redis_under_load(host: Host, kernel_from: str, kernel_to: str,
     return report, summary, keys
 
 
+def _written(host: Host, path: str, failure: str, timeout: float = 60.0) -> str:
+    """The contents of file ``path`` in the test VM, once something has written it."""
+    deadline = time.monotonic() + timeout
+    while (done := lifecycle.exec_in(host, VM, ["sh", "-c", f"test -s {path} && cat {path}"])
+           ).exit_code:
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.2)
+    return done.text
+
+
 def _assert_same_connection(summary: dict[str, Any]) -> None:
     assert summary["errors"] == []
     assert summary["client_id_start"] == summary["client_id_end"]
@@ -116,11 +126,7 @@ def _start_ticker(host: Host) -> int:
     lifecycle.exec_in(host, VM, ["sh", "-c", "cat > /data/ticker.py"], input=TICKER.encode())
     lifecycle.exec_in(host, VM, ["sh", "-c", "setsid python3 /data/ticker.py "
                                  "</dev/null >/dev/null 2>&1 &"])
-    deadline = time.monotonic() + 30
-    while lifecycle.exec_in(host, VM, ["test", "-s", "/data/ticker.pid"]).exit_code:
-        assert time.monotonic() < deadline, "the ticker did not start"
-        time.sleep(0.1)
-    return int(lifecycle.exec_in(host, VM, ["cat", "/data/ticker.pid"]).text)
+    return int(_written(host, "/data/ticker.pid", "the ticker did not start"))
 
 
 def test_two_trees_move_together(prepared: Host, service_vm: str) -> None:
@@ -150,11 +156,7 @@ def test_post_copy_moves_redis_with_its_connection(prepared: Host, service_vm: s
 
 def _fixed_sha(host: Host, pid: int) -> str:
     lifecycle.exec_in(host, VM, ["sh", "-c", f"rm -f /data/dirtier/fixed.sha; kill -USR1 {pid}"])
-    deadline = time.monotonic() + 60
-    while (done := lifecycle.exec_in(host, VM, ["cat", "/data/dirtier/fixed.sha"])).exit_code:
-        assert time.monotonic() < deadline, "the dirtier wrote no checksum"
-        time.sleep(0.2)
-    return done.text
+    return _written(host, "/data/dirtier/fixed.sha", "the dirtier wrote no checksum")
 
 
 def test_auto_switches_to_post_copy_when_pre_copy_does_not_converge(
@@ -164,11 +166,7 @@ def test_auto_switches_to_post_copy_when_pre_copy_does_not_converge(
                                      "cat > /data/dirtier/dirtier.py"], input=DIRTIER.read_bytes())
     lifecycle.exec_in(prepared, VM, ["sh", "-c", "setsid python3 /data/dirtier/dirtier.py "
                                      "</dev/null >/data/dirtier/out 2>&1 &"])
-    deadline = time.monotonic() + 60
-    while lifecycle.exec_in(prepared, VM, ["test", "-s", "/data/dirtier/pid"]).exit_code:
-        assert time.monotonic() < deadline, "the dirtier did not start"
-        time.sleep(0.2)
-    pid = int(lifecycle.exec_in(prepared, VM, ["cat", "/data/dirtier/pid"]).text)
+    pid = int(_written(prepared, "/data/dirtier/pid", "the dirtier did not start"))
     before = _fixed_sha(prepared, pid)
     report = update(prepared, VM, STANDBY_KERNEL, pids=[pid])
     assert report.copy == "post-copy"
@@ -198,11 +196,8 @@ def _start_zoo(host: Host, *, container: bool) -> int:
 
 def _zoo_report(host: Host, pid: int) -> dict[str, list[Any]]:
     lifecycle.exec_in(host, VM, ["kill", "-USR1", str(pid)])
-    deadline = time.monotonic() + 30
-    while (done := lifecycle.exec_in(host, VM, ["cat", "/data/zoo/report.json"])).exit_code:
-        assert time.monotonic() < deadline, "the zoo wrote no report"
-        time.sleep(0.2)
-    report: dict[str, list[Any]] = json.loads(done.text)
+    report: dict[str, list[Any]] = json.loads(
+        _written(host, "/data/zoo/report.json", "the zoo wrote no report", timeout=30))
     return report
 
 
