@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Protocol
 
 from transmigrate.errors import TransmigrateError
@@ -164,8 +164,8 @@ class Plan:
     source: Side
     target: Side
     network: Network
-    pids: Sequence[int]
-    """The roots of the trees to move."""
+    pids: InitVar[Sequence[int]]
+    """The roots of the trees to move: they become ``trees``."""
     fence_target: Callable[[], None]
     """Stop the target VM for good: the last resort when it may still hold the volume."""
     policy: PreCopyPolicy | None = field(default_factory=PreCopyPolicy)
@@ -177,9 +177,9 @@ class Plan:
     trees: list[Tree] = field(init=False)
     frozen_at: float = 0.0
 
-    def __post_init__(self) -> None:
-        assert self.pids and len(set(self.pids)) == len(self.pids), self.pids
-        self.trees = [Tree(index, TreeReport(pid)) for index, pid in enumerate(self.pids)]
+    def __post_init__(self, pids: Sequence[int]) -> None:
+        assert pids and len(set(pids)) == len(pids), pids
+        self.trees = [Tree(index, TreeReport(pid)) for index, pid in enumerate(pids)]
         self.report.trees = [tree.report for tree in self.trees]
 
 
