@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transmigrate.detect.lockup import LockupDetector
 
-from .samples import cpu, cpus
+from .samples import MS, cpu, cpus
 
 
 def test_spinning_cpu_is_reported_once_with_evidence() -> None:
@@ -54,4 +54,42 @@ def test_a_different_task_is_not_the_same_stuck_cpu() -> None:
     detector = LockupDetector(samples=2, min_stuck_ms=0)
     stream = [cpus(0, cpu(0, 5, pid=1)), cpus(10, cpu(0, 5, preempt=1, pid=2)),
               cpus(20, cpu(0, 5, preempt=1, pid=3)), cpus(30, cpu(0, 5, preempt=1, pid=4))]
+    assert [e for s in stream for e in detector.observe(s)] == []
+
+
+def test_cpu_spinning_on_a_lock_is_reported_after_one_interval_past_the_floor() -> None:
+    looked: list[int] = []
+
+    def where(n: int) -> str:
+        looked.append(n)
+        return "native_queued_spin_lock_slowpath"
+
+    detector = LockupDetector(min_stuck_ms=300, spin_min_ms=20, where=where)
+    stream = [cpus(0, cpu(1, 5)), cpus(10, cpu(1, 5, preempt=1)), cpus(20, cpu(1, 5, preempt=1))]
+    events = [e for s in stream for e in detector.observe(s)]
+    assert looked == [1]
+    assert len(events) == 1 and events[0].monotonic_ns == 20 * MS
+    assert events[0].evidence["rule"] == "spinning"
+    assert events[0].evidence["function"] == "native_queued_spin_lock_slowpath"
+    assert events[0].evidence["stuck_ms"] == 20.0
+
+
+def test_stuck_cpu_outside_a_spin_loop_waits_for_the_stuck_floor() -> None:
+    looked: list[int] = []
+
+    def where(n: int) -> str:
+        looked.append(n)
+        return "clear_page_erms"
+
+    detector = LockupDetector(min_stuck_ms=100, spin_min_ms=20, where=where)
+    stream = [cpus(t, cpu(0, 10, preempt=1)) for t in range(0, 110, 10)]
+    events = [e for s in stream for e in detector.observe(s)]
+    assert [e.monotonic_ns for e in events] == [100 * MS]
+    assert events[0].evidence["rule"] == "stuck" and "function" not in events[0].evidence
+    assert looked == [0] * 5, "looked once per spin floor, not at every sample"
+
+
+def test_unknown_function_is_not_spinning() -> None:
+    detector = LockupDetector(min_stuck_ms=1000, spin_min_ms=0, where=lambda n: None)
+    stream = [cpus(t, cpu(0, 10, preempt=1)) for t in range(0, 100, 10)]
     assert [e for s in stream for e in detector.observe(s)] == []

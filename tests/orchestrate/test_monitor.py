@@ -13,6 +13,7 @@ import pytest
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
 from transmigrate.detect.events import Event, Sample
+from transmigrate.detect.lockup import SPIN_FUNCTION
 from transmigrate.errors import TransmigrateError
 from transmigrate.faults import (
     DEADLOCK_LOCK,
@@ -85,7 +86,8 @@ def test_deadlock_is_caught_on_its_cpu(prepared: Host, vm: str) -> None:
         watching.stop()
     assert event.evidence["cpu"] == 1
     assert event.evidence["comm"] == DEADLOCK_THREAD.format(cpu=1)
-    assert "spin" in event.evidence["function"] or "tm_deadlock" in event.evidence["function"]
+    assert event.evidence["rule"] == "spinning"
+    assert SPIN_FUNCTION.search(event.evidence["function"])
     assert event.monotonic_ns / 1e9 > report.triggered_at
     assert [lock["name"] for lock in event.evidence["locks_held"]] == [DEADLOCK_LOCK]
     assert [e.kind for e in watching.events] == ["lockup"]

@@ -5,26 +5,38 @@ never switches tasks, while time goes on. A busy CPU that is healthy either
 switches tasks or runs with preemption enabled (user code, most kernel code),
 and an idle CPU runs its idle task. So a CPU is *stuck* in a sample when it is
 not idle, runs the same task as in the previous sample without having switched
-since, and has its preemption count raised; stuck for ``samples`` samples in a
-row spanning at least ``min_stuck_ms``, it is locked up.
+since, and has its preemption count raised.
 
-Healthy kernels do run with preemption off for a while under memory pressure
-(reclaim, zeroing pages) or heavy I/O: under TCG we saw 20 ms, and once 110 ms
-(dd with fsync). Hence a floor of 100 ms, which the monitor raises to 300 ms
-under TCG: still over 100 times sooner than Linux's own soft-lockup report.
+Two rules turn a stuck CPU into a lockup:
+
+- *Spinning*: stuck for at least one interval and ``spin_min_ms``, and its
+  instruction pointer (looked up through ``where``, a few looks at the vCPU's
+  registers) is in a lock's spin loop. A healthy lock is held for
+  microseconds, so this fires within two intervals of the deadlock. The floor
+  covers a lock holder whose vCPU the host did not run for a while (TCG).
+- *Stuck*: stuck for ``samples`` samples spanning at least ``min_stuck_ms``,
+  wherever it is. Healthy kernels do run with preemption off for a while under
+  memory pressure (reclaim, zeroing pages) or heavy I/O: under TCG we saw
+  20 ms, and once 110 ms (dd with fsync). Hence a floor of 100 ms, which the
+  monitor raises to 300 ms under TCG.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transmigrate.detect.events import Event, Sample
 from transmigrate.introspect.cpus import CpuState
 
-__all__ = ["LockupDetector"]
+__all__ = ["SPIN_FUNCTION", "LockupDetector"]
 
 PREEMPT_MASK = 0xFF
 """The preempt_count bits that count preempt_disable() nesting (spin_lock takes one)."""
+SPIN_FUNCTION = re.compile(
+    r"queued_(spin|read|write)_lock_slowpath|virt_spin_lock|_raw_(spin|read|write)_lock")
+"""Kernel functions whose loops wait for a spinning lock (qspinlock, qrwlock)."""
 
 
 @dataclass
@@ -34,6 +46,8 @@ class _Watch:
     """When ``last`` was sampled: a CPU found stuck has made no progress since."""
     stuck_since_ns: int | None = None
     stuck_samples: int = 0
+    looked_ns: int | None = None
+    """When ``where`` was last asked about this stuck stretch."""
     reported: bool = False
 
 
@@ -41,9 +55,15 @@ class LockupDetector:
     name = "lockup"
     needs = frozenset({"cpus"})
 
-    def __init__(self, samples: int = 2, min_stuck_ms: float = 100.0) -> None:
+    def __init__(self, samples: int = 2, min_stuck_ms: float = 100.0,
+                 spin_min_ms: float = 20.0,
+                 where: Callable[[int], str | None] | None = None) -> None:
+        """``where(cpu)`` names the kernel function CPU ``cpu`` runs (None: unknown);
+        without it only the *stuck* rule applies."""
         self.samples = samples
         self.min_stuck_ns = int(min_stuck_ms * 1e6)
+        self.spin_min_ns = int(spin_min_ms * 1e6)
+        self.where = where
         self._cpus: dict[int, _Watch] = {}
 
     def observe(self, sample: Sample) -> list[Event]:
@@ -58,26 +78,43 @@ class LockupDetector:
                      and cpu.current_pid == watch.last.current_pid
                      and cpu.preempt_count is not None and cpu.preempt_count & PREEMPT_MASK)
             if not stuck:
-                watch.stuck_since_ns, watch.stuck_samples, watch.reported = None, 0, False
+                watch.stuck_since_ns, watch.stuck_samples = None, 0
+                watch.looked_ns, watch.reported = None, False
             else:
                 if watch.stuck_since_ns is None:
                     watch.stuck_since_ns = watch.last_ns
                 watch.stuck_samples += 1
-                stuck_ns = sample.monotonic_ns - watch.stuck_since_ns
-                if (not watch.reported and watch.stuck_samples >= self.samples
-                        and stuck_ns >= self.min_stuck_ns):
-                    watch.reported = True
-                    events.append(Event(
-                        "lockup", sample.monotonic_ns,
-                        f"CPU {cpu.cpu} stuck in the kernel with preemption off "
-                        f"(pid {cpu.current_pid} {cpu.current_comm})",
-                        {"cpu": cpu.cpu, "pid": cpu.current_pid, "comm": cpu.current_comm,
-                         "preempt_count": cpu.preempt_count,
-                         "context_switches": cpu.context_switches,
-                         "timer_interrupts": cpu.timer_interrupts,
-                         "timer_interrupts_advancing":
-                             cpu.timer_interrupts != watch.last.timer_interrupts,
-                         "stuck_samples": watch.stuck_samples,
-                         "stuck_ms": round(stuck_ns / 1e6, 3)}))
+                if not watch.reported:
+                    event = self._judge(cpu, watch, sample.monotonic_ns)
+                    if event is not None:
+                        watch.reported = True
+                        events.append(event)
             watch.last, watch.last_ns = cpu, sample.monotonic_ns
         return events
+
+    def _judge(self, cpu: CpuState, watch: _Watch, now_ns: int) -> Event | None:
+        assert watch.stuck_since_ns is not None
+        stuck_ns = now_ns - watch.stuck_since_ns
+        evidence: dict[str, object] = {}
+        if (self.where is not None and stuck_ns >= self.spin_min_ns
+                and (watch.looked_ns is None or now_ns - watch.looked_ns >= self.spin_min_ns)):
+            watch.looked_ns = now_ns
+            function = self.where(cpu.cpu)
+            if function is not None and SPIN_FUNCTION.search(function):
+                evidence = {"rule": "spinning", "function": function}
+        if not evidence and watch.stuck_samples >= self.samples and stuck_ns >= self.min_stuck_ns:
+            evidence = {"rule": "stuck"}
+        if not evidence:
+            return None
+        what = "spinning on a lock" if evidence["rule"] == "spinning" else "stuck"
+        return Event(
+            "lockup", now_ns,
+            f"CPU {cpu.cpu} {what} in the kernel with preemption off "
+            f"(pid {cpu.current_pid} {cpu.current_comm})",
+            {"cpu": cpu.cpu, "pid": cpu.current_pid, "comm": cpu.current_comm,
+             "preempt_count": cpu.preempt_count,
+             "context_switches": cpu.context_switches,
+             "timer_interrupts": cpu.timer_interrupts,
+             "timer_interrupts_advancing": cpu.timer_interrupts != watch.last.timer_interrupts,
+             "stuck_samples": watch.stuck_samples,
+             "stuck_ms": round(stuck_ns / 1e6, 3), **evidence})

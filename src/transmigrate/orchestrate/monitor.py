@@ -38,8 +38,8 @@ from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import running
 from transmigrate.vm.machine import Machine
 
-__all__ = ["DETECTORS", "LOCKUP_MIN_MS", "Monitor", "MonitorConfig", "MonitorStats",
-           "parse_interval", "with_settings"]
+__all__ = ["DETECTORS", "LOCKUP_MIN_MS", "LOCKUP_SPIN_MS", "Monitor", "MonitorConfig",
+           "MonitorStats", "parse_interval", "with_settings"]
 
 DETECTORS = ("lockup", "fork-storm", "memory-exhaustion", "hung-driver", "panic")
 _STATUS_EVERY_NS = 1_000_000_000
@@ -48,7 +48,18 @@ LOCKUP_MIN_MS = {"kvm": 100.0, "tcg": 300.0}
 kernel under the 10-minute soak once sat 110 ms in one preempt-off stretch (dd,
 fsync). With KVM guest code runs at native speed (not measurable here: KVM
 guests fail on this machine)."""
+LOCKUP_SPIN_MS = {"kvm": 20.0, "tcg": 50.0}
+"""Default floors for a CPU seen spinning on a lock. Under TCG a lock holder's
+vCPU is a host thread that the host may not run for a scheduling period or two."""
 _RIP_LOOKS = 7
+"""Looks at a CPU's registers to name the function of an event."""
+_SPIN_LOOKS = 3
+"""Looks at a stuck CPU's registers to tell whether it spins on a lock (~2.5 ms each)."""
+
+
+def _by_accel(setting: float | None, defaults: dict[str, float], accel: str) -> float:
+    """The operator's ``setting``, else the default for ``accel`` (TCG's if unknown)."""
+    return setting if setting is not None else defaults.get(accel, defaults["tcg"])
 
 
 def parse_interval(text: str) -> float:
@@ -71,6 +82,8 @@ class MonitorConfig:
     lockup_samples: int = 2
     lockup_min_ms: float | None = None
     """How long a CPU must look stuck; None: by accelerator (see LOCKUP_MIN_MS)."""
+    lockup_spin_ms: float | None = None
+    """How long a CPU must spin on a lock; None: by accelerator (see LOCKUP_SPIN_MS)."""
     fork_min_growth: int = 40
     fork_min_rate: float = 5.0
     fork_window_ms: float = 5000.0
@@ -157,9 +170,13 @@ class Monitor:
         self._locks = LockReader(self.guest, config.locks) if config.locks else None
 
     def _detectors(self, config: MonitorConfig) -> list[Detector]:
+        accel = self.machine.record.accel
         built: dict[str, Detector] = {
-            "lockup": LockupDetector(config.lockup_samples, config.lockup_min_ms
-                                     or LOCKUP_MIN_MS.get(self.machine.record.accel, 300.0)),
+            "lockup": LockupDetector(
+                config.lockup_samples,
+                _by_accel(config.lockup_min_ms, LOCKUP_MIN_MS, accel),
+                _by_accel(config.lockup_spin_ms, LOCKUP_SPIN_MS, accel),
+                where=lambda cpu: self._cpu_function(cpu, _SPIN_LOOKS)),
             "fork-storm": ForkStormDetector(config.fork_min_growth, config.fork_min_rate,
                                             config.fork_window_ms),
             "memory-exhaustion": MemoryExhaustionDetector(config.memory_min_free_fraction),
@@ -265,19 +282,21 @@ class Monitor:
         held = [lock for lock in self.lock_states() if lock.held]
         if self._locks is not None:
             evidence["locks_held"] = [lock.as_dict() for lock in held]
-        if event.kind == "lockup":
-            function = self._cpu_function(int(event.evidence["cpu"]))
+        if event.kind == "lockup" and "function" in evidence:
+            summary += f" in {evidence['function']}"
+        elif event.kind == "lockup":
+            function = self._cpu_function(int(event.evidence["cpu"]), _RIP_LOOKS)
             if function is not None:
                 summary, evidence["function"] = f"{summary} in {function}", function
         if held:
             summary += f"; held: {', '.join(lock.name for lock in held)}"
         return Event(event.kind, event.monotonic_ns, summary, evidence)
 
-    def _cpu_function(self, cpu: int) -> str | None:
-        """The kernel function CPU ``cpu`` executes: the most frequent of a few looks at
-        QEMU's registers, since a stuck CPU with interrupts on is sometimes caught in
+    def _cpu_function(self, cpu: int, looks: int) -> str | None:
+        """The kernel function CPU ``cpu`` executes: the most frequent of ``looks`` looks
+        at QEMU's registers, since a stuck CPU with interrupts on is sometimes caught in
         its timer interrupt."""
-        seen = Counter(f for f in (self._cpu_function_once(cpu) for _ in range(_RIP_LOOKS))
+        seen = Counter(f for f in (self._cpu_function_once(cpu) for _ in range(looks))
                        if f is not None)
         return seen.most_common(1)[0][0] if seen else None
 
