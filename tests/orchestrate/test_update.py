@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,6 +94,9 @@ def test_redis_moves_6_1_to_6_12_with_its_connection(prepared: Host, service_vm:
     assert set(report["steps"]) >= {"boot standby", "precheck", "pre-copy", "final dump",
                                     "handover", "restore", "verify", "commit"}
     assert not [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
+    assert report["warnings"] == []
+    assert machine.record.data_overlay == "" and not machine.data_overlay.exists(), \
+        "the new VM's data overlay is merged into the volume"
 
 
 @pytest.mark.parametrize("kernel_from, kernel_to", [
@@ -140,6 +145,10 @@ def test_two_trees_move_together(prepared: Host, service_vm: str) -> None:
         "cat", "/data/ticker"]).text.split()]
     assert counts == list(range(1, len(counts) + 1)), "the count went on where it was"
     assert lifecycle.exec_in(prepared, VM, ["kill", "-0", str(ticker)]).exit_code == 0
+    # What the new VM wrote before its data overlay was merged is on the volume itself.
+    lifecycle.exec_in(prepared, VM, ["sync"])
+    on_volume = _volume(prepared, "cat /ticker").split()
+    assert on_volume[:len(counts)] == [str(n) for n in counts]
     assert int(redis_cli(prepared, prepared.machines.get(VM).record.ip, "DBSIZE")) == keys
 
 
@@ -244,6 +253,13 @@ def test_container_survives_6_1_to_6_12(moved_container: dict[str, list[Any]],
     assert ok, detail
 
 
+def _volume(host: Host, request: str) -> str:
+    """``debugfs -R request`` on the test VM's data volume, read from the host."""
+    volume = host.machines.get(VM).record.data_volume
+    return subprocess.run(["debugfs", "-R", request, volume], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def _rollback(host: Host, sabotage: Callable[[Host], None], at_step: str,
               **update_args: Any) -> None:
     lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=768)
@@ -277,12 +293,45 @@ def _kill_target(host: Host) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def _kill_target_once_it_wrote_the_volume(host: Host) -> None:
+    """Kill the target's QEMU as soon as it has mounted the data volume (mounting
+    writes the superblock, which lands in the target's data overlay); note first
+    whether QEMU holds the volume itself read-only."""
+    target = host.machines.get(f"{VM}-next")
+    pid, overlay, volume = target.pid, target.data_overlay, target.record.data_volume
+    assert pid is not None
+    size = overlay.stat().st_size
+    nodes = target.qmp("query-named-block-nodes")
+    assert isinstance(nodes, list)
+    _seen["volume read-only"] = all(n["ro"] for n in nodes if n["file"] == volume)
+    _seen["volume nodes"] = sum(n["file"] == volume for n in nodes)
+
+    def kill_once_written() -> None:
+        deadline = time.monotonic() + 60
+        while overlay.stat().st_size == size and time.monotonic() < deadline:
+            time.sleep(0.005)
+        _seen["killed after a write"] = overlay.stat().st_size > size
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_once_written, daemon=True).start()
+
+
+_seen: dict[str, object] = {}
+
+
 def _cut_migration_link(host: Host) -> None:
     host.network.detach(host.machines.get(f"{VM}-next").record.migration_tap)
 
 
 def test_rollback_when_target_dies_mid_restore(prepared: Host, service_vm: str) -> None:
     _rollback(prepared, _kill_target, "restore")
+
+
+def test_rollback_after_target_mounted_the_volume(prepared: Host, service_vm: str) -> None:
+    """The target's writes went to its overlay: the volume was read-only to its QEMU."""
+    _seen.clear()
+    _rollback(prepared, _kill_target_once_it_wrote_the_volume, "restore")
+    assert _seen == {"volume read-only": True, "volume nodes": 2, "killed after a write": True}
 
 
 def test_rollback_when_transfer_breaks(prepared: Host, service_vm: str) -> None:

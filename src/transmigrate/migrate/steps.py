@@ -403,7 +403,8 @@ class HandOver:
 
     One command on each side keeps it short. The source's freeze flushes the
     volume; pages already went by the page server. The target mounts the
-    volume only when it restores, so a failure up to here never touched it there.
+    volume only when it restores, and writes to an overlay until it has taken
+    over, so no failure leaves the volume written by both.
     """
 
     name = "handover"
@@ -493,7 +494,8 @@ class Restore:
 
     def undo(self, plan: Plan) -> None:
         """Kill what was restored and release the volume; if the target cannot confirm
-        that, fence it, so that the source never writes the volume alongside it."""
+        that, fence it, so that nothing of the service runs there alongside the source.
+        (What it wrote to the volume is in its overlay, thrown away with it.)"""
         kills = "".join(
             f"if [ -s {t.lazy_status}.pid ]; then pkill -KILL -s $(cat {t.lazy_status}.pid); fi; "
             f"if [ -s {t.restored_pidfile} ]; then "

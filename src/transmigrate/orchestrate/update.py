@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from transmigrate.errors import TransmigrateError
+from transmigrate.errors import MachineError, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.migrate.criu import IMAGES_ROOT
 from transmigrate.migrate.precopy import COPY_MODES, PreCopyPolicy
@@ -122,6 +122,9 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
     start = time.monotonic()
     source = running(host, name)
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
+    if source.record.data_overlay == "current":  # a merge the last update left undone
+        progress(f"merging the data {name} wrote into its volume")
+        source = host.machines.merge_data(source)
     standby_name = f"{name}-next"
     boot_start = time.monotonic()
     target = up(host, standby_name, kernel.release, memory_mib=source.record.memory_mib,
@@ -143,8 +146,15 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
         raise
     progress(f"retiring {name} ({source.record.kernel})")
     host.machines.remove(source)
-    target = host.machines.rename(target, name)
+    target = host.machines.take_over(target, name)
     _remove_images(host, target)
+    progress(f"merging the data {name} wrote into its volume")
+    warnings = list(report.warnings)
+    try:
+        host.machines.merge_data(target)
+    except MachineError as exc:
+        warnings.append(f"{exc}; the service runs on, its newest data is safe in the "
+                        "overlay, which the next update merges first")
     return UpdateReport(
         name=name, pids=[t.restored_pid or t.pid for t in report.trees],
         kernel_before=source.record.kernel,
@@ -153,7 +163,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
         frozen_seconds=round(report.frozen_seconds, 3),
         total_seconds=round(time.monotonic() - start, 3),
         criu=[asdict(tree) for tree in report.trees],
-        warnings=report.warnings)
+        warnings=warnings)
 
 
 def _remove_images(host: Host, machine: Machine) -> None:

@@ -13,7 +13,11 @@ kernel's memory.
 Each VM has two NICs: the service NIC, which carries the service's identity
 (MAC and address) and is on the service bridge only while the VM serves, and a
 NIC on the private migration link. It also has the service's data volume,
-which only one VM at a time mounts.
+which only one VM at a time mounts. A standby sees the volume through a qcow2
+overlay of its own: until it has taken the service over, nothing it writes
+reaches the volume, so a failed update can always resume the old VM on a volume
+that only the old VM wrote. Once it has taken over, the overlay is merged into
+the volume, live (QEMU's active block-commit).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from transmigrate.errors import (
     CommandError,
@@ -83,6 +88,10 @@ class MachineRecord:
     data_volume: str
     ram_path: str
     started_at: float
+    data_overlay: str = ""
+    """"": the VM writes ``data_volume`` itself. "standby": its writes go to an
+    overlay that is thrown away with it. "current": it has taken the service over,
+    and the overlay holds the service's newest data until merged into the volume."""
 
     @property
     def identity(self) -> ServiceIdentity:
@@ -132,6 +141,11 @@ class Machine:
     @property
     def overlay(self) -> Path:
         return self.directory / "overlay.qcow2"
+
+    @property
+    def data_overlay(self) -> Path:
+        """Where a standby's writes to the data volume go (see MachineRecord.data_overlay)."""
+        return self.directory / "data.qcow2"
 
     @property
     def pid(self) -> int | None:
@@ -193,6 +207,42 @@ class Machine:
             footprint["ram_file_kib"] = self.ram_path.stat().st_blocks // 2
         return footprint
 
+    def merge_data(self, timeout: float = 600.0) -> None:
+        """Merge the data overlay into the volume while the guest runs, then drop it.
+
+        QEMU's active commit copies the overlay's clusters into the volume, then
+        switches the guest's disk over to the volume itself."""
+        job = "merge-data"
+        self.qmp("block-commit", {"device": "data", "job-id": job})
+        self._wait_job(job, lambda jobs: bool(jobs and jobs[0].get("ready")), timeout)
+        self.qmp("block-job-complete", {"device": job})
+        self._wait_job(job, lambda jobs: not jobs, timeout)
+        image: dict[str, Any] = next(
+            (d["inserted"]["image"] for d in self._qmp_list("query-block")
+             if d.get("device") == "data" and "inserted" in d), {})
+        if image.get("filename") != self.record.data_volume or "backing-image" in image:
+            raise MachineError(f"vm {self.name!r}: merging its data overlay into "
+                               f"{self.record.data_volume} did not complete ({image})")
+        self.data_overlay.unlink(missing_ok=True)
+
+    def _qmp_list(self, command: str) -> list[dict[str, Any]]:
+        answer = self.qmp(command)
+        return [a for a in answer if isinstance(a, dict)] if isinstance(answer, list) else []
+
+    def _wait_job(self, job: str, done: Callable[[list[dict[str, Any]]], bool],
+                  timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = [j for j in self._qmp_list("query-block-jobs") if j.get("device") == job]
+            if done(jobs):
+                return
+            if jobs and jobs[0].get("io-status", "ok") != "ok":
+                raise MachineError(f"vm {self.name!r}: block job {job} failed: {jobs[0]}")
+            if time.monotonic() > deadline:
+                raise MachineError(f"vm {self.name!r}: block job {job} did not finish "
+                                   f"within {timeout:.0f} s")
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop QEMU (QMP quit, then SIGKILL by pid) and remove everything of this VM."""
         pid = self.pid
@@ -243,14 +293,28 @@ class MachineRegistry:
                 return machine
         raise MachineNotFound(f"no VM named {name!r}")
 
-    def rename(self, machine: Machine, name: str) -> Machine:
-        """Give ``machine`` a new name (the standby takes over its predecessor's)."""
+    def take_over(self, machine: Machine, name: str) -> Machine:
+        """The standby ``machine`` serves now: it takes its predecessor's name, and its
+        data overlay holds the service's newest data (see :meth:`merge_data`)."""
         with self.locked():
             if any(m.name == name and m.record.id != machine.record.id for m in self.all()):
                 raise MachineExists(f"a VM named {name!r} already exists")
-            record = MachineRecord(**{**asdict(machine.record), "name": name})
-            _write_record(machine.directory, record)
-            return Machine(machine.directory, record)
+            overlay = "current" if machine.record.data_overlay else ""
+            return self._update(machine, name=name, data_overlay=overlay)
+
+    def merge_data(self, machine: Machine) -> Machine:
+        """Merge ``machine``'s current data overlay into the volume (live)."""
+        if machine.record.data_overlay != "current":
+            return machine
+        machine.merge_data()
+        with self.locked():
+            return self._update(machine, data_overlay="")
+
+    @staticmethod
+    def _update(machine: Machine, **changes: object) -> Machine:
+        record = MachineRecord(**{**asdict(machine.record), **changes})
+        _write_record(machine.directory, record)
+        return Machine(machine.directory, record)
 
     def create(self, name: str, kernel: Kernel, image: Path, accel: Accelerator, *,
                memory_mib: int, cpus: int, data_volume: Path,
@@ -287,7 +351,7 @@ class MachineRegistry:
                 migration_mac=guest_mac(slot, 1), migration_address=migration_address(slot),
                 migration_tap=f"tm-{slot}-m", data_volume=str(data_volume),
                 ram_path=str(self.shm / f"{self.network.name}-{vm_id}.ram"),
-                started_at=time.time())
+                started_at=time.time(), data_overlay="standby" if standby else "")
             _write_record(directory, record)
             machine = Machine(directory, record)
             try:
@@ -319,6 +383,14 @@ class MachineRegistry:
         machine.ram_path.unlink(missing_ok=True)
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", record.image,
              machine.overlay])
+        # The volume is written by one VM at a time, so QEMU's image locks are off.
+        data = f"file={record.data_volume},format=raw,file.locking=off,cache.direct=on"
+        if record.data_overlay:
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                 record.data_volume, machine.data_overlay])
+            # The overlay is this QEMU's alone (and may be on tmpfs: no O_DIRECT).
+            data = (f"file={machine.data_overlay},format=qcow2,"
+                    "backing.file.locking=off,backing.file.cache.direct=on")
         cmdline = " ".join([
             "console=ttyS0", "loglevel=4", "panic=-1",
             f"tm.name={record.name}",
@@ -342,8 +414,7 @@ class MachineRegistry:
             "-device", f"virtio-blk-pci,drive=root,serial={ROOT_SERIAL}",
             "-drive", f"if=none,id=modules,file={kernel.modules_image},format=raw,readonly=on",
             "-device", f"virtio-blk-pci,drive=modules,serial={MODULES_SERIAL}",
-            "-drive", (f"if=none,id=data,file={record.data_volume},format=raw,"
-                       "file.locking=off,cache.direct=on"),
+            "-drive", f"if=none,id=data,{data}",
             "-device", f"virtio-blk-pci,drive=data,serial={DATA_SERIAL}",
             "-netdev", f"tap,id=svc0,ifname={record.service_tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=svc0,mac={record.service_mac}",

@@ -2,8 +2,11 @@
 
 Both the active and the standby VM have it attached (QEMU's image locking is
 off for it), but only one guest mounts it at a time; handover freezes it on the
-old guest before the new one mounts it. Files a service writes there (redis'
-AOF and RDB, logs) therefore survive the move, and nothing is written by both.
+old guest before the new one mounts it. The standby writes to an overlay of its
+own until it has taken over (see ``vm.machine``), so even a rollback after it
+mounted the volume leaves the volume as only the old guest wrote it. Files a
+service writes there (redis' AOF and RDB, logs) therefore survive the move, and
+nothing is written by both.
 """
 
 from __future__ import annotations
