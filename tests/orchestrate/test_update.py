@@ -92,7 +92,8 @@ def test_redis_moves_6_1_to_6_12_with_its_connection(prepared: Host, service_vm:
     assert report["criu"][0]["restore"]["pages_restored"] > 0
     assert report["criu"][0]["precopy"][0]["pages_written"] > 0
     assert set(report["steps"]) >= {"boot standby", "precheck", "pre-copy", "final dump",
-                                    "handover", "restore", "verify", "commit"}
+                                    "handover", "restore", "verify", "commit",
+                                    "merge data"}
     assert not [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
     assert report["warnings"] == []
     assert machine.record.data_overlay == "" and not machine.data_overlay.exists(), \

@@ -150,6 +150,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
     _remove_images(host, target)
     progress(f"merging the data {name} wrote into its volume")
     warnings = list(report.warnings)
+    merge_start = time.monotonic()
     try:
         host.machines.merge_data(target)
     except MachineError as exc:
@@ -159,7 +160,8 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
         name=name, pids=[t.restored_pid or t.pid for t in report.trees],
         kernel_before=source.record.kernel,
         kernel_after=kernel.release, copy=report.copy,
-        steps={"boot standby": round(boot_seconds, 3), **report.steps},
+        steps={"boot standby": round(boot_seconds, 3), **report.steps,
+               "merge data": round(time.monotonic() - merge_start, 3)},
         frozen_seconds=round(report.frozen_seconds, 3),
         total_seconds=round(time.monotonic() - start, 3),
         criu=[asdict(tree) for tree in report.trees],
