@@ -2,10 +2,10 @@
 
 The guest does no work for this: every sample is read straight out of its RAM
 file. Each detector has its own interval (by default the monitor's); a sample
-reads only what the detectors due at that moment need. A sample torn by the
-running guest is skipped and counted, never fatal. A lockup event is enriched
-with the kernel function the stuck CPU executes, from QEMU's view of its
-registers, symbolized with the kernel's debug info, and with the state of the
+reads only what the detectors due at that moment need. A read torn by the
+running guest is counted and skips the detectors that need it, never fatal. A
+lockup event is enriched with the kernel function the stuck CPU executes, from
+QEMU's view of its registers, symbolized with the kernel's debug info, and with the state of the
 locks the operator named. Once the kernel has panicked, what else trips is its
 consequence (the panicking CPU spins with preemption off): only the panic is
 reported.
@@ -131,6 +131,7 @@ def with_settings(config: MonitorConfig, settings: list[str]) -> MonitorConfig:
 class MonitorStats:
     samples: int = 0
     torn_samples: int = 0
+    """Samples with at least one torn read."""
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     events: list[Event] = field(default_factory=list)
@@ -193,11 +194,18 @@ class Monitor:
             return None
         return site.function if site else None
 
-    def sample(self, needs: frozenset[str] | None = None) -> Sample:
-        """One look at the guest: every reader, or those in ``needs``."""
-        readings = {name: read() for name, read in self._readers.items()
-                    if needs is None or name in needs}
-        return Sample(time.monotonic_ns(), **readings)
+    def sample(self, needs: frozenset[str] | None = None) -> tuple[Sample, frozenset[str]]:
+        """One look at the guest: every reader, or those in ``needs``; and the readers
+        whose read tore (their part of the sample is None). A torn task walk under a
+        fork bomb must not cost the fork counters their sample."""
+        readings, torn = {}, set()
+        for name, read in self._readers.items():
+            if needs is None or name in needs:
+                try:
+                    readings[name] = read()
+                except IntrospectionError:
+                    torn.add(name)
+        return Sample(time.monotonic_ns(), **readings), frozenset(torn)
 
     def lock_states(self) -> tuple[LockState, ...]:
         """The named locks now; empty if none were named or a read tore."""
@@ -237,15 +245,14 @@ class Monitor:
                 due_ns[detector.name] += interval_ns[detector.name]
                 if due_ns[detector.name] < now:
                     due_ns[detector.name] = now + interval_ns[detector.name]
-            try:
-                sample = self.sample(frozenset().union(*(d.needs for d in due)))
-            except IntrospectionError:
-                stats.torn_samples += 1
-                continue
+            sample, torn = self.sample(frozenset().union(*(d.needs for d in due)))
             stats.samples += 1
+            stats.torn_samples += bool(torn)
             if on_sample is not None:
                 on_sample(sample)
             for detector in due:
+                if detector.needs & torn:
+                    continue
                 for event in detector.observe(sample):
                     if panicked and event.kind != "oops":
                         continue
