@@ -17,6 +17,16 @@ def test_fork_bomb_is_reported() -> None:
     assert events[0].evidence["forks_per_second"] >= 100
 
 
+def test_coarse_interval_keeps_the_whole_window() -> None:
+    """Sampled every 1.01 s, a 5 s window holds four intervals; it must reach back
+    to the fifth, or a bomb adding 9 processes a second is never 40 in a window."""
+    detector = ForkStormDetector(min_growth=40, min_fork_rate=5, window_ms=5000)
+    stream = [counters(t * 1010, forks=100 + 9 * t, processes=60 + 9 * t) for t in range(10)]
+    events = [e for s in stream for e in detector.observe(s)]
+    assert [e.monotonic_ns for e in events] == [5 * 1010 * 1_000_000]
+    assert events[0].evidence["growth"] == 45
+
+
 def test_fork_exec_loop_is_not_a_storm() -> None:
     detector = ForkStormDetector(min_growth=50, min_fork_rate=100, window_ms=1000)
     stream = [counters(t, forks=1000 + 5 * t, processes=60 + (t // 10) % 3)

@@ -4,9 +4,11 @@ A fork bomb forks *and* its processes pile up; a busy build or a fork-exec
 loop forks as fast, but its children exit, so the process count stays flat.
 So runaway creation is: the process count grew by at least ``min_growth``
 within ``window_ms`` while forks went on at ``min_fork_rate`` per second or
-more. Growth, not speed, is the signal: a bomb throttled to a few forks a
-second is still a bomb. Memory exhaustion is free memory below ``min_free_fraction`` of
-the total, or below the zones' own low watermarks, whichever is higher.
+more. The window reaches back to the last sample at or before its start, so
+that an interval that does not divide it does not shorten it. Growth, not
+speed, is the signal: a bomb throttled to a few forks a second is still a bomb.
+Memory exhaustion is free memory below ``min_free_fraction`` of the total, or
+below the zones' own low watermarks, whichever is higher.
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ class ForkStormDetector:
             minima.pop()
         minima.append(now)
         horizon = now.monotonic_ns - self.window_ns
-        while history[0].monotonic_ns < horizon:
+        while len(history) > 1 and history[1].monotonic_ns <= horizon:
             history.popleft()
-        while minima[0].monotonic_ns < horizon:
-            minima.popleft()
         oldest = history[0]
+        while minima[0].monotonic_ns < oldest.monotonic_ns:
+            minima.popleft()
         growth = now.processes - minima[0].processes
         rate = fork_rate(oldest, now) if oldest is not now else 0.0
         if growth >= self.min_growth and rate >= self.min_fork_rate:
