@@ -57,17 +57,24 @@ def test_a_different_task_is_not_the_same_stuck_cpu() -> None:
     assert [e for s in stream for e in detector.observe(s)] == []
 
 
+class Registers:
+    """Stands for the monitor's looks at a vCPU: always in ``function``; counts the looks."""
+
+    def __init__(self, function: str) -> None:
+        self.function = function
+        self.looked: list[int] = []
+
+    def __call__(self, cpu: int) -> str:
+        self.looked.append(cpu)
+        return self.function
+
+
 def test_cpu_spinning_on_a_lock_is_reported_after_one_interval_past_the_floor() -> None:
-    looked: list[int] = []
-
-    def where(n: int) -> str:
-        looked.append(n)
-        return "native_queued_spin_lock_slowpath"
-
+    where = Registers("native_queued_spin_lock_slowpath")
     detector = LockupDetector(min_stuck_ms=300, spin_min_ms=20, where=where)
     stream = [cpus(0, cpu(1, 5)), cpus(10, cpu(1, 5, preempt=1)), cpus(20, cpu(1, 5, preempt=1))]
     events = [e for s in stream for e in detector.observe(s)]
-    assert looked == [1]
+    assert where.looked == [1]
     assert len(events) == 1 and events[0].monotonic_ns == 20 * MS
     assert events[0].evidence["rule"] == "spinning"
     assert events[0].evidence["function"] == "native_queued_spin_lock_slowpath"
@@ -75,18 +82,13 @@ def test_cpu_spinning_on_a_lock_is_reported_after_one_interval_past_the_floor() 
 
 
 def test_stuck_cpu_outside_a_spin_loop_waits_for_the_stuck_floor() -> None:
-    looked: list[int] = []
-
-    def where(n: int) -> str:
-        looked.append(n)
-        return "clear_page_erms"
-
+    where = Registers("clear_page_erms")
     detector = LockupDetector(min_stuck_ms=100, spin_min_ms=20, where=where)
     stream = [cpus(t, cpu(0, 10, preempt=1)) for t in range(0, 110, 10)]
     events = [e for s in stream for e in detector.observe(s)]
     assert [e.monotonic_ns for e in events] == [100 * MS]
     assert events[0].evidence["rule"] == "stuck" and "function" not in events[0].evidence
-    assert looked == [0] * 5, "looked once per spin floor, not at every sample"
+    assert where.looked == [0] * 5, "looked once per spin floor, not at every sample"
 
 
 def test_unknown_function_is_not_spinning() -> None:

@@ -5,10 +5,10 @@ file. Each detector has its own interval (by default the monitor's); a sample
 reads only what the detectors due at that moment need. A read torn by the
 running guest is counted and skips the detectors that need it, never fatal. A
 lockup event is enriched with the kernel function the stuck CPU executes, from
-QEMU's view of its registers, symbolized with the kernel's debug info, and with the state of the
-locks the operator named. Once the kernel has panicked, what else trips is its
-consequence (the panicking CPU spins with preemption off): only the panic is
-reported.
+QEMU's view of its registers, symbolized with the kernel's debug info, and with
+the state of the locks the operator named. Once the kernel has panicked, what
+else trips is its consequence (the panicking CPU spins with preemption off):
+only the panic is reported.
 """
 
 from __future__ import annotations
