@@ -21,8 +21,10 @@ def cpu(n: int, switches: int, *, preempt: int = 0, idle: bool = False,
                     current_comm="swapper/0" if idle else comm, idle=idle)
 
 
-def cpus(t_ms: float, *states: CpuState) -> Sample:
-    return Sample(int(t_ms * MS), cpus=CpuSample(0, states, int(t_ms * MS)))
+def cpus(t_ms: float, *states: CpuState, ran_ms: dict[int, float] | None = None) -> Sample:
+    """``ran_ms``: how long each vCPU's thread has run on the host so far."""
+    vcpus = {n: int(ms * MS) for n, ms in ran_ms.items()} if ran_ms is not None else None
+    return Sample(int(t_ms * MS), cpus=CpuSample(0, states, int(t_ms * MS)), vcpus=vcpus)
 
 
 def counters(t_ms: float, forks: int, processes: int) -> Sample:

@@ -95,3 +95,30 @@ def test_unknown_function_is_not_spinning() -> None:
     detector = LockupDetector(min_stuck_ms=1000, spin_min_ms=0, where=lambda n: None)
     stream = [cpus(t, cpu(0, 10, preempt=1)) for t in range(0, 100, 10)]
     assert [e for s in stream for e in detector.observe(s)] == []
+
+
+def test_time_the_host_did_not_run_the_vcpus_does_not_count() -> None:
+    """Under TCG a busy vCPU sometimes waits 80 ms for QEMU: the guest is not stuck."""
+    where = Registers("native_queued_spin_lock_slowpath")
+    detector = LockupDetector(min_stuck_ms=100, spin_min_ms=20, where=where)
+    stalled = [cpus(t, cpu(0, 10, preempt=1), cpu(1, 3), ran_ms={0: t / 20, 1: t})
+               for t in range(0, 200, 10)]
+    assert [e for s in stalled for e in detector.observe(s)] == []
+    resumed = [cpus(t, cpu(0, 10, preempt=1), cpu(1, 3), ran_ms={0: t - 180.5, 1: t})
+               for t in range(200, 230, 10)]
+    events = [e for s in resumed for e in detector.observe(s)]
+    assert [e.monotonic_ns for e in events] == [210 * MS]
+    assert events[0].evidence["ran_ms"] == 29.5 and events[0].evidence["stuck_ms"] == 210.0
+
+
+def test_spinning_waits_while_a_busy_cpu_that_may_hold_the_lock_is_not_run() -> None:
+    where = Registers("native_queued_spin_lock_slowpath")
+    detector = LockupDetector(min_stuck_ms=300, spin_min_ms=20, where=where)
+    holder_not_run = [cpus(t, cpu(0, 10, preempt=1), cpu(1, 3, pid=7), ran_ms={0: t, 1: 0})
+                      for t in range(0, 50, 10)]
+    assert [e for s in holder_not_run for e in detector.observe(s)] == []
+    other_idle = LockupDetector(min_stuck_ms=300, spin_min_ms=20, where=where)
+    idle_not_run = [cpus(t, cpu(0, 10, preempt=1), cpu(1, 3, idle=True), ran_ms={0: t, 1: 0})
+                    for t in range(0, 50, 10)]
+    events = [e for s in idle_not_run for e in other_idle.observe(s)]
+    assert [e.monotonic_ns for e in events] == [20 * MS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -13,7 +14,7 @@ from transmigrate.introspect.tasks import TaskSample
 
 __all__ = ["READERS", "Detector", "Event", "Sample"]
 
-READERS = ("cpus", "tasks", "memory", "counters", "health")
+READERS = ("cpus", "vcpus", "tasks", "memory", "counters", "health")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Sample:
 
     monotonic_ns: int
     cpus: CpuSample | None = None
+    vcpus: Mapping[int, int] | None = None
+    """Host CPU time, in ns, each vCPU's thread has run (read on the host, not in the guest)."""
     tasks: TaskSample | None = None
     memory: MemorySample | None = None
     counters: Counters | None = None

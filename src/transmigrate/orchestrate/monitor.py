@@ -37,6 +37,7 @@ from transmigrate.introspect.tasks import Task, TaskReader, wait_site
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import running
 from transmigrate.vm.machine import Machine
+from transmigrate.vm.vcpus import VcpuClock
 
 __all__ = ["DETECTORS", "LOCKUP_MIN_MS", "LOCKUP_SPIN_MS", "Monitor", "MonitorConfig",
            "MonitorStats", "parse_interval", "with_settings"]
@@ -157,8 +158,11 @@ class Monitor:
         self.detectors = self._detectors(config)
         needs = set().union(*(d.needs for d in self.detectors))
         self._readers: dict[str, Callable[[], Any]] = {}
+        self._vcpus = VcpuClock(self.machine) if "vcpus" in needs else None
         if "cpus" in needs:
             self._readers["cpus"] = CpuReader(self.guest).sample
+        if self._vcpus is not None:
+            self._readers["vcpus"] = self._vcpus.sample
         if "tasks" in needs:
             self._readers["tasks"] = TaskReader(self.guest).sample
         if "memory" in needs:
@@ -217,6 +221,8 @@ class Monitor:
             return ()
 
     def close(self) -> None:
+        if self._vcpus is not None:
+            self._vcpus.close()
         self.guest.close()
 
     def run(self, on_event: Callable[[Event], None], *, duration_s: float | None = None,
