@@ -4,13 +4,17 @@ Built with mmdebstrap from the host's Debian sources, then packed into an ext4
 disk image. Each VM boots from a qcow2 overlay on top of it, so VMs never see
 each other's writes. The image is cached under a hash of everything that goes
 into it (packages, the operator's files, our guest files), so a change to any
-of them builds a new one and an unchanged request reuses the old.
+of them builds a new one and an unchanged request reuses the old. A new build
+removes the builds it supersedes (same packages and files directory, older
+content) unless a QEMU still has them open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -62,6 +66,15 @@ class ImageSpec:
                 if path.is_file() and not path.is_symlink():
                     h.update(path.read_bytes())
         return h.hexdigest()[:16]
+
+
+def _open_paths() -> set[str]:
+    """Every file some process on this host has open."""
+    paths = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            paths.add(os.readlink(fd))
+    return paths
 
 
 def _guest_files() -> list[Path]:
@@ -127,3 +140,27 @@ class GuestImage:
             if self.directory.exists():
                 shutil.rmtree(self.directory)
             staging.rename(self.directory)
+        for stale in self.superseded():
+            progress(f"removing superseded image {stale.name}")
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def superseded(self) -> list[Path]:
+        """Older builds of the same request: the same packages and files directory, but
+        other content (our guest files or the operator's files changed since). No VM can
+        boot them again, and each holds hundreds of MiB; one a QEMU still has open stays."""
+        wanted = self._request(self.directory)
+        if wanted is None:
+            return []
+        in_use = _open_paths()
+        return [other for other in sorted(self.directory.parent.iterdir())
+                if other != self.directory and not other.name.startswith(".")
+                and self._request(other) == wanted
+                and str(other / "rootfs.img") not in in_use]
+
+    @staticmethod
+    def _request(directory: Path) -> tuple[object, object] | None:
+        try:
+            built = json.loads((directory / "image.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return built.get("packages"), built.get("files")
