@@ -6,7 +6,7 @@ each other's writes. The image is cached under a hash of everything that goes
 into it (packages, the operator's files, our guest files), so a change to any
 of them builds a new one and an unchanged request reuses the old. A new build
 removes the builds it supersedes (same packages and files directory, older
-content) unless a QEMU still has them open.
+content) that no running VM still has open.
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ class GuestImage:
 
     def superseded(self) -> list[Path]:
         """Older builds of the same request: the same packages and files directory, but
-        other content (our guest files or the operator's files changed since). No VM can
-        boot them again, and each holds hundreds of MiB; one a QEMU still has open stays."""
+        other content (our guest files or the operator's files changed since). No new VM
+        boots them, and each holds hundreds of MiB. A build some process (a running
+        VM's QEMU) still has open is kept."""
         wanted = self._request(self.directory)
         if wanted is None:
             return []
