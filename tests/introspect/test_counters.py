@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transmigrate.introspect.counters import CounterReader, fork_rate
+from transmigrate.introspect.counters import CounterReader, fork_rate, sum_per_cpu
 from transmigrate.introspect.tasks import TaskReader
 
 from .conftest import GUESTS, Attached
@@ -24,3 +24,9 @@ def test_counts_agree_with_the_task_list_and_forks_count(
     after = counters.sample()
     assert after.total_forks - before.total_forks >= 10
     assert fork_rate(before, after) > 0
+
+
+def test_per_cpu_process_counts_below_zero_wrap_as_in_the_kernel() -> None:
+    """Seen on 6.12 in the soak: unsummed, one CPU's -12 made 88 processes 2**64 + 88."""
+    assert sum_per_cpu([100, 2**64 - 12]) == 88
+    assert sum_per_cpu([3, 4]) == 7

@@ -11,11 +11,12 @@ would grow with the bomb.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from transmigrate.introspect.kernel import Guest, Record
 
-__all__ = ["CounterReader", "Counters", "fork_rate"]
+__all__ = ["CounterReader", "Counters", "fork_rate", "sum_per_cpu"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,13 @@ def fork_rate(before: Counters, after: Counters) -> float:
     return (after.total_forks - before.total_forks) / seconds if seconds > 0 else 0.0
 
 
+def sum_per_cpu(counts: Iterable[int]) -> int:
+    """The sum of per-CPU ``unsigned long`` counters as the kernel adds them, wrapping.
+    A process forked on one CPU and reaped on another leaves the first CPU's count one
+    high and the second's one "below zero" (2**64 - 1), and only the wrapped sum is right."""
+    return sum(counts) % (1 << 64)
+
+
 class CounterReader:
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
@@ -45,7 +53,8 @@ class CounterReader:
         self._process_addresses = tuple(guest.per_cpu_addresses("process_counts").values())
 
     def sample(self) -> Counters:
-        processes = sum(self._processes.read(address)[0] for address in self._process_addresses)
+        processes = sum_per_cpu(self._processes.read(address)[0]
+                                for address in self._process_addresses)
         return Counters(self._forks.read(self._forks_address)[0],
                         self._threads.read(self._threads_address)[0],
                         processes, time.monotonic_ns())
