@@ -122,9 +122,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
     start = time.monotonic()
     source = running(host, name)
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
-    if source.record.data_overlay == "current":  # a merge the last update left undone
-        progress(f"merging the data {name} wrote into its volume")
-        source = host.machines.merge_data(source)
+    source = host.machines.merge_data(source, progress)  # if the last update left it undone
     standby_name = f"{name}-next"
     boot_start = time.monotonic()
     target = up(host, standby_name, kernel.release, memory_mib=source.record.memory_mib,
@@ -148,11 +146,10 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
     host.machines.remove(source)
     target = host.machines.take_over(target, name)
     _remove_images(host, target)
-    progress(f"merging the data {name} wrote into its volume")
     warnings = list(report.warnings)
     merge_start = time.monotonic()
     try:
-        host.machines.merge_data(target)
+        host.machines.merge_data(target, progress)
     except MachineError as exc:
         warnings.append(f"{exc}; the service runs on, its newest data is safe in the "
                         "overlay, which the next update merges first")

@@ -44,6 +44,7 @@ from transmigrate.errors import (
     MachineNotFound,
 )
 from transmigrate.process import run
+from transmigrate.progress import Progress, silent
 from transmigrate.vm.accel import Accelerator
 from transmigrate.vm.initramfs import MODULES_SERIAL, ROOT_SERIAL
 from transmigrate.vm.kernels import Kernel
@@ -302,10 +303,11 @@ class MachineRegistry:
             overlay = "current" if machine.record.data_overlay else ""
             return self._update(machine, name=name, data_overlay=overlay)
 
-    def merge_data(self, machine: Machine) -> Machine:
-        """Merge ``machine``'s current data overlay into the volume (live)."""
+    def merge_data(self, machine: Machine, progress: Progress = silent) -> Machine:
+        """Merge ``machine``'s current data overlay, if it has one, into the volume (live)."""
         if machine.record.data_overlay != "current":
             return machine
+        progress(f"merging the data {machine.name} wrote into its volume")
         machine.merge_data()
         with self.locked():
             return self._update(machine, data_overlay="")
