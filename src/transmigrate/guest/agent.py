@@ -156,9 +156,11 @@ def _decode(data: Any) -> bytes:
 class GuestAgent:
     """Typed, bounded calls to one guest's agent."""
 
-    def __init__(self, socket_path: Path, lock_path: Path) -> None:
+    def __init__(self, socket_path: Path, lock_path: Path, name: str = "the guest") -> None:
         self.socket_path = socket_path
         self.lock_path = lock_path
+        self.name = name
+        """The VM's name, for errors."""
 
     @contextlib.contextmanager
     def _conversation(self, timeout: float) -> Iterator[_Connection]:
@@ -285,6 +287,19 @@ class GuestAgent:
                 time.sleep(pause)
                 if time.monotonic() > fast_until:
                     pause = min(pause * 2, _POLL_MAX)
+
+    def run(self, argv: Sequence[str], *, what: str = "", input: bytes | None = None,
+            env: Sequence[str] = (), timeout: float = 120.0) -> ExecResult:
+        """Run ``argv``; a non-zero exit raises GuestCommandFailed naming ``what`` (by
+        default the command) and this VM."""
+        result = self.exec(argv, input=input, env=env, timeout=timeout)
+        return result.check(what or argv[0], self.name)
+
+    def sh(self, script: str, *, what: str = "", input: bytes | None = None,
+           timeout: float = 120.0) -> ExecResult:
+        """Run a shell script, checked as :meth:`run` does."""
+        return self.run(["sh", "-c", script], what=what or script.split()[0], input=input,
+                        timeout=timeout)
 
     def processes(self) -> list[GuestProcess]:
         """The guest's processes, as its ``ps`` sees them."""

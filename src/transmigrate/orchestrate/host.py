@@ -59,4 +59,4 @@ class Host:
 
     @staticmethod
     def agent(machine: Machine) -> GuestAgent:
-        return GuestAgent(machine.agent_socket, machine.agent_lock)
+        return GuestAgent(machine.agent_socket, machine.agent_lock, machine.name)
