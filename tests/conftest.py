@@ -26,6 +26,22 @@ os.environ.setdefault("TRANSMIGRATE_NETNS", "transmigrate-test")
 os.environ.setdefault("TRANSMIGRATE_DATA", "/var/lib/transmigrate-test")
 
 
+GUEST_FIXTURES = {"prepared", "old_vm", "new_vm", "old_guest", "new_guest"}
+"""Every fixture that boots a guest depends on ``prepared`` (kernels and image ready);
+the shared guests are also asked for by name (``request.getfixturevalue``)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``vm`` every test that boots a guest, so ``-m "not vm"`` is the fast layer."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            used |= {value for value in callspec.params.values() if isinstance(value, str)}
+        if GUEST_FIXTURES & used:
+            item.add_marker(pytest.mark.vm)
+
+
 @pytest.fixture(scope="session")
 def host() -> Iterator[Host]:
     host = Host.from_environment()

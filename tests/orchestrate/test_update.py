@@ -16,7 +16,8 @@ import pytest
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
 from transmigrate.errors import KernelNotFound, TransmigrateError
-from transmigrate.migrate.steps import MigrationFailed, PrecheckFailed
+from transmigrate.migrate.engine import MigrationFailed
+from transmigrate.migrate.precheck import PrecheckFailed
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
@@ -272,12 +273,13 @@ def _rollback(host: Host, sabotage: Callable[[Host], None], at_step: str,
     try:
         keys = int(redis_cli(host, address, "DBSIZE"))
 
-        def progress(message: str) -> None:
-            if message == at_step:
+        def before_step(step: str) -> None:
+            if step == at_step:
                 sabotage(host)
 
         with pytest.raises(MigrationFailed, match="rolled back"):
-            update(host, VM, STANDBY_KERNEL, pids=[pid], progress=progress, **update_args)
+            update(host, VM, STANDBY_KERNEL, pids=[pid], before_step=before_step,
+                   **update_args)
         time.sleep(1.0)
     finally:
         summary = client.stop()
@@ -401,7 +403,9 @@ def test_precheck_refuses_what_cannot_move(prepared: Host, service_vm: str) -> N
     with pytest.raises(PrecheckFailed) as caught:
         update(prepared, VM, STANDBY_KERNEL, pids=[pid])
     message = str(caught.value)
-    assert "/var/tmp/only-here exists only in t-svc" in message
-    assert "device /dev/vda" in message
-    assert "\n" not in message
+    assert message.startswith("cannot move from t-svc: 2 reasons\n")
+    assert "/var/tmp/only-here: exists only in t-svc" in message
+    assert "have device /dev/vda open" in message
+    assert all(len(line) < 160 for line in message.splitlines()), message
+    assert {r.cause for r in caught.value.refusals} == {"file", "device"}
     assert lifecycle.exec_in(prepared, VM, ["kill", "-0", str(pid)]).exit_code == 0

@@ -233,16 +233,35 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
     declared = load_config(config).services.get(name, ())
     roots = update_job.find_services(host, name, pids=pid or (), processes=process or (),
                                      cgroups=cgroup or (), declared=declared)
-    report = update_job.update(host, name, kernel, pids=roots, copy=copy,
-                               progress=_Progress())
+    try:
+        report = update_job.update(host, name, kernel, pids=roots, copy=copy,
+                                   progress=_Progress())
+    except update_job.PrecheckFailed as exc:
+        if not json_:
+            raise
+        _emit_json({"error": str(exc), "refusals": exc.as_dicts()})
+        raise typer.Exit(1) from exc
     if json_:
         _emit_json(report.as_dict())
         return
     out.print(f"{name}: pids {', '.join(map(str, report.pids))} moved from "
-              f"{report.kernel_before} to {report.kernel_after} ({report.copy}); "
-              f"frozen {report.frozen_seconds:.2f} s, total {report.total_seconds:.1f} s")
-    for step, seconds in report.steps.items():
-        out.print(f"  {step:<18} {seconds:8.3f} s")
+              f"{report.kernel_before} to {report.kernel_after} ({report.copy})")
+    out.print(_steps_table(report.steps, {"frozen": report.frozen_seconds,
+                                          "total": report.total_seconds}))
+    for warning in report.warnings:
+        err.print(f"warning: {warning}", markup=False)
+
+
+def _steps_table(steps: dict[str, float], totals: dict[str, float]) -> Table:
+    """Seconds per step, then the totals under a line."""
+    table = Table("step", "seconds", show_footer=False)
+    table.columns[1].justify = "right"
+    for step, seconds in steps.items():
+        table.add_row(step, f"{seconds:.3f}")
+    table.add_section()
+    for what, seconds in totals.items():
+        table.add_row(f"[bold]{what}[/bold]", f"[bold]{seconds:.3f}[/bold]")
+    return table
 
 
 @app.command()
@@ -359,9 +378,16 @@ def demo(json_: JsonOption = False) -> None:
     report = demo_job.run(Host.from_environment(), progress=_Progress())
     if json_:
         _emit_json(report)
-    else:
-        for key, value in report.items():
-            out.print(f"[bold]{key}[/bold]: {value}")
+        return
+    timing = {"frozen window": report.pop("frozen (s)"),
+              "client's longest wait": report.pop("client's longest wait (s)"),
+              "update total": report.pop("update total (s)")}
+    steps = report.pop("steps (s)")
+    proof = Table(show_header=False)
+    for key, value in report.items():
+        proof.add_row(key, str(value))
+    out.print(proof)
+    out.print(_steps_table(steps, timing))
 
 
 def main() -> None:

@@ -12,12 +12,38 @@ memory where it is and the target fetches it after the service runs there
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-__all__ = ["COPY_MODES", "PreCopyPolicy"]
+__all__ = ["CopyMode", "PreCopyPolicy"]
 
-COPY_MODES = ("auto", "pre", "post", "stop")
-"""auto: pre-copy, then post-copy if it did not converge; pre: pre-copy only; post:
-post-copy only; stop: stop-and-copy (everything copied while frozen)."""
+
+class CopyMode(StrEnum):
+    """How memory goes. A migration starts with the operator's choice; the precheck
+    narrows it to what both kernels can do, and pre-copy settles ``AUTO``."""
+
+    AUTO = "auto"
+    """Pre-copy, then post-copy if pre-copy does not converge."""
+    PRE = "pre"
+    """Pre-copy only: the rest is copied while frozen."""
+    POST = "post"
+    """Post-copy only: the target fetches memory after the service runs there."""
+    STOP = "stop"
+    """Stop-and-copy: everything is copied while frozen."""
+
+    @property
+    def label(self) -> str:
+        """What the reports call it: "pre-copy", "post-copy", "stop-and-copy"."""
+        return {"auto": "pre-copy", "pre": "pre-copy", "post": "post-copy",
+                "stop": "stop-and-copy"}[self.value]
+
+    @property
+    def precopies(self) -> bool:
+        return self in (CopyMode.AUTO, CopyMode.PRE)
+
+    @property
+    def lazy(self) -> bool:
+        """The final dump leaves private memory to be fetched lazily (post-copy)."""
+        return self is CopyMode.POST
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from transmigrate.vm.image import ImageSpec
 from transmigrate.vm.machine import Machine
 from transmigrate.vm.volume import create_volume
 
-__all__ = ["BootReport", "clean", "down", "exec_in", "running", "up"]
+__all__ = ["BootReport", "clean", "down", "exec_in", "running", "standby_pid_base", "up"]
 
 BOOT_TIMEOUT = 180.0
 FIRST_PID = 10_000
@@ -31,13 +31,20 @@ class BootReport:
     """From QEMU's start to the guest agent's first answer."""
 
 
+def standby_pid_base(host: Host, machine: Machine) -> int:
+    """Where a standby for ``machine`` starts its own pids: far above ``machine``'s."""
+    last = host.agent(machine).run(["cat", "/proc/sys/kernel/ns_last_pid"]).text
+    return int(last) + STANDBY_PID_MARGIN
+
+
 def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None = None,
        memory_mib: int = 1024, cpus: int = 1, standby_for: Machine | None = None,
-       progress: Progress = silent) -> BootReport:
+       pid_base: int | None = None, progress: Progress = silent) -> BootReport:
     """Boot a VM on ``kernel_spec``; return once its guest agent answers.
 
     With ``standby_for``, the VM takes that VM's service identity and data
-    volume but stays off the service network and leaves the volume unmounted.
+    volume but stays off the service network and leaves the volume unmounted;
+    its pids start at ``pid_base`` (by default :func:`standby_pid_base`).
     """
     if any(m.name == name for m in host.machines.all()):
         raise MachineExists(f"a VM named {name!r} already exists")
@@ -52,8 +59,7 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
     else:
         image = Path(standby_for.record.image)  # the same files on both sides
         volume = Path(standby_for.record.data_volume)
-        last = host.agent(standby_for).exec(["cat", "/proc/sys/kernel/ns_last_pid"]).text
-        pid_base = int(last) + STANDBY_PID_MARGIN
+        pid_base = pid_base or standby_pid_base(host, standby_for)
     accel = host.accelerator()
     progress(f"starting {name} on {kernel.release} ({accel.upper()})")
     start = time.monotonic()

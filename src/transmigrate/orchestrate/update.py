@@ -1,10 +1,11 @@
 """Live kernel update: move a running service onto a fresh VM with the new kernel.
 
-The policy: boot the standby first (the service keeps running meanwhile),
-check what is to be moved, pre-copy, then freeze, dump, hand over data and
-network, restore and verify (with post-copy: and fetch the rest of the memory),
-and only then let the old copy go and retire the old VM. Any failure before
-that rolls back to the old VM (see migrate.steps); the standby is then discarded.
+The policy: boot the standby first (the service keeps running meanwhile, and
+the source's part of the precheck runs alongside), check what is to be moved,
+pre-copy, then freeze, dump, hand over data and network, restore and verify
+(with post-copy: and fetch the rest of the memory), and only then let the old
+copy go and retire the old VM. Any failure before that rolls back to the old VM
+(see migrate.engine); the standby is then discarded.
 """
 
 from __future__ import annotations
@@ -13,20 +14,24 @@ import contextlib
 import shlex
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from transmigrate.errors import MachineError, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.migrate.criu import IMAGES_ROOT
-from transmigrate.migrate.precopy import COPY_MODES, PreCopyPolicy
-from transmigrate.migrate.steps import Plan, Side, migration_steps, run_steps
+from transmigrate.migrate.engine import StepHook, run_steps
+from transmigrate.migrate.plan import Plan, Side
+from transmigrate.migrate.precheck import PrecheckFailed, inspect_source
+from transmigrate.migrate.precopy import CopyMode
+from transmigrate.migrate.steps import migration_steps
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.lifecycle import running, up
+from transmigrate.orchestrate.lifecycle import running, standby_pid_base, up
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
 
-__all__ = ["UpdateReport", "find_services", "update"]
+__all__ = ["PrecheckFailed", "UpdateReport", "find_services", "update"]
 
 
 @dataclass(frozen=True)
@@ -110,13 +115,15 @@ def _cgroup_roots(agent: GuestAgent, name: str, cgroup: str) -> list[int]:
 
 def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
            copy: str = "auto", service_check: Callable[[], None] | None = None,
-           progress: Progress = silent) -> UpdateReport:
+           progress: Progress = silent, before_step: StepHook | None = None) -> UpdateReport:
     """Move the process trees rooted at ``pids`` in VM ``name`` to a new VM on
-    ``kernel_spec``, all frozen together. ``copy`` is one of :data:`COPY_MODES`.
+    ``kernel_spec``, all frozen together. ``copy`` is a :class:`CopyMode` value.
     """
-    if copy not in COPY_MODES:
+    try:
+        mode = CopyMode(copy)
+    except ValueError:
         raise TransmigrateError(f"unknown copy mode {copy!r}; choose one of "
-                                f"{', '.join(COPY_MODES)}")
+                                f"{', '.join(CopyMode)}") from None
     if not pids or len(set(pids)) != len(pids):
         raise TransmigrateError(f"cannot move the trees {list(pids)}: name each once")
     start = time.monotonic()
@@ -124,24 +131,28 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
     source = host.machines.merge_data(source, progress)  # if the last update left it undone
     standby_name = f"{name}-next"
-    boot_start = time.monotonic()
-    target = up(host, standby_name, kernel.release, memory_mib=source.record.memory_mib,
-                cpus=source.record.cpus, standby_for=source, progress=progress).machine
-    boot_seconds = time.monotonic() - boot_start
-    plan = Plan(source=Side(source.record, host.agent(source)),
-                target=Side(target.record, host.agent(target)),
-                network=host.network, pids=pids,
-                fence_target=lambda: host.machines.remove(target),
-                policy=PreCopyPolicy() if copy in ("auto", "pre") else None,
-                postcopy={"auto": "auto", "post": "yes"}.get(copy, "no"),
-                service_check=service_check)
-    try:
-        report = run_steps(plan, migration_steps(progress), progress)
-    except BaseException:
-        progress(f"discarding {standby_name}")
-        host.machines.remove(target)
-        _remove_images(host, source)
-        raise
+    pid_base = standby_pid_base(host, source)  # before the inspection takes the agent
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        progress(f"inspecting what {name} moves while {standby_name} boots")
+        inspecting = pool.submit(inspect_source, host.agent(source), pids)
+        boot_start = time.monotonic()
+        target = up(host, standby_name, kernel.release, memory_mib=source.record.memory_mib,
+                    cpus=source.record.cpus, standby_for=source, pid_base=pid_base,
+                    progress=progress).machine
+        boot_seconds = time.monotonic() - boot_start
+        plan = Plan(source=Side(source.record, host.agent(source)),
+                    target=Side(target.record, host.agent(target)),
+                    network=host.network, pids=pids,
+                    fence_target=lambda: host.machines.remove(target),
+                    copy=mode, service_check=service_check)
+        try:
+            report = run_steps(plan, migration_steps(inspecting.result, progress), progress,
+                               before_step)
+        except BaseException:
+            progress(f"discarding {standby_name}")
+            host.machines.remove(target)
+            _remove_images(host, source)
+            raise
     progress(f"retiring {name} ({source.record.kernel})")
     host.machines.remove(source)
     target = host.machines.take_over(target, name)
