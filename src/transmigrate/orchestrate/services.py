@@ -6,12 +6,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 from transmigrate.errors import TransmigrateError
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import exec_in
+from transmigrate.polling import wait_for
 from transmigrate.vm.volume import DATA_MOUNT
 
 __all__ = ["REDIS_PORT", "LoadClient", "redis_cli", "start_redis"]
@@ -29,11 +29,8 @@ def start_redis(host: Host, vm: str, *, timeout: float = 30.0) -> int:
         "--dir", DATA_MOUNT, "--appendonly", "yes", "--save", "",
         "--logfile", f"{DATA_MOUNT}/redis.log", "--pidfile", f"{DATA_MOUNT}/redis.pid",
         "--enable-debug-command", "local"]).check("starting redis-server", vm)
-    deadline = time.monotonic() + timeout
-    while exec_in(host, vm, ["redis-cli", "PING"]).text.strip() != "PONG":
-        if time.monotonic() > deadline:
-            raise TransmigrateError(f"redis in {vm} did not answer within {timeout:.0f} s")
-        time.sleep(0.2)
+    wait_for(lambda: exec_in(host, vm, ["redis-cli", "PING"]).text.strip() == "PONG",
+             timeout=timeout, interval=0.2, what=f"redis in {vm} did not answer")
     return int(exec_in(host, vm, ["cat", f"{DATA_MOUNT}/redis.pid"]).text)
 
 
