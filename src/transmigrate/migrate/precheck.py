@@ -10,7 +10,6 @@ service can have many processes with the same problem.
 from __future__ import annotations
 
 import json
-import shlex
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +26,8 @@ __all__ = ["Precheck", "PrecheckFailed", "Refusal", "SourceInspection", "inspect
 
 DIRTY_TRACKING = "mem_dirty_track"
 LAZY_RESTORE = "uffd-noncoop"
+RESET = ["--reset", IMAGES_ROOT, "--reset", HOLD_DIR]
+"""Each side's migration directories start empty."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,11 @@ class SourceInspection:
     dirty_tracking: bool
 
 
-def _guest_report(agent: GuestAgent, script: str, *, what: str,
+def _guest_report(agent: GuestAgent, args: list[str], *, what: str,
                   input: bytes | None = None) -> dict[str, Any]:
-    text = agent.sh(script, what=what, input=input, timeout=120).text
+    """Run ``tm-resources ARGS`` (see guest/files) and read its JSON."""
+    text = agent.run([f"{GUEST_TOOLS}/tm-resources", *args], what=what, input=input,
+                     timeout=120).text
     try:
         report: dict[str, Any] = json.loads(text)
     except ValueError as exc:
@@ -149,10 +152,9 @@ def inspect_source(agent: GuestAgent, roots: Sequence[int]) -> SourceInspection:
     """The source's part of the precheck: one round trip, run while the standby boots.
 
     Also clears the source's migration directories for this migration."""
-    report = _guest_report(agent, (
-        f"rm -rf {IMAGES_ROOT} {HOLD_DIR} && mkdir -p {IMAGES_ROOT} {HOLD_DIR} && "
-        f"exec {GUEST_TOOLS}/tm-resources --criu {DIRTY_TRACKING} "
-        + " ".join(map(str, roots))), what="listing the processes' resources")
+    report = _guest_report(agent, [
+        *RESET, "--criu", "--feature", DIRTY_TRACKING, *map(str, roots)],
+        what="listing the processes' resources")
     refusals = _criu_refusals(report, agent.name)
     trees = []
     for tree in report["trees"]:
@@ -189,11 +191,9 @@ class Precheck:
         counted = Counter(pid for tree in plan.trees for pid in set(tree.pids))
         refusals += [Refusal("shared", pid) for pid, n in sorted(counted.items()) if n > 1]
         target = plan.target
-        lazy = [LAZY_RESTORE] if plan.copy in (CopyMode.AUTO, CopyMode.POST) else []
         query = {"files": sorted(files), "pids": sorted(counted)}
-        report = _guest_report(target.agent, (
-            f"rm -rf {IMAGES_ROOT} {HOLD_DIR} && mkdir -p {IMAGES_ROOT} {HOLD_DIR} && "
-            f"exec {GUEST_TOOLS}/tm-resources --criu {shlex.join(lazy)} --query"),
+        report = _guest_report(target.agent, [
+            *RESET, "--criu", "--feature", LAZY_RESTORE, "--query"],
             what="checking the target", input=json.dumps(query).encode())
         refusals += _criu_refusals(report, target.record.name)
         sizes = report["query"]["sizes"]
