@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 from transmigrate.config import ACTIVE_KERNEL
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
+from transmigrate.polling import wait_for
 from transmigrate.vm.vcpus import VcpuClock
 
 
@@ -28,10 +28,8 @@ def test_vcpu_clock_follows_what_each_vcpu_runs(prepared: Host) -> None:
         pid = machine.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while clock.sample() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert clock.sample() == {}, "no figures from the threads of a dead QEMU"
+        wait_for(lambda: clock.sample() == {}, timeout=10,
+                 what="the threads of a dead QEMU did not stop giving figures")
         clock.close()
     finally:
         lifecycle.down(prepared, "t-vcpus")

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from transmigrate.errors import AgentError, GuestCommandFailed
+from transmigrate.polling import Deadline, wait_for
 
 __all__ = ["ExecResult", "GuestAgent", "GuestProcess"]
 
@@ -136,6 +137,15 @@ class _Connection:
         return message
 
 
+def _try_lock(lock: IO[str]) -> bool:
+    """Take the agent's lock if no other client holds it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _field(obj: Any, key: str, kind: type) -> Any:
     if not isinstance(obj, dict) or not isinstance(obj.get(key), kind):
         raise AgentError(f"the guest agent's reply lacks {key!r}")
@@ -165,24 +175,18 @@ class GuestAgent:
     @contextlib.contextmanager
     def _conversation(self, timeout: float) -> Iterator[_Connection]:
         """A locked, freshly synchronised connection (stale replies are discarded)."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         with open(self.lock_path, "a") as lock:
-            while True:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise AgentError("the guest agent is busy with another client") from None
-                    time.sleep(0.02)
+            wait_for(lambda: _try_lock(lock), timeout=timeout, interval=0.02, error=AgentError,
+                     what="the guest agent was not freed by another client")
             connection = _Connection(self.socket_path, timeout)
             try:
                 token = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
                 connection.sock.sendall(_DELIMITER)
                 connection.send("guest-sync-delimited", {"id": token})
-                connection.skip_past_delimiter(deadline)
+                connection.skip_past_delimiter(deadline.at)
                 while True:
-                    reply = connection.receive(deadline)
+                    reply = connection.receive(deadline.at)
                     if reply.get("return") == token:
                         break
                 yield connection
@@ -214,19 +218,22 @@ class GuestAgent:
             pass
 
     def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> float:
-        """Wait until the agent answers; return the seconds waited."""
+        """Wait until the agent answers; return the seconds waited. ``alive`` is asked
+        before every try, so that a VM that died ends the wait at once."""
         start = time.monotonic()
-        last: AgentError | None = None
-        while time.monotonic() - start < timeout:
+
+        def answers() -> bool:
             if not alive():
                 raise AgentError("the VM died before its guest agent answered")
             try:
                 self.ping(timeout=1.0)
-                return time.monotonic() - start
-            except AgentError as exc:
-                last = exc
-                time.sleep(0.1)
-        raise AgentError(f"the guest agent did not answer within {timeout:.0f} s ({last})")
+            except AgentError:
+                return False  # not up yet: each try waits up to a second
+            return True
+
+        wait_for(answers, timeout=timeout, interval=0.1, error=AgentError,
+                 what="the guest agent did not answer")
+        return time.monotonic() - start
 
     @staticmethod
     def _exec_arguments(argv: Sequence[str], input: bytes | None,
@@ -266,12 +273,12 @@ class GuestAgent:
              env: Sequence[str] = (), timeout: float = 60.0) -> ExecResult:
         """Run ``argv`` in the guest; return its exit code and output."""
         arguments = self._exec_arguments(argv, input, env)
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         step = min(timeout, 10.0)
         with self._conversation(step) as connection:
             started = self._call(connection, "guest-exec", arguments, time.monotonic() + step)
             pid = _field(started, "pid", int)
-            fast_until = time.monotonic() + _POLL_FAST_FOR
+            fast = Deadline(_POLL_FAST_FOR)
             pause = _POLL_FAST
             while True:
                 status = self._call(connection, "guest-exec-status", {"pid": pid},
@@ -279,13 +286,13 @@ class GuestAgent:
                 result = self._result(status)
                 if result is not None:
                     return result
-                if time.monotonic() > deadline:
+                if deadline.expired():
                     self._call(connection, "guest-exec",
                                {"path": "kill", "arg": ["-KILL", str(pid)]},
                                time.monotonic() + step)
                     raise AgentError(f"{argv[0]} did not finish within {timeout:g} s; killed it")
                 time.sleep(pause)
-                if time.monotonic() > fast_until:
+                if fast.expired():
                     pause = min(pause * 2, _POLL_MAX)
 
     def run(self, argv: Sequence[str], *, what: str = "", input: bytes | None = None,

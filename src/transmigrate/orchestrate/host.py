@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transmigrate import paths
 from transmigrate.guest.agent import GuestAgent
-from transmigrate.vm.accel import Accelerator, detect_accelerator
+from transmigrate.vm.accel import Accelerator, detect_accelerator, record_accelerator
 from transmigrate.vm.archive import DebianArchive
 from transmigrate.vm.image import GuestImage, ImageSpec
 from transmigrate.vm.kernels import KernelCatalog
@@ -53,6 +53,11 @@ class Host:
 
     def accelerator(self) -> Accelerator:
         return detect_accelerator(self.cache)
+
+    def record_accelerator(self, accel: Accelerator, why: str) -> None:
+        """Make ``accel`` this host's answer until it reboots (a guest showed the probe's
+        answer wrong)."""
+        record_accelerator(self.cache, accel, why)
 
     def image(self, spec: ImageSpec) -> GuestImage:
         return GuestImage(spec, self.cache / "images")

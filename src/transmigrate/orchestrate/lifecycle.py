@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from transmigrate.errors import MachineDead, MachineExists, TransmigrateError
+from transmigrate.errors import MachineDead, MachineError, MachineExists, TransmigrateError
 from transmigrate.guest.agent import ExecResult
 from transmigrate.orchestrate.host import Host
+from transmigrate.polling import Deadline
 from transmigrate.progress import Progress, silent
+from transmigrate.vm.accel import KVM, TCG, Accelerator, forced_accelerator
 from transmigrate.vm.image import ImageSpec
 from transmigrate.vm.machine import Machine
 from transmigrate.vm.volume import create_volume
@@ -18,6 +21,11 @@ from transmigrate.vm.volume import create_volume
 __all__ = ["BootReport", "clean", "down", "exec_in", "running", "standby_pid_base", "up"]
 
 BOOT_TIMEOUT = 180.0
+KVM_SILENCE_SECONDS = 20.0
+"""The guest's first console line (its init's "ready"; the kernel is quiet at loglevel 4)
+comes ~5 s after QEMU starts under TCG on 2 cores, sooner under KVM: a KVM guest still
+silent after this never ran, whatever the accelerator probe saw."""
+_CONSOLE_POLL = 0.25
 FIRST_PID = 10_000
 """Processes started after boot get pids above this; boot-time ones stay below."""
 STANDBY_PID_MARGIN = 100_000
@@ -39,12 +47,16 @@ def standby_pid_base(host: Host, machine: Machine) -> int:
 
 def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None = None,
        memory_mib: int = 1024, cpus: int = 1, standby_for: Machine | None = None,
-       pid_base: int | None = None, progress: Progress = silent) -> BootReport:
+       pid_base: int | None = None, accel: Accelerator | None = None,
+       progress: Progress = silent) -> BootReport:
     """Boot a VM on ``kernel_spec``; return once its guest agent answers.
 
     With ``standby_for``, the VM takes that VM's service identity and data
     volume but stays off the service network and leaves the volume unmounted;
     its pids start at ``pid_base`` (by default :func:`standby_pid_base`).
+    ``accel`` defaults to the host's (:meth:`Host.accelerator`). A KVM guest
+    that prints nothing is stopped and booted again under TCG, which is then
+    the host's answer until it reboots (unless ``TRANSMIGRATE_ACCEL`` forces KVM).
     """
     if any(m.name == name for m in host.machines.all()):
         raise MachineExists(f"a VM named {name!r} already exists")
@@ -60,23 +72,81 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
         image = Path(standby_for.record.image)  # the same files on both sides
         volume = Path(standby_for.record.data_volume)
         pid_base = pid_base or standby_pid_base(host, standby_for)
-    accel = host.accelerator()
-    progress(f"starting {name} on {kernel.release} ({accel.upper()})")
+
+    def launch(under: Accelerator) -> Machine:
+        progress(f"starting {name} on {kernel.release} ({under.upper()})")
+        return host.machines.create(
+            name, kernel, image, under, memory_mib=memory_mib, cpus=cpus, data_volume=volume,
+            identity=standby_for.record.identity if standby_for else None,
+            standby=standby_for is not None, pid_base=pid_base)
+
+    accel = accel or host.accelerator()
     start = time.monotonic()
-    machine = host.machines.create(
-        name, kernel, image, accel, memory_mib=memory_mib, cpus=cpus, data_volume=volume,
-        identity=standby_for.record.identity if standby_for else None,
-        standby=standby_for is not None, pid_base=pid_base)
-    try:
+    machine = launch(accel)
+    if accel == KVM and not _ran_under_kvm(host, machine):
+        progress(f"{name} printed nothing under KVM: KVM runs no guest code here; booting "
+                 "again under TCG, this host's choice until it reboots")
+        host.record_accelerator(TCG, f"a KVM guest ({name}) printed nothing")
+        start = time.monotonic()
+        machine = launch(TCG)
+    with _removed_on_failure(host, machine):
         progress(f"waiting for {name}'s guest agent")
         host.agent(machine).wait_ready(BOOT_TIMEOUT, machine.alive)
+    return BootReport(machine, time.monotonic() - start)
+
+
+def _console_speaks(machine: Machine) -> bool:
+    """Whether the guest prints on its console before KVM_SILENCE_SECONDS, and before
+    its QEMU dies or stops on an internal error (KVM failing to run it)."""
+    deadline = Deadline(KVM_SILENCE_SECONDS)
+    while not _console_size(machine):
+        if deadline.expired() or machine.status() in ("dead", "internal-error"):
+            return False
+        time.sleep(_CONSOLE_POLL)
+    return True
+
+
+def _console_size(machine: Machine) -> int:
+    try:
+        return machine.console_log.stat().st_size
+    except OSError:
+        return 0
+
+
+def _ran_under_kvm(host: Host, machine: Machine) -> bool:
+    """Whether ``machine``, started under KVM, runs; if not, it is removed, or, when KVM
+    is forced, that is the error."""
+    with _removed_on_failure(host, machine):
+        if _console_speaks(machine):
+            return True
+        if forced_accelerator() == KVM:
+            raise MachineError(f"vm {machine.name!r} printed nothing under KVM, which "
+                               "TRANSMIGRATE_ACCEL forces")
+    host.machines.remove(machine, keep_network=True)
+    return False
+
+
+@contextlib.contextmanager
+def _removed_on_failure(host: Host, machine: Machine) -> Iterator[None]:
+    """Remove ``machine`` if the block fails; our errors then also say what its console
+    showed, or why it may have shown nothing."""
+    try:
+        yield
     except BaseException as exc:
         tail = machine.console_tail()
         host.machines.remove(machine)
         if isinstance(exc, TransmigrateError):
-            raise type(exc)(f"{exc} (console: {tail or 'empty'})") from exc
+            raise type(exc)(f"{exc} ({_console_note(tail, machine.record.accel)})") from exc
         raise
-    return BootReport(machine, time.monotonic() - start)
+
+
+def _console_note(tail: str, accel: str) -> str:
+    if tail:
+        return f"console: {tail}"
+    if accel == KVM:
+        return ("console: empty: likely the accelerator, a KVM guest that never ran; "
+                "set TRANSMIGRATE_ACCEL=tcg")
+    return "console: empty"
 
 
 def running(host: Host, name: str) -> Machine:

@@ -31,10 +31,9 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from transmigrate.errors import (
     CommandError,
@@ -43,10 +42,11 @@ from transmigrate.errors import (
     MachineExists,
     MachineNotFound,
 )
+from transmigrate.polling import wait_for
 from transmigrate.process import run
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.accel import Accelerator
-from transmigrate.vm.initramfs import MODULES_SERIAL, ROOT_SERIAL
+from transmigrate.vm.blockjobs import commit_active
 from transmigrate.vm.kernels import Kernel
 from transmigrate.vm.network import (
     MIGRATION_BRIDGE,
@@ -56,55 +56,16 @@ from transmigrate.vm.network import (
     migration_address,
     service_identity,
 )
+from transmigrate.vm.qemu_command import qemu_command
 from transmigrate.vm.qmp import qmp_execute
+from transmigrate.vm.record import MachineRecord
 
-__all__ = ["AGENT_PORT", "DATA_SERIAL", "Machine", "MachineRecord", "MachineRegistry"]
+__all__ = ["Machine", "MachineRecord", "MachineRegistry"]
 
-QEMU = "qemu-system-x86_64"
-AGENT_PORT = "org.qemu.guest_agent.0"
-DATA_SERIAL = "tm-data"
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 _MAX_SLOTS = 200
-
-
-@dataclass(frozen=True)
-class MachineRecord:
-    """What is written to ``machine.json``: enough to find and reach the VM again."""
-
-    id: str
-    name: str
-    slot: int
-    kernel: str
-    kernel_dir: str
-    image: str
-    memory_mib: int
-    cpus: int
-    accel: str
-    service_mac: str
-    service_address: str
-    service_tap: str
-    migration_mac: str
-    migration_address: str
-    migration_tap: str
-    data_volume: str
-    ram_path: str
-    started_at: float
-    data_overlay: str = ""
-    """"": the VM writes ``data_volume`` itself. "standby": its writes go to an
-    overlay that is thrown away with it. "current": it has taken the service over,
-    and the overlay holds the service's newest data until merged into the volume."""
-
-    @property
-    def identity(self) -> ServiceIdentity:
-        return ServiceIdentity(self.service_mac, self.service_address)
-
-    @property
-    def ip(self) -> str:
-        return self.identity.ip
-
-    @property
-    def migration_ip(self) -> str:
-        return self.migration_address.split("/")[0]
+_KILLED_EXIT_SECONDS = 10.0
+"""How long a SIGKILLed QEMU may take to be gone (it unmaps the guest's RAM)."""
 
 
 class Machine:
@@ -149,9 +110,13 @@ class Machine:
         return self.directory / "data.qcow2"
 
     @property
+    def pid_file(self) -> Path:
+        return self.directory / "qemu.pid"
+
+    @property
     def pid(self) -> int | None:
         try:
-            return int((self.directory / "qemu.pid").read_text().strip())
+            return int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
 
@@ -209,40 +174,16 @@ class Machine:
         return footprint
 
     def merge_data(self, timeout: float = 600.0) -> None:
-        """Merge the data overlay into the volume while the guest runs, then drop it.
-
-        QEMU's active commit copies the overlay's clusters into the volume, then
-        switches the guest's disk over to the volume itself."""
-        job = "merge-data"
-        self.qmp("block-commit", {"device": "data", "job-id": job})
-        self._wait_job(job, lambda jobs: bool(jobs and jobs[0].get("ready")), timeout)
-        self.qmp("block-job-complete", {"device": job})
-        self._wait_job(job, lambda jobs: not jobs, timeout)
-        image: dict[str, Any] = next(
-            (d["inserted"]["image"] for d in self._qmp_list("query-block")
-             if d.get("device") == "data" and "inserted" in d), {})
+        """Merge the data overlay into the volume while the guest runs, then drop it."""
+        image = commit_active(self.qmp, "data", timeout=timeout, owner=f"vm {self.name!r}")
         if image.get("filename") != self.record.data_volume or "backing-image" in image:
             raise MachineError(f"vm {self.name!r}: merging its data overlay into "
                                f"{self.record.data_volume} did not complete ({image})")
         self.data_overlay.unlink(missing_ok=True)
 
-    def _qmp_list(self, command: str) -> list[dict[str, Any]]:
-        answer = self.qmp(command)
-        return [a for a in answer if isinstance(a, dict)] if isinstance(answer, list) else []
-
-    def _wait_job(self, job: str, done: Callable[[list[dict[str, Any]]], bool],
-                  timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            jobs = [j for j in self._qmp_list("query-block-jobs") if j.get("device") == job]
-            if done(jobs):
-                return
-            if jobs and jobs[0].get("io-status", "ok") != "ok":
-                raise MachineError(f"vm {self.name!r}: block job {job} failed: {jobs[0]}")
-            if time.monotonic() > deadline:
-                raise MachineError(f"vm {self.name!r}: block job {job} did not finish "
-                                   f"within {timeout:.0f} s")
-            time.sleep(0.05)
+    def _wait_gone(self, timeout: float) -> None:
+        wait_for(lambda: not self.alive(), timeout=timeout,
+                 what=f"vm {self.name!r}: its QEMU did not exit", error=MachineError)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop QEMU (QMP quit, then SIGKILL by pid) and remove everything of this VM."""
@@ -250,14 +191,13 @@ class Machine:
         if self.alive():
             with contextlib.suppress(MachineError):
                 qmp_execute(self.qmp_socket, "quit", timeout=3.0)
-            deadline = time.monotonic() + timeout
-            while self.alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.alive() and pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                while self.alive():
-                    time.sleep(0.05)
+            try:
+                self._wait_gone(timeout)
+            except MachineError:
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self._wait_gone(_KILLED_EXIT_SECONDS)
         self.ram_path.unlink(missing_ok=True)
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -385,56 +325,17 @@ class MachineRegistry:
         machine.ram_path.unlink(missing_ok=True)
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", record.image,
              machine.overlay])
-        # The volume is written by one VM at a time, so QEMU's image locks are off.
-        data = f"file={record.data_volume},format=raw,file.locking=off,cache.direct=on"
         if record.data_overlay:
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
                  record.data_volume, machine.data_overlay])
-            # The overlay is this QEMU's alone (and may be on tmpfs: no O_DIRECT).
-            data = (f"file={machine.data_overlay},format=qcow2,"
-                    "backing.file.locking=off,backing.file.cache.direct=on")
-        cmdline = " ".join([
-            "console=ttyS0", "loglevel=4", "panic=-1",
-            f"tm.name={record.name}",
-            f"tm.if={record.service_mac}@{record.service_address}",
-            f"tm.if={record.migration_mac}@{record.migration_address}",
-            f"tm.data={'standby' if standby else 'mount'}",
-            f"tm.pidbase={pid_base}",
-        ])
-        argv = [
-            *self.network.prefix(), QEMU,
-            "-name", f"tm-{record.name},process=tm-{record.name}",
-            "-machine", "q35,memory-backend=ram0", *accel.qemu_args(),
-            "-smp", str(record.cpus), "-m", f"{record.memory_mib}M",
-            "-object", (f"memory-backend-file,id=ram0,size={record.memory_mib}M,"
-                        f"mem-path={record.ram_path},share=on"),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-action", "panic=pause",
-            "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initramfs),
-            "-append", cmdline,
-            "-drive", f"if=none,id=root,file={machine.overlay},format=qcow2,discard=unmap",
-            "-device", f"virtio-blk-pci,drive=root,serial={ROOT_SERIAL}",
-            "-drive", f"if=none,id=modules,file={kernel.modules_image},format=raw,readonly=on",
-            "-device", f"virtio-blk-pci,drive=modules,serial={MODULES_SERIAL}",
-            "-drive", f"if=none,id=data,{data}",
-            "-device", f"virtio-blk-pci,drive=data,serial={DATA_SERIAL}",
-            "-netdev", f"tap,id=svc0,ifname={record.service_tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=svc0,mac={record.service_mac}",
-            "-netdev", f"tap,id=mig0,ifname={record.migration_tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=mig0,mac={record.migration_mac}",
-            "-chardev", f"socket,id=agent,path={machine.agent_socket},server=on,wait=off",
-            "-device", "virtio-serial-pci",
-            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
-            "-chardev", f"file,id=console,path={machine.console_log}",
-            "-serial", "chardev:console",
-            "-qmp", f"unix:{machine.qmp_socket},server=on,wait=off",
-            "-device", "vmcoreinfo", "-device", "pvpanic",
-            "-pidfile", str(machine.directory / "qemu.pid"), "-daemonize",
-        ]
+        argv = [*self.network.prefix(),
+                *qemu_command(record, machine, kernel, accel, pid_base=pid_base)]
         try:
             run(argv, timeout=60)
-        except CommandError as exc:
-            raise MachineError(f"QEMU did not start for {record.name!r}: {exc}") from exc
+        except CommandError as exc:  # it runs under "ip netns exec": name QEMU, not ip
+            said = exc.output.strip().splitlines()
+            raise MachineError(f"QEMU did not start for {record.name!r} (exit {exc.returncode}): "
+                               f"{said[-1] if said else 'no output'}") from exc
         self.network.attach(record.migration_tap, MIGRATION_BRIDGE)
         if not standby:
             self.network.attach(record.service_tap)
