@@ -9,41 +9,67 @@ from collections.abc import Iterator
 import pytest
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
+from transmigrate.errors import FaultError
 from transmigrate.faults import (
     DEADLOCK_THREAD,
+    FAULTS,
     HANG_FUNCTION,
     MODULE_NAME,
+    Deadlock,
+    FaultTarget,
+    ForkBomb,
+    HungDriver,
+    Oops,
     build_module,
     clear,
     fault_status,
     inject,
     session_pids,
+    spec_for,
 )
 from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.faults import fault_target
 from transmigrate.orchestrate.host import Host
 from transmigrate.process import run
 
-pytestmark = pytest.mark.vm
+
+def test_specs_by_name_take_only_their_own_options() -> None:
+    assert FAULTS == ("deadlock", "hung-driver", "fork-bomb", "oops", "panic")
+    assert spec_for("deadlock", cpu=1, irqs_off=None) == Deadlock(cpu=1)
+    assert spec_for("fork-bomb", seconds=5) == ForkBomb(seconds=5)
+    assert spec_for("oops") == Oops()
+    for fault, options, message in (("meltdown", {}, "unknown fault 'meltdown'"),
+                                    ("oops", {"cpu": 1}, "oops takes no cpu"),
+                                    ("hung-driver", {"readers": 0}, "at least one reader"),
+                                    ("fork-bomb", {"seconds": 0}, "a duration")):
+        with pytest.raises(FaultError, match=message):
+            spec_for(fault, **options)
+
+
+def _up(host: Host, name: str, kernel: str) -> Iterator[FaultTarget]:
+    lifecycle.up(host, name, kernel, memory_mib=512, cpus=2)
+    yield fault_target(host, name)
+    lifecycle.down(host, name)
 
 
 @pytest.fixture(scope="module", params=[ACTIVE_KERNEL, STANDBY_KERNEL], ids=["6.1", "6.12"])
-def vm(request: pytest.FixtureRequest, prepared: Host) -> Iterator[str]:
-    """A 2-vCPU guest per kernel; the deadlock test, last in this file, wedges it."""
-    name = "t-fault-" + request.param.replace(".", "")[:6]
-    lifecycle.up(prepared, name, request.param, memory_mib=512, cpus=2)
-    yield name
-    lifecycle.down(prepared, name)
+def vm(request: pytest.FixtureRequest, prepared: Host) -> Iterator[FaultTarget]:
+    """A 2-vCPU guest per kernel for the faults that can be cleared."""
+    yield from _up(prepared, "t-fault-" + request.param.replace(".", "")[:6], request.param)
 
 
-def sh(host: Host, vm: str, script: str, timeout: float = 60) -> str:
-    result = lifecycle.exec_in(host, vm, ["sh", "-c", script], timeout=timeout)
-    assert result.exit_code == 0, result.stderr
-    return result.text
+@pytest.fixture
+def wedged_vm(request: pytest.FixtureRequest, prepared: Host) -> Iterator[FaultTarget]:
+    """A 2-vCPU guest of its own, for a deadlock that is never cleared."""
+    yield from _up(prepared, "t-wedge-" + request.param.replace(".", "")[:6], request.param)
 
 
-def test_module_builds_for_the_kernel_and_is_cached(prepared: Host, vm: str) -> None:
-    machine = prepared.machines.get(vm)
-    kernel = prepared.catalog.fetch(machine.record.kernel, headers=True)
+def sh(vm: FaultTarget, script: str, timeout: float = 60) -> str:
+    return vm.agent.sh(script, timeout=timeout).text
+
+
+def test_module_builds_for_the_kernel_and_is_cached(prepared: Host, vm: FaultTarget) -> None:
+    kernel = prepared.catalog.fetch(vm.kernel.release, headers=True)
     ko = build_module(kernel)
     assert run(["modinfo", "-F", "vermagic", ko]).split()[0] == kernel.release
     mtime = ko.stat().st_mtime_ns
@@ -51,43 +77,42 @@ def test_module_builds_for_the_kernel_and_is_cached(prepared: Host, vm: str) -> 
     assert ko.stat().st_mtime_ns == mtime, "a second build reuses the cached module"
 
 
-def test_hung_driver_readers_pile_up_in_d_and_stay_there(prepared: Host, vm: str) -> None:
-    report = inject(prepared, vm, "hung-driver", readers=4)
+def test_hung_driver_readers_pile_up_in_d_and_stay_there(vm: FaultTarget) -> None:
+    report = inject(vm, HungDriver(readers=4))
     assert report.session is not None
     assert len(report.pids) == 4
-    assert MODULE_NAME in sh(prepared, vm, "lsmod")
+    assert MODULE_NAME in sh(vm, "lsmod")
     time.sleep(1)
-    sh(prepared, vm, f"kill -KILL {' '.join(map(str, report.pids))}")  # D: not even SIGKILL
+    sh(vm, f"kill -KILL {' '.join(map(str, report.pids))}")  # D: not even SIGKILL
     time.sleep(1)
-    readers = [p for p in session_pids(prepared, vm, report.session) if p[3] == "cat"]
+    readers = [p for p in session_pids(vm, report.session) if p[3] == "cat"]
     assert sorted(p[0] for p in readers) == sorted(report.pids)
     assert all(stat.startswith("D") and wchan == HANG_FUNCTION for _, stat, wchan, _ in readers)
-    status = fault_status(prepared, vm)
+    status = fault_status(vm)
     assert status["hang_readers"] == 4
     assert status["hang_writes"] >= 1, "data was written and woke nobody"
 
-    cleared = clear(prepared, vm)
+    cleared = clear(vm)
     assert set(cleared.cleared) == {"hung-driver", "module"}
-    assert session_pids(prepared, vm, report.session) == []
-    assert MODULE_NAME not in sh(prepared, vm, "lsmod")
+    assert session_pids(vm, report.session) == []
+    assert MODULE_NAME not in sh(vm, "lsmod")
 
 
-def _load(host: Host, vm: str) -> tuple[int, int]:
+def _load(vm: FaultTarget) -> tuple[int, int]:
     """(processes, MemAvailable in KiB) of the guest."""
-    out = sh(host, vm, "ls -d /proc/[0-9]* | wc -l; sed -n 's/^MemAvailable: *//p' "
+    out = sh(vm, "ls -d /proc/[0-9]* | wc -l; sed -n 's/^MemAvailable: *//p' "
                        "/proc/meminfo", timeout=30).split()
     return int(out[0]), int(out[1])
 
 
-def test_fork_bomb_grows_and_clear_stops_it(prepared: Host, vm: str) -> None:
-    procs0, avail0 = _load(prepared, vm)
-    report = inject(prepared, vm, "fork-bomb", bomb_seconds=300, bomb_mib=16, bomb_max=16,
-                    bomb_delay_ms=100)
+def test_fork_bomb_grows_and_clear_stops_it(vm: FaultTarget) -> None:
+    procs0, avail0 = _load(vm)
+    report = inject(vm, ForkBomb(seconds=300, mib=16, maximum=16, delay_ms=100))
     assert report.session is not None
     samples = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        samples.append(_load(prepared, vm))
+        samples.append(_load(vm))
         if samples[-1][0] >= procs0 + 15 and samples[-1][1] < avail0 - 150 * 1024:
             break
         time.sleep(0.3)
@@ -96,35 +121,36 @@ def test_fork_bomb_grows_and_clear_stops_it(prepared: Host, vm: str) -> None:
     assert avail < avail0 - 150 * 1024, samples
     assert samples[0][0] < procs, "the number of processes grew while we watched"
 
-    cleared = clear(prepared, vm)
+    cleared = clear(vm)
     assert "fork-bomb" in cleared.cleared
-    assert session_pids(prepared, vm, report.session) == []
-    procs1, avail1 = _load(prepared, vm)
+    assert session_pids(vm, report.session) == []
+    procs1, avail1 = _load(vm)
     assert procs1 <= procs0 + 3
     assert avail1 > avail0 - 64 * 1024
 
 
-def _sched_counts(host: Host, vm: str) -> dict[str, int]:
+def _sched_counts(vm: FaultTarget) -> dict[str, int]:
     """Each CPU's count of timeslices run (tasks switched in), from /proc/schedstat."""
-    out = sh(host, vm, "grep '^cpu' /proc/schedstat", timeout=20)
+    out = sh(vm, "grep '^cpu' /proc/schedstat", timeout=20)
     return {line.split()[0]: int(line.split()[9]) for line in out.splitlines()}
 
 
-def test_deadlock_wedges_one_cpu_while_the_other_runs(prepared: Host, vm: str) -> None:
-    """Last in the file: the guest's CPU 1 never comes back."""
-    report = inject(prepared, vm, "deadlock", cpu=1)
+@pytest.mark.parametrize("wedged_vm", [ACTIVE_KERNEL, STANDBY_KERNEL], indirect=True)
+def test_deadlock_wedges_one_cpu_while_the_other_runs(wedged_vm: FaultTarget) -> None:
+    vm = wedged_vm
+    report = inject(vm, Deadlock(cpu=1))
     assert report.cpu == 1
     assert report.details["state"] == "spinning"
-    ps = sh(prepared, vm, "ps -eo stat=,psr=,comm=")
+    ps = sh(vm, "ps -eo stat=,psr=,comm=")
     assert any(line.split()[1:] == ["1", DEADLOCK_THREAD.format(cpu=1)] and line.startswith("R")
                for line in ps.splitlines()), ps
-    before = _sched_counts(prepared, vm)
+    before = _sched_counts(vm)
     time.sleep(2)
-    after = _sched_counts(prepared, vm)
+    after = _sched_counts(vm)
     assert after["cpu1"] == before["cpu1"], "CPU 1 never schedules again"
     assert after["cpu0"] > before["cpu0"], "CPU 0 keeps running"
-    agent = prepared.agent(prepared.machines.get(vm))
+    agent = vm.agent
     pinned = agent.spawn(["taskset", "-c", "1", "true"])
     time.sleep(3)
     assert agent.poll(pinned) is None, "a process pinned to CPU 1 never gets to run"
-    assert clear(prepared, vm).remaining == ("deadlock",)
+    assert clear(vm).remaining == ("deadlock",)

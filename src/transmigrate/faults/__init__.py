@@ -13,6 +13,10 @@
 Deadlock, hung driver and oops live in one kernel module (``faults/transmigrate_faults.c`` at
 the repository's root) built on the host against Debian's headers for each
 kernel release (:func:`build_module`) and loaded through the guest agent.
+
+A fault is described by its spec (:mod:`.specs`) and injected into a
+:class:`FaultTarget`: one guest's agent and kernel. This package knows no VM
+names; :mod:`transmigrate.orchestrate.faults` finds the guest by name.
 """
 
 from transmigrate.faults.build import (
@@ -26,18 +30,28 @@ from transmigrate.faults.inject import (
     CONTROL_FILE,
     DEADLOCK_LOCK,
     DEADLOCK_THREAD,
-    FAULTS,
     GUEST_DIR,
     HANG_DEVICE,
     HANG_FUNCTION,
     OOPS_FUNCTION,
     ClearReport,
+    FaultTarget,
     InjectReport,
     clear,
     fault_status,
     inject,
     load_module,
     session_pids,
+)
+from transmigrate.faults.specs import (
+    FAULTS,
+    Deadlock,
+    FaultSpec,
+    ForkBomb,
+    HungDriver,
+    Oops,
+    Panic,
+    spec_for,
 )
 
 __all__ = [
@@ -53,7 +67,14 @@ __all__ = [
     "OOPS_FUNCTION",
     "SOURCE_DIR",
     "ClearReport",
+    "Deadlock",
+    "FaultSpec",
+    "FaultTarget",
+    "ForkBomb",
+    "HungDriver",
     "InjectReport",
+    "Oops",
+    "Panic",
     "build_forkbomb",
     "build_module",
     "clear",
@@ -61,4 +82,5 @@ __all__ = [
     "inject",
     "load_module",
     "session_pids",
+    "spec_for",
 ]

@@ -1,5 +1,7 @@
 """Injecting faults into a running guest, and clearing what can be cleared.
 
+Faults know one guest (:class:`FaultTarget`: its agent, kernel and CPUs), never
+VM names or the host's bookkeeping: ``orchestrate.faults`` finds the guest.
 Everything goes through the guest agent: the module and the bomb are copied
 into :data:`GUEST_DIR`, the module is loaded with ``insmod``, and the fault is
 triggered by writing to its control file ``/proc/transmigrate_faults``. Every
@@ -20,22 +22,22 @@ from typing import TypeVar
 
 from transmigrate.errors import AgentError, FaultError
 from transmigrate.faults.build import FORKBOMB_NAME, MODULE_NAME, build_forkbomb, build_module
+from transmigrate.faults.specs import Deadlock, FaultSpec, ForkBomb, HungDriver, Oops, Panic
 from transmigrate.guest.agent import ExecResult, GuestAgent
-from transmigrate.orchestrate import lifecycle
-from transmigrate.orchestrate.host import Host
+from transmigrate.polling import Deadline, wait_for
 from transmigrate.progress import Progress, silent
-from transmigrate.vm.kernels import Kernel
+from transmigrate.vm.kernels import Kernel, KernelCatalog
 
 __all__ = [
     "CONTROL_FILE",
     "DEADLOCK_LOCK",
     "DEADLOCK_THREAD",
-    "FAULTS",
     "GUEST_DIR",
     "HANG_DEVICE",
     "HANG_FUNCTION",
     "OOPS_FUNCTION",
     "ClearReport",
+    "FaultTarget",
     "InjectReport",
     "clear",
     "fault_status",
@@ -44,7 +46,6 @@ __all__ = [
     "session_pids",
 ]
 
-FAULTS = ("deadlock", "hung-driver", "fork-bomb", "oops", "panic")
 GUEST_DIR = "/run/transmigrate-faults"
 """Where the module, the bomb and the session-id files live in the guest."""
 CONTROL_FILE = f"/proc/{MODULE_NAME}"
@@ -58,8 +59,22 @@ DEADLOCK_LOCK = "tm_fault_lock"
 OOPS_FUNCTION = "tm_oops"
 """The module function whose ``BUG()`` oopses."""
 READERS_SID = f"{GUEST_DIR}/readers.sid"
-T = TypeVar("T")
 BOMB_SID = f"{GUEST_DIR}/bomb.sid"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FaultTarget:
+    """The guest a fault goes into, and what is needed to build for its kernel."""
+
+    vm: str
+    agent: GuestAgent
+    kernel: Kernel
+    cpus: int
+    catalog: KernelCatalog
+    """Fetches the kernel's headers, to build the module."""
+    cache: Path
+    """Where the fork bomb is built."""
 
 
 @dataclass(frozen=True)
@@ -92,72 +107,57 @@ class ClearReport:
     """What could not be: "deadlock" (the VM must be stopped)."""
 
 
-def _agent(host: Host, vm_name: str) -> tuple[GuestAgent, Kernel, int]:
-    machine = lifecycle.running(host, vm_name)
-    kernel = Kernel(machine.record.kernel, Path(machine.record.kernel_dir))
-    return host.agent(machine), kernel, machine.record.cpus
-
-
-def _sh(agent: GuestAgent, script: str, *, input: bytes | None = None,
-        timeout: float = 60.0, check: bool = True) -> ExecResult:
-    result = agent.exec(["sh", "-c", script], input=input, timeout=timeout)
-    return result.check(f"`{script[:80]}`") if check else result
+def _try(agent: GuestAgent, script: str, timeout: float = 60.0) -> ExecResult:
+    """A shell script whose failure is an answer (a file that is not there yet)."""
+    return agent.exec(["sh", "-c", script], timeout=timeout)
 
 
 def _copy(agent: GuestAgent, source: Path, target: str, mode: str = "0644") -> None:
     data = source.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    have = _sh(agent, f"sha256sum {target} 2>/dev/null", check=False).text.split()
+    have = _try(agent, f"sha256sum {target} 2>/dev/null").text.split()
     if have and have[0] == digest:
         return
-    _sh(agent, f"mkdir -p {GUEST_DIR} && cat > {target}.part && chmod {mode} {target}.part "
-               f"&& mv {target}.part {target}", input=data, timeout=120)
+    agent.sh(f"mkdir -p {GUEST_DIR} && cat > {target}.part && chmod {mode} {target}.part "
+             f"&& mv {target}.part {target}", what=f"copying {source.name}", input=data,
+             timeout=120)
 
 
-def load_module(host: Host, vm_name: str, progress: Progress = silent) -> Kernel:
-    """Build (if needed), copy and insmod the fault module in VM ``vm_name``."""
-    agent, kernel, _ = _agent(host, vm_name)
-    _load(host, agent, kernel, progress)
-    return kernel
-
-
-def _load(host: Host, agent: GuestAgent, kernel: Kernel, progress: Progress) -> None:
-    if _sh(agent, f"test -e {CONTROL_FILE}", check=False).exit_code == 0:
+def load_module(target: FaultTarget, progress: Progress = silent) -> None:
+    """Build (if needed), copy and insmod the fault module, unless it is loaded."""
+    if _try(target.agent, f"test -e {CONTROL_FILE}").exit_code == 0:
         return
-    kernel = host.catalog.fetch(kernel.release, headers=True, progress=progress)
+    kernel = target.catalog.fetch(target.kernel.release, headers=True, progress=progress)
     ko = build_module(kernel, progress)
     progress(f"loading {MODULE_NAME} into the guest")
-    target = f"{GUEST_DIR}/{MODULE_NAME}.ko"
-    _copy(agent, ko, target)
-    _sh(agent, f"insmod {target}")
+    path = f"{GUEST_DIR}/{MODULE_NAME}.ko"
+    _copy(target.agent, ko, path)
+    target.agent.run(["insmod", path])
 
 
-def fault_status(host: Host, vm_name: str, timeout: float = 10.0) -> dict[str, int]:
+def fault_status(target: FaultTarget, timeout: float = 10.0) -> dict[str, int]:
     """The module's control file, as numbers (empty if the module is not loaded)."""
-    agent, _, _ = _agent(host, vm_name)
-    return _status(agent, timeout)
+    return _status(target.agent, timeout)
 
 
 def _status(agent: GuestAgent, timeout: float = 10.0) -> dict[str, int]:
-    result = _sh(agent, f"cat {CONTROL_FILE} 2>/dev/null", check=False, timeout=timeout)
     status = {}
-    for line in result.text.splitlines():
+    for line in _try(agent, f"cat {CONTROL_FILE} 2>/dev/null", timeout).text.splitlines():
         key, _, value = line.partition(" ")
         if value.strip().lstrip("-").isdigit():
             status[key] = int(value)
     return status
 
 
-def session_pids(host: Host, vm_name: str, session: int) -> list[tuple[int, str, str, str]]:
+def session_pids(target: FaultTarget, session: int,
+                 timeout: float = 30.0) -> list[tuple[int, str, str, str]]:
     """(pid, stat, wchan, comm) of every process in guest session ``session``."""
-    agent, _, _ = _agent(host, vm_name)
-    return _session_pids(agent, session)
+    return _session_pids(target.agent, session, timeout)
 
 
 def _session_pids(agent: GuestAgent, session: int,
                   timeout: float = 30.0) -> list[tuple[int, str, str, str]]:
-    result = _sh(agent, f"ps -s {session} -o pid=,stat=,wchan:32=,comm=", check=False,
-                 timeout=timeout)
+    result = _try(agent, f"ps -s {session} -o pid=,stat=,wchan:32=,comm=", timeout)
     rows = []
     for line in result.text.splitlines():
         parts = line.split(None, 3)
@@ -166,226 +166,178 @@ def _session_pids(agent: GuestAgent, session: int,
     return rows
 
 
-def inject(host: Host, vm_name: str, fault: str, *, cpu: int | None = None,
-           irqs_off: bool = False, readers: int = 16, reader_interval_ms: int = 0,
-           bomb_seconds: int = 60, bomb_mib: int = 16, bomb_max: int = 0,
-           bomb_delay_ms: int = 100, bomb_linear: bool = True,
-           progress: Progress = silent) -> InjectReport:
-    """Inject ``fault`` (one of :data:`FAULTS`) into VM ``vm_name``; return once it is triggered.
-
-    - ``deadlock``: a kthread bound to ``cpu`` (default: the VM's last CPU)
-      takes :data:`DEADLOCK_LOCK` twice and spins forever with preemption off
-      (and interrupts off with ``irqs_off``). Cannot be cleared. On a 1-CPU VM
-      the whole guest stops, so the trigger cannot be confirmed.
-    - ``hung-driver``: ``readers`` processes (``cat`` of :data:`HANG_DEVICE`,
-      in one new session, one every ``reader_interval_ms``) block in state D in
-      :data:`HANG_FUNCTION`; then data is written to the device, which does not
-      wake them. With an interval, returns as soon as the readers are starting.
-    - ``oops``: ``BUG()`` in the module, in the context of a shell that writes
-      the command: the kernel oopses, kills that shell and runs on, tainted.
-    - ``panic``: the kernel's own ``panic()`` through ``/proc/sysrq-trigger``;
-      the guest's pvpanic device then makes QEMU pause the VM, memory intact.
-    - ``fork-bomb``: :data:`FORKBOMB_NAME` in its own session for
-      ``bomb_seconds``, each child touching ``bomb_mib`` MiB, at most
-      ``bomb_max`` processes (0: no limit), ``bomb_delay_ms`` between forks.
-      By default only the first process forks: one more process and
-      ``bomb_mib`` more MiB every ``bomb_delay_ms``, unbounded but steady. With
-      ``bomb_linear=False`` every process forks (exponential growth): under TCG
-      the guest, its agent included, then stops answering until
-      ``bomb_seconds`` have passed, so :func:`clear` cannot help before that.
-    """
-    if fault not in FAULTS:
-        raise FaultError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}")
-    agent, kernel, cpus = _agent(host, vm_name)
-    if fault == "fork-bomb":
-        return _fork_bomb(host, agent, vm_name, kernel, seconds=bomb_seconds, mib=bomb_mib,
-                          maximum=bomb_max, delay_ms=bomb_delay_ms, linear=bomb_linear,
-                          progress=progress)
-    if fault == "panic":
-        triggered = time.monotonic()
-        agent.spawn(["sh", "-c", "echo c > /proc/sysrq-trigger"])  # never answers
-        return InjectReport(vm_name, "panic", kernel.release, triggered, None,
-                            details={"trigger": "/proc/sysrq-trigger"})
-    _load(host, agent, kernel, progress)
-    if fault == "hung-driver":
-        return _hung_driver(agent, vm_name, kernel, readers, reader_interval_ms)
-    if fault == "oops":
-        triggered = time.monotonic()
-        killed = _sh(agent, f"echo oops > {CONTROL_FILE}", check=False)
-        return InjectReport(vm_name, "oops", kernel.release, triggered, time.monotonic(),
-                            details={"function": OOPS_FUNCTION,
-                                     "writer_exit": str(killed.exit_code)})
-    return _deadlock(agent, vm_name, kernel, cpus, cpu, irqs_off)
+def inject(target: FaultTarget, spec: FaultSpec, progress: Progress = silent) -> InjectReport:
+    """Inject the fault ``spec`` describes; return once it is triggered (see
+    :mod:`transmigrate.faults.specs` for what each one does)."""
+    match spec:
+        case ForkBomb():
+            return _fork_bomb(target, spec, progress)
+        case Panic():
+            triggered = time.monotonic()
+            target.agent.spawn(["sh", "-c", "echo c > /proc/sysrq-trigger"])  # never answers
+            return InjectReport(target.vm, spec.name, target.kernel.release, triggered, None,
+                                details={"trigger": "/proc/sysrq-trigger"})
+    load_module(target, progress)
+    match spec:
+        case HungDriver():
+            return _hung_driver(target, spec)
+        case Oops():
+            triggered = time.monotonic()
+            killed = _try(target.agent, f"echo oops > {CONTROL_FILE}")
+            return InjectReport(target.vm, spec.name, target.kernel.release, triggered,
+                                time.monotonic(), details={
+                                    "function": OOPS_FUNCTION,
+                                    "writer_exit": str(killed.exit_code)})
+        case Deadlock():
+            return _deadlock(target, spec)
 
 
-def _deadlock(agent: GuestAgent, vm_name: str, kernel: Kernel, cpus: int, cpu: int | None,
-              irqs_off: bool) -> InjectReport:
-    target = cpus - 1 if cpu is None else cpu
-    if not 0 <= target < cpus:
-        raise FaultError(f"vm {vm_name!r} has CPUs 0..{cpus - 1}, not {target}")
+def _deadlock(target: FaultTarget, spec: Deadlock) -> InjectReport:
+    agent, cpus = target.agent, target.cpus
+    cpu = cpus - 1 if spec.cpu is None else spec.cpu
+    if not 0 <= cpu < cpus:
+        raise FaultError(f"vm {target.vm!r} has CPUs 0..{cpus - 1}, not {cpu}")
     if _status(agent).get("deadlock_cpu", -1) >= 0:
-        raise FaultError(f"vm {vm_name!r} is already deadlocked")
-    command = "deadlock-irq" if irqs_off else "deadlock"
-    write = f"echo '{command} {target}' > {CONTROL_FILE}"
+        raise FaultError(f"vm {target.vm!r} is already deadlocked")
+    command = "deadlock-irq" if spec.irqs_off else "deadlock"
+    write = f"echo '{command} {cpu}' > {CONTROL_FILE}"
+    thread = DEADLOCK_THREAD.format(cpu=cpu)
+    report = partial(InjectReport, target.vm, spec.name, target.kernel.release, cpu=cpu,
+                     irqs_off=spec.irqs_off)
     triggered = time.monotonic()
     if cpus == 1:
         # The trigger wedges the only CPU: fire and forget.
         agent.spawn(["sh", "-c", write])
-        return InjectReport(vm_name, "deadlock", kernel.release, triggered, None, cpu=target,
-                            irqs_off=irqs_off, details={"thread": DEADLOCK_THREAD.format(
-                                cpu=target), "note": "1 vCPU: the whole guest stops"})
-    other = 0 if target != 0 else 1
-    _sh(agent, f"taskset -c {other} sh -c {shlex.quote(write)}", timeout=30)
+        return report(triggered, None, details={
+            "thread": thread, "note": "1 vCPU: the whole guest stops"})
+    other = 0 if cpu != 0 else 1
+    agent.run(["taskset", "-c", str(other), "sh", "-c", write], what="the deadlock's trigger",
+              timeout=30)
     returned = time.monotonic()
-    confirmed = "unknown"
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if _status(agent, timeout=5).get("deadlock_spinning") == 1:
-                confirmed = "spinning"
-                break
-            time.sleep(0.05)
-    except AgentError:
-        pass  # with interrupts off the rest of the guest may soon stall too
-    return InjectReport(vm_name, "deadlock", kernel.release, triggered, returned, cpu=target,
-                        irqs_off=irqs_off, details={
-                            "thread": DEADLOCK_THREAD.format(cpu=target), "state": confirmed})
+        spinning = wait_for(lambda: _status(agent, timeout=5).get("deadlock_spinning") == 1,
+                            timeout=10, what="the deadlock did not start spinning",
+                            error=FaultError)
+    except (AgentError, FaultError):
+        spinning = False  # with interrupts off the rest of the guest may soon stall too
+    return report(triggered, returned, details={
+        "thread": thread, "state": "spinning" if spinning else "unknown"})
 
 
-def _hung_driver(agent: GuestAgent, vm_name: str, kernel: Kernel, readers: int,
-                 interval_ms: int) -> InjectReport:
-    if readers < 1:
-        raise FaultError("the hung driver needs at least one reader")
+def _hung_driver(target: FaultTarget, spec: HungDriver) -> InjectReport:
+    agent = target.agent
     before = _status(agent).get("hang_readers", 0)
-    pause = f"sleep {interval_ms / 1000:.3f}; " if interval_ms > 0 else ""
+    pause = f"sleep {spec.interval_ms / 1000:.3f}; " if spec.interval_ms > 0 else ""
     sid_file = f"{READERS_SID}.{int(time.time() * 1000)}"
-    loop = (f"echo $$ > {sid_file}; i=0; while [ $i -lt {readers} ]; do "
+    loop = (f"echo $$ > {sid_file}; i=0; while [ $i -lt {spec.readers} ]; do "
             f"cat {HANG_DEVICE} > /dev/null & i=$((i+1)); {pause}done; wait")
+    report = partial(InjectReport, target.vm, spec.name, target.kernel.release,
+                     details={"device": HANG_DEVICE, "function": HANG_FUNCTION})
     triggered = time.monotonic()
-    _sh(agent, f"mkdir -p {GUEST_DIR}; setsid -f sh -c {shlex.quote(loop)} "
-               "< /dev/null > /dev/null 2>&1")
+    agent.sh(f"mkdir -p {GUEST_DIR}; setsid -f sh -c {shlex.quote(loop)} "
+             "< /dev/null > /dev/null 2>&1", what="starting the readers")
     session = _read_sid(agent, sid_file)
-    _sh(agent, f"echo {session} >> {READERS_SID}")
-    if interval_ms > 0:
-        return InjectReport(vm_name, "hung-driver", kernel.release, triggered, None,
-                            session=session, details={"device": HANG_DEVICE,
-                                                      "function": HANG_FUNCTION})
-    deadline = time.monotonic() + 60
-    while _status(agent).get("hang_readers", 0) < before + readers:
-        if time.monotonic() > deadline:
-            raise FaultError(f"only {_status(agent).get('hang_readers')} readers blocked "
-                             f"on {HANG_DEVICE} after 60 s")
-        time.sleep(0.1)
+    agent.sh(f"echo {session} >> {READERS_SID}")
+    if spec.interval_ms > 0:
+        return report(triggered, None, session=session)
+    wait_for(lambda: _status(agent).get("hang_readers", 0) >= before + spec.readers,
+             timeout=60, interval=0.1, error=FaultError,
+             what=f"{spec.readers} readers did not block on {HANG_DEVICE}")
     returned = time.monotonic()
     # The data arrives; the buggy driver does not wake anyone.
-    _sh(agent, f"echo 'data for the readers' > {HANG_DEVICE}")
+    agent.sh(f"echo 'data for the readers' > {HANG_DEVICE}")
     pids = tuple(pid for pid, _, _, comm in _session_pids(agent, session) if comm == "cat")
-    return InjectReport(vm_name, "hung-driver", kernel.release, triggered, returned,
-                        session=session, pids=pids,
-                        details={"device": HANG_DEVICE, "function": HANG_FUNCTION})
+    return report(triggered, returned, session=session, pids=pids)
 
 
 def _read_sid(agent: GuestAgent, path: str) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = _sh(agent, f"cat {path} 2>/dev/null", check=False).text.strip()
-        if text.isdigit():
-            return int(text)
-        time.sleep(0.05)
-    raise FaultError(f"the guest never wrote {path}")
+    def session() -> int | None:
+        text = _try(agent, f"cat {path} 2>/dev/null").text.strip()
+        return int(text) if text.isdigit() else None
+
+    return wait_for(session, timeout=30, error=FaultError, what=f"the guest did not write {path}")
 
 
-def _fork_bomb(host: Host, agent: GuestAgent, vm_name: str, kernel: Kernel, *, seconds: int,
-               mib: int, maximum: int, delay_ms: int, linear: bool,
-               progress: Progress) -> InjectReport:
-    if seconds <= 0:
-        raise FaultError("the fork bomb needs a duration in seconds")
-    binary = build_forkbomb(host.cache, progress)
-    target = f"{GUEST_DIR}/{FORKBOMB_NAME}"
-    _copy(agent, binary, target, mode="0755")
-    argv = [target, "--daemon", "--seconds", str(seconds), "--mib", str(mib),
-            "--max", str(maximum), "--delay-ms", str(delay_ms), "--sid-file", BOMB_SID,
-            *(["--linear"] if linear else [])]
+def _fork_bomb(target: FaultTarget, spec: ForkBomb, progress: Progress) -> InjectReport:
+    agent = target.agent
+    binary = build_forkbomb(target.cache, progress)
+    path = f"{GUEST_DIR}/{FORKBOMB_NAME}"
+    _copy(agent, binary, path, mode="0755")
+    argv = [path, "--daemon", "--seconds", str(spec.seconds), "--mib", str(spec.mib),
+            "--max", str(spec.maximum), "--delay-ms", str(spec.delay_ms), "--sid-file",
+            BOMB_SID, *(["--linear"] if spec.linear else [])]
     # Keep the host's only channel into the guest alive under the bomb.
-    _sh(agent, "for p in $(pidof qemu-ga); do renice -n -20 -p $p; "
-               "echo -1000 > /proc/$p/oom_score_adj; done > /dev/null", check=False)
+    _try(agent, "for p in $(pidof qemu-ga); do renice -n -20 -p $p; "
+                "echo -1000 > /proc/$p/oom_score_adj; done > /dev/null")
     triggered = time.monotonic()
     result = agent.exec(argv, timeout=30)
     returned = time.monotonic()
     text = result.text.strip()
     if result.exit_code != 0 or not text.isdigit():
         raise FaultError(f"{FORKBOMB_NAME} did not start: {result.stderr.decode(errors='replace')}")
-    session = int(text)
-    return InjectReport(vm_name, "fork-bomb", kernel.release, triggered, returned,
-                        session=session, details={
-                            "program": target, "seconds": str(seconds), "mib": str(mib),
-                            "growth": "linear" if linear else "exponential"})
+    return InjectReport(target.vm, spec.name, target.kernel.release, triggered, returned,
+                        session=int(text), details={
+                            "program": path, "seconds": str(spec.seconds),
+                            "mib": str(spec.mib),
+                            "growth": "linear" if spec.linear else "exponential"})
 
 
-def _retry(what: str, deadline: float, action: Callable[[], T]) -> T:
+def _retry(what: str, deadline: Deadline, action: Callable[[], T]) -> T:
     """``action()``, retried while the guest agent is too busy to answer (a bomb's victim)."""
     while True:
         try:
             return action()
         except AgentError as exc:
-            if time.monotonic() > deadline:
+            if deadline.expired():
                 raise FaultError(f"cannot {what}: {exc}") from exc
             time.sleep(0.5)
 
 
 def _sessions(agent: GuestAgent, path: str) -> list[int]:
-    text = _sh(agent, f"cat {path} 2>/dev/null", check=False).text
-    return [int(s) for s in text.split() if s.isdigit()]
+    return [int(s) for s in _try(agent, f"cat {path} 2>/dev/null").text.split() if s.isdigit()]
 
 
-def _kill_session(agent: GuestAgent, session: int, wake: bool) -> bool:
-    """SIGKILL the process group of ``session``'s leader (every process we started in it);
-    True once none is left."""
+def _kill_session(agent: GuestAgent, session: int, wake: bool, deadline: Deadline) -> None:
+    """SIGKILL the process group of ``session``'s leader (every process we started in it)
+    until none is left."""
     release = f"echo wake > {CONTROL_FILE} 2>/dev/null; " if wake else ""
-    script = (f"kill -KILL -{session} 2>/dev/null; {release}"
-              f"ps -s {session} -o pid= | wc -l")
-    return _sh(agent, script, check=False, timeout=30).text.strip() == "0"
+    script = f"kill -KILL -{session} 2>/dev/null; {release}ps -s {session} -o pid= | wc -l"
+    wait_for(lambda: _retry("kill a session", deadline,
+                            lambda: _try(agent, script, timeout=30).text.strip() == "0"),
+             timeout=deadline.remaining(), interval=0.2, error=FaultError,
+             what=f"session {session} survived SIGKILL")
 
 
-def clear(host: Host, vm_name: str, *, unload: bool = True, timeout: float = 120.0) -> ClearReport:
-    """Stop the fork bombs and free the hung readers in ``vm_name``; unload the module.
+def clear(target: FaultTarget, *, unload: bool = True, timeout: float = 120.0) -> ClearReport:
+    """Stop the fork bombs and free the hung readers; unload the module.
 
     A deadlock cannot be cleared: it stays in ``remaining`` and the VM must be stopped.
     Retries while the guest is too loaded to answer, up to ``timeout`` seconds.
     """
-    agent, _, _ = _agent(host, vm_name)
-    deadline = time.monotonic() + timeout
+    agent = target.agent
+    deadline = Deadline(timeout)
     cleared: list[str] = []
     remaining: list[str] = []
     bombs = _retry("list the fork bombs", deadline, lambda: _sessions(agent, BOMB_SID))
     for session in bombs:
-        while not _retry("kill the fork bomb", deadline,
-                         partial(_kill_session, agent, session, False)):
-            if time.monotonic() > deadline:
-                raise FaultError(f"fork bomb session {session} survives SIGKILL")
-            time.sleep(0.2)
+        _kill_session(agent, session, False, deadline)
     if bombs:
-        _retry("forget the fork bombs", deadline, lambda: _sh(agent, f"rm -f {BOMB_SID}"))
+        _retry("forget the fork bombs", deadline, lambda: agent.sh(f"rm -f {BOMB_SID}"))
         cleared.append("fork-bomb")
     status = _retry("read the fault module's state", deadline, lambda: _status(agent))
     readers = _retry("list the readers", deadline, lambda: _sessions(agent, READERS_SID))
     for session in readers:
-        while not _retry("free the readers", deadline,
-                         partial(_kill_session, agent, session, bool(status))):
-            if time.monotonic() > deadline:
-                raise FaultError(f"readers of session {session} survive SIGKILL")
-            time.sleep(0.2)
+        _kill_session(agent, session, bool(status), deadline)
     if readers:
-        _sh(agent, f"rm -f {READERS_SID} {READERS_SID}.*")
+        agent.sh(f"rm -f {READERS_SID} {READERS_SID}.*")
         cleared.append("hung-driver")
     if status and status.get("deadlock_cpu", -1) >= 0:
         remaining.append("deadlock")
     elif status and unload:
         if status.get("hang_readers", 0):
-            _sh(agent, f"echo wake > {CONTROL_FILE}")  # readers we did not start
-        while _sh(agent, f"rmmod {MODULE_NAME}", check=False).exit_code != 0:
-            if time.monotonic() > deadline:
-                raise FaultError(f"{MODULE_NAME} stays in use in vm {vm_name!r}")
-            time.sleep(0.2)
+            agent.sh(f"echo wake > {CONTROL_FILE}")  # readers we did not start
+        wait_for(lambda: _try(agent, f"rmmod {MODULE_NAME}").exit_code == 0,
+                 timeout=deadline.remaining(), interval=0.2, error=FaultError,
+                 what=f"{MODULE_NAME} stayed in use in vm {target.vm!r}")
         cleared.append("module")
-    return ClearReport(vm_name, tuple(cleared), tuple(remaining))
+    return ClearReport(target.vm, tuple(cleared), tuple(remaining))
