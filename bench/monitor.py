@@ -16,62 +16,37 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
 import time
 from typing import Any
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
-from transmigrate.detect.events import Event, Sample
-from transmigrate.faults import clear, inject, load_module
+from transmigrate.faults import (
+    FaultSpec,
+    ForkBomb,
+    HungDriver,
+    clear,
+    inject,
+    load_module,
+    spec_for,
+)
 from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.faults import fault_target
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.monitor import Monitor, MonitorConfig
+from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, Watch
 
 INTERVALS_MS = (1, 10, 100, 1000)
 FAULT_EVENT = {"deadlock": "lockup", "hung-driver": "hung-driver", "fork-bomb": "fork-storm"}
 KERNEL_DETECTOR = {"deadlock": ("soft lockup", 90.0),
                    "hung-driver": ("blocked for more than", 300.0)}
 MIB = 1024 * 1024
+TRIAL_SPECS: dict[str, FaultSpec] = {
+    "hung-driver": HungDriver(readers=200, interval_ms=20),
+    "fork-bomb": ForkBomb(seconds=30, mib=8)}
+"""Readers that pile up over seconds, and a bomb that fills memory: the research's curves."""
 
 
-class Watch:
-    """A monitor running in a thread; remembers events and the latest sample."""
-
-    def __init__(self, host: Host, vm: str, interval_ms: float) -> None:
-        self.monitor = Monitor(host, vm, MonitorConfig(interval_s=interval_ms / 1000))
-        self.events: list[Event] = []
-        self.received_at: dict[str, float] = {}
-        """Host ``time.monotonic()`` when the first event of each kind reached us."""
-        self.latest: Sample | None = None
-        self.at_event: dict[str, Sample | None] = {}
-        self._stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        def on_event(event: Event) -> None:
-            self.received_at.setdefault(event.kind, time.monotonic())
-            self.at_event.setdefault(event.kind, self.latest)
-            self.events.append(event)
-
-        def on_sample(sample: Sample) -> None:
-            self.latest = sample
-
-        self.stats = self.monitor.run(on_event, on_sample=on_sample, stop=lambda: self._stop)
-
-    def wait(self, kind: str, timeout: float) -> Event | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in self.events:
-                if event.kind == kind:
-                    return event
-            time.sleep(0.001)
-        return None
-
-    def stop(self) -> None:
-        self._stop = True
-        self.thread.join()
-        self.monitor.close()
+def _watch(host: Host, vm: str, interval_ms: float) -> Watch:
+    return Monitor.attach(host, vm, MonitorConfig(interval_s=interval_ms / 1000)).start()
 
 
 def _console_wait(host: Host, vm: str, text: str, since: float, timeout: float) -> float | None:
@@ -90,13 +65,13 @@ def _trial(host: Host, kernel: str, fault: str, interval_ms: int, own_detector: 
     vm = "bench-mon"
     lifecycle.up(host, vm, kernel, memory_mib=768, cpus=2)
     try:
+        target = fault_target(host, vm)
         if fault != "fork-bomb":
-            load_module(host, vm)
-        watch = Watch(host, vm, interval_ms)
+            load_module(target)
+        watch = _watch(host, vm, interval_ms)
         try:
             time.sleep(max(1.0, 3 * interval_ms / 1000))
-            report = inject(host, vm, fault, readers=200, reader_interval_ms=20,
-                            bomb_seconds=30, bomb_mib=8)
+            report = inject(target, TRIAL_SPECS.get(fault) or spec_for(fault))
             event = watch.wait(FAULT_EVENT[fault], timeout=30 + 3 * interval_ms / 1000)
             result: dict[str, Any] = {"latency_ms": None if event is None else round(
                 (watch.received_at[event.kind] - report.triggered_at) * 1000, 2)}
@@ -123,7 +98,7 @@ def _trial(host: Host, kernel: str, fault: str, interval_ms: int, own_detector: 
         finally:
             watch.stop()
         if fault != "deadlock":
-            clear(host, vm)
+            clear(target)
         return result
     finally:
         lifecycle.down(host, vm)
@@ -135,9 +110,11 @@ def _cpu_cost(host: Host, kernel: str) -> dict[int, float]:
     try:
         costs = {}
         for interval_ms in INTERVALS_MS:
-            monitor = Monitor(host, vm, MonitorConfig(interval_s=interval_ms / 1000))
-            stats = monitor.run(lambda _: None, duration_s=max(10.0, 5 * interval_ms / 1000))
-            monitor.close()
+            monitor = Monitor.attach(host, vm, MonitorConfig(interval_s=interval_ms / 1000))
+            try:
+                stats = monitor.run(lambda _: None, duration_s=max(10.0, 5 * interval_ms / 1000))
+            finally:
+                monitor.close()
             costs[interval_ms] = round(stats.cpu_fraction * 100, 2)
         return costs
     finally:
@@ -157,7 +134,7 @@ def _slowdown(host: Host, kernel: str, rounds: int = 5) -> dict[str, float]:
         times: dict[tuple[str, bool], list[float]] = {}
         for _ in range(rounds):
             for monitored in (False, True):
-                watch = Watch(host, vm, 1) if monitored else None
+                watch = _watch(host, vm, 1) if monitored else None
                 try:
                     for name, code in (("cpu", CPU_BENCH), ("syscall", SYSCALL_BENCH)):
                         out = lifecycle.exec_in(host, vm, ["python3", "-c", code]).text

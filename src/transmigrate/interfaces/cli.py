@@ -21,9 +21,8 @@ from rich.table import Table
 from transmigrate.config import load_config
 from transmigrate.detect.events import READERS, Event, Sample
 from transmigrate.errors import TransmigrateError
-from transmigrate.faults import FAULTS, inject
 from transmigrate.orchestrate import demo as demo_job
-from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate import faults, lifecycle
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import (
@@ -284,7 +283,7 @@ def monitor(name: Annotated[str, typer.Argument(help="VM to watch.")],
     config = with_settings(MonitorConfig(interval_s=parse_interval(interval),
                                          detectors=tuple(detector) if detector else DETECTORS,
                                          locks=tuple(lock or ())), set_ or [])
-    watcher = Monitor(Host.from_environment(), name, config)
+    watcher = Monitor.attach(Host.from_environment(), name, config)
     try:
         if json_:
             stats = watcher.run(_print_event_json, duration_s=duration)
@@ -311,7 +310,7 @@ def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
     shown = [0.0]
 
     def render() -> Table:
-        table = Table(title=f"{watcher.machine.name} ({watcher.guest.release})", expand=True)
+        table = Table(title=watcher.readers.label, expand=True)
         table.add_column("what")
         table.add_column("now")
         if latest:
@@ -357,14 +356,15 @@ def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
 @app.command("inject")
 def inject_fault(
         name: Annotated[str, typer.Argument(help="VM to break.")],
-        fault: Annotated[str, typer.Argument(help=f"One of: {', '.join(FAULTS)}.")],
+        fault: Annotated[str, typer.Argument(help=f"One of: {', '.join(faults.FAULTS)}.")],
         cpu: Annotated[int | None, typer.Option(help="deadlock: the CPU to wedge.")] = None,
         readers: Annotated[int, typer.Option(help="hung-driver: readers to block.")] = 16,
         json_: JsonOption = False) -> None:
     """Inject a real fault: a spinlock deadlock, a hung driver, a fork and memory bomb,
     a kernel oops or a kernel panic."""
-    report = inject(Host.from_environment(), name, fault, cpu=cpu, readers=readers,
-                    progress=_Progress())
+    report = faults.inject_by_name(Host.from_environment(), name, fault, cpu=cpu,
+                                   readers=readers if fault == "hung-driver" else None,
+                                   progress=_Progress())
     if json_:
         _emit_json(asdict(report))
     else:

@@ -1,5 +1,9 @@
 """Watching a guest kernel from the host: sample its memory at an interval, run detectors.
 
+The loop (:class:`Monitor`) takes its readers (:class:`GuestReaders`), so it
+runs on recorded samples in tests; :meth:`Monitor.attach` wires them to a
+running VM's RAM (introspect) and QEMU (vm).
+
 The guest does no work for this: every sample is read straight out of its RAM
 file. Each detector has its own interval (by default the monitor's); a sample
 reads only what the detectors due at that moment need. A read torn by the
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from types import TracebackType
 from typing import Any
 
 from transmigrate.detect.events import READERS, Detector, Event, Sample
@@ -29,20 +35,28 @@ from transmigrate.detect.panic import PanicDetector
 from transmigrate.errors import IntrospectionError, MachineError, TransmigrateError
 from transmigrate.introspect.counters import CounterReader
 from transmigrate.introspect.cpus import CpuReader
-from transmigrate.introspect.kernel import Guest, attach
+from transmigrate.introspect.kernel import attach
 from transmigrate.introspect.locks import LockReader, LockState
 from transmigrate.introspect.mm import MemoryReader
 from transmigrate.introspect.panic import PanicReader
+from transmigrate.introspect.symbols import symbolize
 from transmigrate.introspect.tasks import Task, TaskReader, wait_site
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import running
+from transmigrate.polling import wait_for
 from transmigrate.vm.machine import Machine
+from transmigrate.vm.registers import instruction_pointer
 from transmigrate.vm.vcpus import VcpuClock
 
-__all__ = ["DETECTORS", "LOCKUP_MIN_MS", "LOCKUP_SPIN_MS", "Monitor", "MonitorConfig",
-           "MonitorStats", "parse_interval", "with_settings"]
+__all__ = ["DETECTORS", "LOCKUP_MIN_MS", "LOCKUP_SPIN_MS", "GuestReaders", "Monitor",
+           "MonitorConfig", "MonitorStats", "Watch", "guest_readers", "parse_interval",
+           "with_settings"]
 
-DETECTORS = ("lockup", "fork-storm", "memory-exhaustion", "hung-driver", "panic")
+_DETECTOR_CLASSES: dict[str, type[Detector]] = {
+    "lockup": LockupDetector, "fork-storm": ForkStormDetector,
+    "memory-exhaustion": MemoryExhaustionDetector, "hung-driver": HungDriverDetector,
+    "panic": PanicDetector}
+DETECTORS = tuple(_DETECTOR_CLASSES)
 _STATUS_EVERY_NS = 1_000_000_000
 LOCKUP_MIN_MS = {"kvm": 100.0, "tcg": 300.0}
 """Default lockup floors. Under TCG guest code runs many times slower: a healthy
@@ -142,40 +156,120 @@ class MonitorStats:
         return self.cpu_seconds / self.wall_seconds if self.wall_seconds else 0.0
 
 
-class Monitor:
-    """Attached to one running VM; ``run`` samples until told to stop."""
+def _check(config: MonitorConfig) -> None:
+    if not config.detectors:
+        raise TransmigrateError("no detector to run")
+    unknown = (set(config.detectors) | set(dict(config.detector_intervals))) - set(DETECTORS)
+    if unknown:
+        raise TransmigrateError(f"unknown detector {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(DETECTORS)}")
 
-    def __init__(self, host: Host, vm: str, config: MonitorConfig = MonitorConfig()) -> None:
-        if not config.detectors:
-            raise TransmigrateError("no detector to run")
-        unknown = (set(config.detectors) | set(dict(config.detector_intervals))) - set(DETECTORS)
-        if unknown:
-            raise TransmigrateError(f"unknown detector {', '.join(sorted(unknown))}; "
-                                    f"known: {', '.join(DETECTORS)}")
-        self.machine: Machine = running(host, vm)
+
+def _nothing(*_: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class GuestReaders:
+    """Everything the monitor reads from a guest, as callables."""
+
+    samplers: Mapping[str, Callable[[], Any]]
+    """One per reader of :data:`READERS` the detectors need; raise IntrospectionError
+    on a read torn by the running guest."""
+    label: str = "guest"
+    """What is watched, for people: the VM and its kernel."""
+    accel: str = "tcg"
+    cpu_function: Callable[[int], str | None] = _nothing
+    """The kernel function a CPU executes now (one look)."""
+    wait_site: Callable[[Task], str | None] = _nothing
+    """The kernel function a blocked task sleeps in."""
+    locks: Callable[[], tuple[LockState, ...]] | None = None
+    """The named locks' states; None when no lock was named."""
+    vm_ended: Callable[[], Event | None] = _nothing
+    """An event once the VM is gone or paused by a panic."""
+    close: Callable[[], None] = _nothing
+
+
+def guest_readers(host: Host, vm: str, needs: frozenset[str],
+                  locks: tuple[str, ...] = ()) -> GuestReaders:
+    """Readers of the running VM ``vm``: its RAM through the kernel's types, QEMU's view
+    of its vCPUs, and its QEMU's state."""
+    machine = running(host, vm)
+    guest = attach(machine, catalog=host.catalog)
+    samplers: dict[str, Callable[[], Any]] = {}
+    vcpus = VcpuClock(machine) if "vcpus" in needs else None
+    if "cpus" in needs:
+        samplers["cpus"] = CpuReader(guest).sample
+    if vcpus is not None:
+        samplers["vcpus"] = vcpus.sample
+    if "tasks" in needs:
+        samplers["tasks"] = TaskReader(guest).sample
+    if "memory" in needs:
+        samplers["memory"] = MemoryReader(guest).sample
+    if "counters" in needs:
+        samplers["counters"] = CounterReader(guest).sample
+    if "health" in needs:
+        samplers["health"] = PanicReader(guest).sample
+
+    def cpu_function(cpu: int) -> str | None:
+        address = instruction_pointer(machine, cpu)
+        return None if address is None else symbolize(guest, address)
+
+    def site(task: Task) -> str | None:
+        try:
+            found = wait_site(guest, task)
+        except IntrospectionError:
+            return None
+        return found.function if found else None
+
+    def close() -> None:
+        if vcpus is not None:
+            vcpus.close()
+        guest.close()
+
+    return GuestReaders(samplers, f"{vm} ({guest.release})", machine.record.accel,
+                        cpu_function, site,
+                        LockReader(guest, locks).sample if locks else None,
+                        _vm_ended(machine), close)
+
+
+def _vm_ended(machine: Machine) -> Callable[[], Event | None]:
+    """Whether ``machine`` died, or QEMU stopped it on a guest panic, as an event."""
+
+    def ended() -> Event | None:
+        if not machine.alive():
+            return Event("vm-dead", time.monotonic_ns(), f"{machine.name}: QEMU is gone")
+        with contextlib.suppress(MachineError):
+            if machine.status() == "guest-panicked":
+                return Event("panic", time.monotonic_ns(),
+                             "guest panicked (pvpanic); QEMU paused it", {"source": "pvpanic"})
+        return None
+
+    return ended
+
+
+class Monitor:
+    """Runs detectors over samples from ``readers``; ``run`` samples until told to stop."""
+
+    def __init__(self, readers: GuestReaders, config: MonitorConfig = MonitorConfig()) -> None:
+        _check(config)
         self.config = config
-        self.guest: Guest = attach(self.machine, catalog=host.catalog)
+        self.readers = readers
         self.detectors = self._detectors(config)
-        needs = set().union(*(d.needs for d in self.detectors))
-        self._readers: dict[str, Callable[[], Any]] = {}
-        self._vcpus = VcpuClock(self.machine) if "vcpus" in needs else None
-        if "cpus" in needs:
-            self._readers["cpus"] = CpuReader(self.guest).sample
-        if self._vcpus is not None:
-            self._readers["vcpus"] = self._vcpus.sample
-        if "tasks" in needs:
-            self._readers["tasks"] = TaskReader(self.guest).sample
-        if "memory" in needs:
-            self._readers["memory"] = MemoryReader(self.guest).sample
-        if "counters" in needs:
-            self._readers["counters"] = CounterReader(self.guest).sample
-        if "health" in needs:
-            self._readers["health"] = PanicReader(self.guest).sample
-        assert set(self._readers) <= set(READERS)
-        self._locks = LockReader(self.guest, config.locks) if config.locks else None
+        missing = set().union(*(d.needs for d in self.detectors)) - set(readers.samplers)
+        if missing:
+            raise TransmigrateError(f"no reader for {', '.join(sorted(missing))}")
+        assert set(readers.samplers) <= set(READERS)
+
+    @classmethod
+    def attach(cls, host: Host, vm: str, config: MonitorConfig = MonitorConfig()) -> Monitor:
+        """A monitor of the running VM ``vm``."""
+        _check(config)
+        needs = frozenset().union(*(_DETECTOR_CLASSES[name].needs for name in config.detectors))
+        return cls(guest_readers(host, vm, needs, config.locks), config)
 
     def _detectors(self, config: MonitorConfig) -> list[Detector]:
-        accel = self.machine.record.accel
+        accel = self.readers.accel
         built: dict[str, Detector] = {
             "lockup": LockupDetector(
                 config.lockup_samples,
@@ -185,25 +279,18 @@ class Monitor:
             "fork-storm": ForkStormDetector(config.fork_min_growth, config.fork_min_rate,
                                             config.fork_window_ms),
             "memory-exhaustion": MemoryExhaustionDetector(config.memory_min_free_fraction),
-            "hung-driver": HungDriverDetector(self._wait_site, config.hung_min_tasks,
+            "hung-driver": HungDriverDetector(self.readers.wait_site, config.hung_min_tasks,
                                               config.hung_min_blocked_ms),
             "panic": PanicDetector(),
         }
         return [built[name] for name in config.detectors]
-
-    def _wait_site(self, task: Task) -> str | None:
-        try:
-            site = wait_site(self.guest, task)
-        except IntrospectionError:
-            return None
-        return site.function if site else None
 
     def sample(self, needs: frozenset[str] | None = None) -> tuple[Sample, frozenset[str]]:
         """One look at the guest: every reader, or those in ``needs``; and the readers
         whose read tore (their part of the sample is None). A torn task walk under a
         fork bomb must not cost the fork counters their sample."""
         readings, torn = {}, set()
-        for name, read in self._readers.items():
+        for name, read in self.readers.samplers.items():
             if needs is None or name in needs:
                 try:
                     readings[name] = read()
@@ -213,17 +300,19 @@ class Monitor:
 
     def lock_states(self) -> tuple[LockState, ...]:
         """The named locks now; empty if none were named or a read tore."""
-        if self._locks is None:
+        if self.readers.locks is None:
             return ()
         try:
-            return self._locks.sample()
+            return self.readers.locks()
         except IntrospectionError:
             return ()
 
     def close(self) -> None:
-        if self._vcpus is not None:
-            self._vcpus.close()
-        self.guest.close()
+        self.readers.close()
+
+    def start(self, on_event: Callable[[Event], None] | None = None) -> Watch:
+        """Run in a background thread until the returned :class:`Watch` is stopped."""
+        return Watch(self, on_event)
 
     def run(self, on_event: Callable[[Event], None], *, duration_s: float | None = None,
             on_sample: Callable[[Sample], None] | None = None,
@@ -268,7 +357,7 @@ class Monitor:
                     on_event(event)
             if sample.monotonic_ns >= next_status_ns:
                 next_status_ns = sample.monotonic_ns + _STATUS_EVERY_NS
-                ended = self._vm_ended()
+                ended = self.readers.vm_ended()
                 if ended is not None:
                     stats.events.append(ended)
                     on_event(ended)
@@ -277,23 +366,12 @@ class Monitor:
         stats.cpu_seconds = time.process_time() - cpu_start
         return stats
 
-    def _vm_ended(self) -> Event | None:
-        """An event if the VM died or QEMU stopped it on a guest panic."""
-        if not self.machine.alive():
-            return Event("vm-dead", time.monotonic_ns(), f"{self.machine.name}: QEMU is gone")
-        with contextlib.suppress(MachineError):
-            status = self.machine.status()
-            if status == "guest-panicked":
-                return Event("panic", time.monotonic_ns(),
-                             "guest panicked (pvpanic); QEMU paused it", {"source": "pvpanic"})
-        return None
-
     def _enrich(self, event: Event) -> Event:
         if event.kind not in ("lockup", "hung-driver"):
             return event
         summary, evidence = event.summary, dict(event.evidence)
         held = [lock for lock in self.lock_states() if lock.held]
-        if self._locks is not None:
+        if self.readers.locks is not None:
             evidence["locks_held"] = [lock.as_dict() for lock in held]
         if event.kind == "lockup" and "function" in evidence:
             summary += f" in {evidence['function']}"
@@ -307,31 +385,78 @@ class Monitor:
 
     def _cpu_function(self, cpu: int, looks: int) -> str | None:
         """The kernel function CPU ``cpu`` executes: the most frequent of ``looks`` looks
-        at QEMU's registers, since a stuck CPU with interrupts on is sometimes caught in
+        at its registers, since a stuck CPU with interrupts on is sometimes caught in
         its timer interrupt."""
-        seen = Counter(f for f in (self._cpu_function_once(cpu) for _ in range(looks))
+        seen = Counter(f for f in (self.readers.cpu_function(cpu) for _ in range(looks))
                        if f is not None)
         return seen.most_common(1)[0][0] if seen else None
 
-    def _cpu_function_once(self, cpu: int) -> str | None:
-        try:
-            text = self.machine.qmp("human-monitor-command",
-                                    {"command-line": "info registers -a"}, timeout=2.0)
-        except MachineError:
-            return None
-        blocks = str(text).split("CPU#")
-        for block in blocks[1:]:
-            number, _, body = block.partition("\n")
-            rip = re.search(r"RIP=([0-9a-f]{16})", body)
-            if number.strip().rstrip(":") == str(cpu) and rip:
-                return self._symbolize(int(rip.group(1), 16))
-        return None
 
-    def _symbolize(self, address: int) -> str:
-        with contextlib.suppress(LookupError):
-            return str(self.guest.prog.symbol(address).name)
-        with contextlib.suppress(IntrospectionError):
-            in_module = self.guest.module_symbol(address)
-            if in_module:
-                return in_module
-        return f"{address:016x} (unknown)"
+class Watch:
+    """A monitor running in a background thread: the events so far, when each kind first
+    arrived, and the latest sample. Stop it (or leave its ``with`` block) to get the
+    stats; the monitor is closed then."""
+
+    def __init__(self, monitor: Monitor, on_event: Callable[[Event], None] | None = None) -> None:
+        self.monitor = monitor
+        self.events: list[Event] = []
+        self.received_at: dict[str, float] = {}
+        """Host ``time.monotonic()`` when the first event of each kind arrived."""
+        self.latest: Sample | None = None
+        self.at_event: dict[str, Sample | None] = {}
+        """The latest sample when the first event of each kind arrived."""
+        self._on_event = on_event
+        self._stopping = threading.Event()
+        self._outcome: MonitorStats | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        def on_event(event: Event) -> None:
+            self.received_at.setdefault(event.kind, time.monotonic())
+            self.at_event.setdefault(event.kind, self.latest)
+            self.events.append(event)
+            if self._on_event is not None:
+                self._on_event(event)
+
+        def on_sample(sample: Sample) -> None:
+            self.latest = sample
+
+        try:
+            self._outcome = self.monitor.run(on_event, on_sample=on_sample,
+                                             stop=self._stopping.is_set)
+        except BaseException as exc:  # handed to whoever stops the watch
+            self._outcome = exc
+
+    def wait(self, kind: str, timeout: float) -> Event | None:
+        """The first event of ``kind``, waiting up to ``timeout`` seconds; None if none."""
+        return self.wait_for(lambda event: event.kind == kind, timeout)
+
+    def wait_for(self, match: Callable[[Event], bool], timeout: float) -> Event | None:
+        """The first event that ``match``es, waiting up to ``timeout`` seconds; None if none."""
+        def found() -> Event | None:
+            return next((event for event in self.events if match(event)), None)
+
+        try:
+            return wait_for(found, timeout=timeout, interval=0.001, what="no such event")
+        except TransmigrateError:
+            return None
+
+    def stop(self) -> MonitorStats:
+        """Stop sampling and close the monitor (once; later calls return the same stats);
+        a failure of the loop is raised here."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self._thread.join()
+            self.monitor.close()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,29 @@
+"""A vCPU's registers as QEMU sees them, read without the guest's help.
+
+A CPU stuck in the kernel cannot say where it is stuck; QEMU can, from outside:
+its human monitor's ``info registers`` for one CPU. Only the instruction
+pointer is parsed: that is what names the function a stuck CPU executes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from transmigrate.errors import MachineError
+from transmigrate.vm.machine import Machine
+
+__all__ = ["instruction_pointer"]
+
+_RIP = re.compile(r"\bRIP=([0-9a-f]{16})\b")
+
+
+def instruction_pointer(machine: Machine, cpu: int, timeout: float = 2.0) -> int | None:
+    """CPU ``cpu``'s RIP now, or None if QEMU does not answer or has no such CPU."""
+    try:
+        text = machine.qmp("human-monitor-command",
+                           {"command-line": "info registers", "cpu-index": cpu},
+                           timeout=timeout)
+    except MachineError:
+        return None
+    found = _RIP.search(str(text))
+    return int(found.group(1), 16) if found else None
