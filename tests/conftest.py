@@ -75,10 +75,10 @@ def new_vm(prepared: Host) -> Iterator[str]:
     lifecycle.down(prepared, "t-new")
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the real ``transmigrate`` command, as a user would."""
+def cli(*args: str, timeout: float = 300, input: str = "") -> subprocess.CompletedProcess[str]:
+    """Run the real ``transmigrate`` command, as a user would, with ``input`` on stdin."""
     return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+                          input=input, check=False)
 
 
 def qemu_pids() -> set[int]:

@@ -11,8 +11,16 @@ Every key is optional::
     memory_mib = 1024
     cpus = 1
 
+    [services.db]               # a declared service, by name
+    vm = "web"                  # the VM that runs it
+    start = ["pg_ctlcluster", "15", "main", "start"]
+    process = "postgres"        # what `update` moves (default: start's program)
+    state = ["/etc/postgresql", "/var/lib/postgresql"]   # kept on the data volume
+    namespaces = ["ipc"]        # its own IPC namespace (the default; [] for none)
+    boot = true                 # `transmigrate up` starts it
+
     [services]
-    web = ["redis-server"]      # processes that `transmigrate update web` moves
+    web = ["redis-server"]      # the short form: processes that `update web` moves
 """
 
 from __future__ import annotations
@@ -20,14 +28,47 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from transmigrate.errors import TransmigrateError
 
-__all__ = ["ACTIVE_KERNEL", "STANDBY_KERNEL", "Config", "load_config"]
+__all__ = ["ACTIVE_KERNEL", "NAMESPACES", "STANDBY_KERNEL", "Config", "Service", "load_config"]
 
 ACTIVE_KERNEL = "6.1.0-57"
 STANDBY_KERNEL = "6.12.117"
+
+
+NAMESPACES = ("ipc",)
+"""What a service may get of its own: an IPC namespace (SysV objects, POSIX mqueues:
+CRIU moves them with it)."""
+_NOT_STATE = ("/", "/etc", "/var", "/run", "/usr", "/bin", "/sbin", "/lib", "/lib64")
+"""Paths that cannot be a service's state as a whole: the system's own."""
+_NOT_UNDER = ("/proc", "/sys", "/dev", "/data")
+"""Nothing under these is state: the kernel's views, and the volume itself."""
+
+
+def _may_be_state(item: str) -> bool:
+    pure = PurePosixPath(item)
+    return (pure.is_absolute() and ".." not in pure.parts and str(pure) not in _NOT_STATE
+            and not any(pure == PurePosixPath(top) or PurePosixPath(top) in pure.parents
+                        for top in _NOT_UNDER))
+
+
+@dataclass(frozen=True)
+class Service:
+    """What a service is: where it runs, how it starts, what moves, where its state is."""
+
+    name: str
+    vm: str
+    process: str
+    """The name of the process `update` moves (its oldest, with its tree)."""
+    start: tuple[str, ...] = ()
+    """The command that starts it; empty: someone else does."""
+    state: tuple[str, ...] = ()
+    """Absolute paths kept on the data volume, bind-mounted where the service expects them."""
+    namespaces: tuple[str, ...] = ("ipc",)
+    boot: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,8 +77,72 @@ class Config:
     image_files: Path | None = None
     memory_mib: int = 1024
     cpus: int = 1
-    services: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    services: tuple[Service, ...] = ()
     source: Path | None = field(default=None, compare=False)
+
+    def services_of(self, vm: str) -> tuple[Service, ...]:
+        return tuple(service for service in self.services if service.vm == vm)
+
+
+def _strings(value: Any, key: str, path: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TransmigrateError(f"config {path}: {key} must be a list of strings")
+    return tuple(value)
+
+
+_SERVICE_KEYS = {"vm", "start", "process", "state", "namespaces", "boot"}
+
+
+def _service(name: str, table: dict[str, Any], path: Path) -> Service:
+    key = f"services.{name}"
+    unknown = set(table) - _SERVICE_KEYS
+    if unknown:
+        raise TransmigrateError(f"config {path}: unknown key {key}.{sorted(unknown)[0]}; "
+                                f"known: {', '.join(sorted(_SERVICE_KEYS))}")
+    vm = table.get("vm")
+    if not isinstance(vm, str) or not vm:
+        raise TransmigrateError(f"config {path}: {key}.vm must name the VM that runs it")
+    start = _strings(table.get("start", []), f"{key}.start", path)
+    process = table.get("process", PurePosixPath(start[0]).name if start else "")
+    if not isinstance(process, str) or not process:
+        raise TransmigrateError(f"config {path}: {key}.process must name the process "
+                                "that update moves")
+    state = _strings(table.get("state", []), f"{key}.state", path)
+    for item in state:
+        if not _may_be_state(item):
+            raise TransmigrateError(f"config {path}: {key}.state: {item!r} cannot be state: "
+                                    "give an absolute path outside /proc, /sys, /dev, /data "
+                                    "and the system's own directories")
+    namespaces = _strings(table.get("namespaces", ["ipc"]), f"{key}.namespaces", path)
+    bad = set(namespaces) - set(NAMESPACES)
+    if bad:
+        raise TransmigrateError(f"config {path}: {key}.namespaces: unknown "
+                                f"{', '.join(sorted(bad))}; known: {', '.join(NAMESPACES)}")
+    boot = table.get("boot", False)
+    if not isinstance(boot, bool):
+        raise TransmigrateError(f"config {path}: {key}.boot must be true or false")
+    return Service(name, vm, process, start, tuple(str(PurePosixPath(p)) for p in state),
+                   namespaces, boot)
+
+
+def _services(data: Any, path: Path) -> tuple[Service, ...]:
+    if not isinstance(data, dict):
+        raise TransmigrateError(f"config {path}: services must be a table")
+    services = []
+    for key, value in data.items():
+        if isinstance(value, list):  # the short form: VM = [process names]
+            services += [Service(process, key, process, namespaces=())
+                         for process in _strings(value, f"services.{key}", path)]
+        elif isinstance(value, dict):
+            services.append(_service(key, value, path))
+        else:
+            raise TransmigrateError(f"config {path}: services.{key} must be a table "
+                                    "or a list of process names")
+    names = [service.name for service in services]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise TransmigrateError(f"config {path}: service {twice[0]} is declared twice")
+    return tuple(services)
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -58,15 +163,11 @@ def load_config(path: Path | None = None) -> Config:
     if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
         raise TransmigrateError(f"config {path}: image.packages must be a list of names")
     files = image.get("files")
-    services = data.get("services", {})
-    if not isinstance(services, dict) or not all(
-            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in services.values()):
-        raise TransmigrateError(f"config {path}: services must map VM names to process names")
     return Config(
         image_packages=tuple(packages),
         image_files=(path.parent / files).resolve() if isinstance(files, str) else None,
         memory_mib=int(vm.get("memory_mib", 1024)),
         cpus=int(vm.get("cpus", 1)),
-        services={vm_name: tuple(names) for vm_name, names in services.items()},
+        services=_services(data.get("services", {}), path),
         source=path,
     )

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from transmigrate.migrate.precheck import PrecheckFailed, Refusal, describe
+from transmigrate.migrate.precheck import (
+    CARRY_FILE_LIMIT,
+    CARRY_TOTAL_LIMIT,
+    FileSeen,
+    PrecheckFailed,
+    Refusal,
+    carry_or_refuse,
+    describe,
+)
 
 
 def test_many_processes_with_one_cause_make_one_line() -> None:
@@ -19,23 +27,24 @@ def test_causes_and_details_are_grouped_apart() -> None:
         *(Refusal("sysv-shm", pid, "postgres") for pid in (11, 12)),
         Refusal("anon", 11, "postgres", "io_uring"),
         Refusal("anon", 13, "worker", "perf_event"),
-        *(Refusal("file", None, f"/var/log/pg/{n}.log", "web") for n in range(4)),
-        Refusal("file", None, "/etc/app.conf", "web"),
+        *(Refusal("large-file", None, f"/var/log/pg/{n}.log", "web") for n in range(4)),
+        Refusal("large-file", None, "/etc/app.conf", "web"),
     ]
     lines = describe(refusals)
     assert lines[0].startswith("postgres ×2 (pids 11, 12): map SysV shared memory")
     assert lines[1] == ("postgres (pid 11): hold io_uring, which CRIU cannot move; "
                         "fix: close it, or leave them behind")
     assert lines[2].startswith("worker (pid 13): hold perf_event")
-    assert lines[3].startswith("5 files (/etc/app.conf, /var/log/pg/0.log, "
-                               "/var/log/pg/1.log, …): exist only in web; fix: put them on "
-                               "the data volume (/data)")
+    assert lines[3] == ("5 paths (/etc/app.conf, /var/log/pg/0.log, /var/log/pg/1.log, …): "
+                        "not the same in web, too large to copy while frozen; fix: declare "
+                        "them as state, or put them on the data volume (/data)")
     assert len(lines) == 4
 
 
 def test_one_file_and_subjectless_causes_read_well() -> None:
-    assert describe([Refusal("file", None, "/etc/app.conf", "web")]) == [
-        "/etc/app.conf: exists only in web; fix: put it on the data volume (/data)"]
+    assert describe([Refusal("socket-dir", None, "/run/postgresql", "web-next")]) == [
+        "/run/postgresql: missing in web-next, where the processes' bound UNIX sockets must "
+        "be; fix: declare it as state"]
     assert describe([Refusal("lazy", detail="web-next")])[0].startswith(
         "web-next cannot restore lazily")
 
@@ -49,3 +58,41 @@ def test_the_error_is_one_line_for_one_cause_and_keeps_the_full_list() -> None:
     assert str(many).splitlines()[0] == "cannot move from web: 2 reasons"
     assert many.as_dicts()[1] == {"cause": "device", "pid": 8, "comm": "b",
                                   "detail": "/dev/vda"}
+
+
+def test_sysv_objects_and_session_members_left_behind() -> None:
+    lines = describe([Refusal("sysv-sem", 20, "app", "3, 4"),
+                      Refusal("session-member", 31, "sleep", "20"),
+                      Refusal("session-member", 32, "sleep", "20")])
+    assert lines[0] == ("app (pid 20): run in the VM's own IPC namespace, which holds SysV "
+                        "semaphore sets (3, 4) that would not move; fix: start the service "
+                        "in its own (unshare --ipc, or declare it: namespaces = [\"ipc\"])")
+    assert lines[1].startswith("sleep ×2 (pids 31, 32): are in the session of a moved "
+                               "process (20) but in no moved tree")
+
+
+def _seen(size: int, sha: str | None = "a", writing: bool = False) -> FileSeen:
+    return FileSeen(size, sha, writing)
+
+
+def test_small_files_that_differ_or_are_written_are_carried_large_ones_refused() -> None:
+    files = {"/etc/same.conf": _seen(10), "/etc/edited.conf": _seen(10),
+             "/var/log/app.log": _seen(500, writing=True), "/etc/new.conf": _seen(3),
+             "/usr/lib/big.so": _seen(CARRY_FILE_LIMIT + 1, None),
+             "/usr/lib/same-big.so": _seen(CARRY_FILE_LIMIT + 1, None)}
+    there = {"/etc/same.conf": {"size": 10, "sha256": "a"},
+             "/etc/edited.conf": {"size": 10, "sha256": "b"},
+             "/var/log/app.log": {"size": 500, "sha256": "a"}, "/etc/new.conf": None,
+             "/usr/lib/big.so": {"size": 1, "sha256": None},
+             "/usr/lib/same-big.so": {"size": CARRY_FILE_LIMIT + 1, "sha256": None}}
+    carried, refused = carry_or_refuse(files, there, "web-next")
+    assert carried == ["/etc/edited.conf", "/etc/new.conf", "/var/log/app.log"]
+    assert refused == [Refusal("large-file", None, "/usr/lib/big.so", "web-next")]
+
+
+def test_carrying_stops_at_the_total_limit() -> None:
+    fit = CARRY_TOTAL_LIMIT // CARRY_FILE_LIMIT
+    files = {f"/var/log/{n}.log": _seen(CARRY_FILE_LIMIT, None, writing=True)
+             for n in range(fit + 1)}
+    carried, refused = carry_or_refuse(files, {}, "web-next")
+    assert len(carried) == fit and [r.comm for r in refused] == [f"/var/log/{fit}.log"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
+from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, Service
 from transmigrate.errors import KernelNotFound, TransmigrateError
 from transmigrate.migrate.engine import MigrationFailed
 from transmigrate.migrate.precheck import PrecheckFailed
@@ -360,7 +360,7 @@ def test_gone_pid_and_nothing_to_move(prepared: Host, old_vm: str) -> None:
     with pytest.raises(TransmigrateError, match="no process named"):
         find_services(prepared, old_vm, processes=["no-such-daemon"])
     with pytest.raises(TransmigrateError, match="none of the declared services"):
-        find_services(prepared, old_vm, declared=["no-such-daemon"])
+        find_services(prepared, old_vm, declared=[Service("ghost", old_vm, "no-such-daemon")])
     with pytest.raises(TransmigrateError, match="name each once"):
         update(prepared, old_vm, STANDBY_KERNEL, pids=[1, 1])
 
@@ -386,16 +386,18 @@ def test_services_found_by_cgroup_one_root_per_tree(prepared: Host, old_vm: str)
 
 
 def test_every_declared_service_that_runs_is_moved(prepared: Host, old_vm: str) -> None:
-    roots = find_services(prepared, old_vm, declared=("qemu-ga", "no-such-daemon", "tini"))
+    roots = find_services(prepared, old_vm, declared=[
+        Service(name, old_vm, name) for name in ("qemu-ga", "no-such-daemon", "tini")])
     assert [lifecycle.exec_in(prepared, old_vm, ["cat", f"/proc/{pid}/comm"]).text.strip()
             for pid in roots] == ["qemu-ga", "tini"]
 
 
 def test_precheck_refuses_what_cannot_move(prepared: Host, service_vm: str) -> None:
+    """A small file only the old VM has would be carried; a large one, or a device, not."""
     lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=512)
     lifecycle.exec_in(prepared, VM, ["sh", "-c", (
-        "echo local > /var/tmp/only-here; "
-        "setsid sh -c 'exec 3</var/tmp/only-here 4</dev/vda; sleep 600' "
+        "echo local > /var/tmp/only-here; head -c 9M /dev/zero > /var/tmp/big-here; "
+        "setsid sh -c 'exec 3</var/tmp/only-here 4</dev/vda 5</var/tmp/big-here; sleep 600' "
         "</dev/null >/dev/null 2>&1 &")])
     time.sleep(1.0)
     [pid] = find_services(prepared, VM, processes=["sleep"])
@@ -404,8 +406,9 @@ def test_precheck_refuses_what_cannot_move(prepared: Host, service_vm: str) -> N
         update(prepared, VM, STANDBY_KERNEL, pids=[pid])
     message = str(caught.value)
     assert message.startswith("cannot move from t-svc: 2 reasons\n")
-    assert "/var/tmp/only-here: exists only in t-svc" in message
+    assert "/var/tmp/big-here: not the same in t-svc-next, too large to copy" in message
     assert "have device /dev/vda open" in message
+    assert "only-here" not in message
     assert all(len(line) < 160 for line in message.splitlines()), message
-    assert {r.cause for r in caught.value.refusals} == {"file", "device"}
+    assert {r.cause for r in caught.value.refusals} == {"large-file", "device"}
     assert lifecycle.exec_in(prepared, VM, ["kill", "-0", str(pid)]).exit_code == 0

@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from transmigrate.config import load_config
+from transmigrate.config import Service, load_config
 from transmigrate.detect.events import READERS, Event, Sample
 from transmigrate.errors import TransmigrateError
 from transmigrate.orchestrate import demo as demo_job
-from transmigrate.orchestrate import faults, lifecycle
+from transmigrate.orchestrate import faults, lifecycle, services
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import (
@@ -143,11 +143,16 @@ def up(name: Annotated[str, typer.Argument(help="Name of the new VM.")],
                           memory_mib=memory or default_memory, cpus=cpus or default_cpus,
                           progress=_Progress())
     record = report.machine.record
+    started = {service.name: services.start_service(host, service)
+               for service in load_config(config).services_of(name) if service.boot}
     if json_:
-        _emit_json({**asdict(record), "boot_seconds": round(report.boot_seconds, 3)})
+        _emit_json({**asdict(record), "boot_seconds": round(report.boot_seconds, 3),
+                    "services_started": started})
     else:
         out.print(f"{record.name} up on {record.kernel} at {record.ip} "
                   f"in {report.boot_seconds:.1f} s ({record.accel})")
+        for service_name, root in started.items():
+            out.print(f"{service_name} started (pid {root})")
 
 
 @app.command("ls")
@@ -172,8 +177,11 @@ def exec_(name: Annotated[str, typer.Argument(help="VM to run in.")],
           command: Annotated[list[str], typer.Argument(help="Command and its arguments.")],
           timeout: Annotated[float, typer.Option(help="Seconds before it is killed.")] = 600.0,
           ) -> None:
-    """Run a command in a VM; its output and exit code pass through."""
-    result = lifecycle.exec_in(Host.from_environment(), name, command, timeout=timeout)
+    """Run a command in a VM; its input (unless a terminal), output and exit code pass
+    through."""
+    given = None if sys.stdin.isatty() else sys.stdin.buffer.read()
+    result = lifecycle.exec_in(Host.from_environment(), name, command, timeout=timeout,
+                               input=given)
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
@@ -224,16 +232,19 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
            copy: Annotated[str, typer.Option(
                help="How memory goes: auto (pre-copy, then post-copy if it does not "
                     "converge), pre, post, or stop (stop-and-copy).")] = "auto",
+           strict: Annotated[bool, typer.Option(
+               help="Refuse, rather than warn, when files of the old VM's root file system "
+                    "changed since it booted and are not on the data volume.")] = False,
            config: ConfigOption = None, json_: JsonOption = False) -> None:
     """Move running services onto a new VM with another kernel; retire the old VM.
 
     Without --pid, --process or --cgroup: the services declared for NAME."""
     host = Host.from_environment()
-    declared = load_config(config).services.get(name, ())
+    declared = load_config(config).services_of(name)
     roots = update_job.find_services(host, name, pids=pid or (), processes=process or (),
                                      cgroups=cgroup or (), declared=declared)
     try:
-        report = update_job.update(host, name, kernel, pids=roots, copy=copy,
+        report = update_job.update(host, name, kernel, pids=roots, copy=copy, strict=strict,
                                    progress=_Progress())
     except update_job.PrecheckFailed as exc:
         if not json_:
@@ -247,8 +258,75 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
               f"{report.kernel_before} to {report.kernel_after} ({report.copy})")
     out.print(_steps_table(report.steps, {"frozen": report.frozen_seconds,
                                           "total": report.total_seconds}))
+    if report.carried:
+        out.print(f"copied inside the freeze: {', '.join(report.carried)}")
     for warning in report.warnings:
         err.print(f"warning: {warning}", markup=False)
+
+
+def _declared(config: Path | None, vm: str, service: str | None) -> tuple[Service, ...]:
+    """The services declared for ``vm``, or the one named ``service``."""
+    declared = load_config(config).services_of(vm)
+    if service is None:
+        if not declared:
+            raise TransmigrateError(f"no service is declared for {vm} in transmigrate.toml")
+        return declared
+    chosen = tuple(s for s in declared if s.name == service)
+    if not chosen:
+        raise TransmigrateError(f"no service {service!r} is declared for {vm}; declared: "
+                                f"{', '.join(s.name for s in declared) or 'none'}")
+    return chosen
+
+
+ServiceArgument = Annotated[str | None, typer.Argument(
+    help="A declared service (default: every one declared for the VM).")]
+
+
+@app.command()
+def start(name: Annotated[str, typer.Argument(help="VM to start services in.")],
+          service: ServiceArgument = None, config: ConfigOption = None,
+          json_: JsonOption = False) -> None:
+    """Start declared services so that they can move: state on the data volume, their
+    own session and IPC namespace."""
+    host = Host.from_environment()
+    started = {s.name: services.start_service(host, s) for s in _declared(config, name, service)}
+    if json_:
+        _emit_json(started)
+        return
+    for service_name, root in started.items():
+        out.print(f"{service_name} runs in {name} (pid {root})")
+
+
+@app.command()
+def stop(name: Annotated[str, typer.Argument(help="VM to stop services in.")],
+         service: ServiceArgument = None, config: ConfigOption = None,
+         json_: JsonOption = False) -> None:
+    """Stop declared services (SIGTERM, then SIGKILL after a minute)."""
+    host = Host.from_environment()
+    stopped = {s.name: services.stop_service(host, s) for s in _declared(config, name, service)}
+    if json_:
+        _emit_json(stopped)
+        return
+    for service_name, was_running in stopped.items():
+        out.print(f"{service_name} {'stopped' if was_running else 'was not running'}")
+
+
+@app.command()
+def status(name: Annotated[str, typer.Argument(help="VM whose services to show.")],
+           service: ServiceArgument = None, config: ConfigOption = None,
+           json_: JsonOption = False) -> None:
+    """Declared services: running or not, what `update` moves, where their state is."""
+    found = services.service_status(Host.from_environment(), _declared(config, name, service))
+    if json_:
+        _emit_json([s.as_dict() for s in found])
+        return
+    table = Table("service", "running", "pid", "processes", "own IPC", "state on volume")
+    for s in found:
+        table.add_row(s.name, "yes" if s.running else "no", str(s.root or ""), str(s.pids),
+                      "yes" if s.own_ipc else "no",
+                      ", ".join(f"{p}{'' if ok else ' (not bound)'}"
+                                for p, ok in s.state.items()) or "-")
+    out.print(table)
 
 
 def _steps_table(steps: dict[str, float], totals: dict[str, float]) -> Table:

@@ -73,6 +73,8 @@ class MigrationReport:
     """From the first final dump's start to the target's NIC on the service bridge."""
     copy: str = ""
     """How memory went: a :attr:`CopyMode.label`."""
+    carried: list[str] = field(default_factory=list)
+    """Files outside the data volume copied to the target inside the freeze."""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -127,6 +129,8 @@ class Plan:
     """The operator's choice; the precheck narrows it, pre-copy settles AUTO."""
     policy: PreCopyPolicy = field(default_factory=PreCopyPolicy)
     service_check: Callable[[], None] | None = None
+    strict: bool = False
+    """Refuse, rather than warn about, changes to the source's root file system."""
     report: MigrationReport = field(default_factory=MigrationReport)
     trees: list[Tree] = field(init=False)
     frozen_at: float = 0.0

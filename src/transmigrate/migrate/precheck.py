@@ -22,7 +22,8 @@ from transmigrate.migrate.plan import GUEST_TOOLS, HOLD_DIR, Plan
 from transmigrate.migrate.precopy import CopyMode
 from transmigrate.vm.volume import DATA_MOUNT
 
-__all__ = ["Precheck", "PrecheckFailed", "Refusal", "SourceInspection", "inspect_source"]
+__all__ = ["CARRY_FILE_LIMIT", "CARRY_TOTAL_LIMIT", "FileSeen", "Precheck", "PrecheckFailed",
+           "Refusal", "SourceInspection", "carry_or_refuse", "inspect_source"]
 
 DIRTY_TRACKING = "mem_dirty_track"
 LAZY_RESTORE = "uffd-noncoop"
@@ -38,6 +39,7 @@ class Refusal:
     """A key of :data:`CAUSES`."""
     pid: int | None = None
     comm: str = ""
+    """The process's name; for a cause about a file, the file's path."""
     detail: str = ""
     """What the cause is about: a file, a device, a kind of file descriptor, a VM."""
 
@@ -52,9 +54,23 @@ CAUSES: dict[str, tuple[str, str]] = {
     "device": ("have device {detail} open", "close it, or leave them behind"),
     "sysv-shm": ("map SysV shared memory in the VM's own IPC namespace, which CRIU moves "
                  "only with the namespace", "start the service in its own (unshare --ipc)"),
+    "sysv-sem": ("run in the VM's own IPC namespace, which holds SysV semaphore sets "
+                 "({detail}) that would not move", "start the service in its own "
+                 "(unshare --ipc, or declare it: namespaces = [\"ipc\"])"),
+    "sysv-msg": ("run in the VM's own IPC namespace, which holds SysV message queues "
+                 "({detail}) that would not move", "start the service in its own "
+                 "(unshare --ipc, or declare it: namespaces = [\"ipc\"])"),
+    "session-member": ("are in the session of a moved process ({detail}) but in no moved "
+                       "tree (their parent exited), so they would stay behind",
+                       "move them too (--pid), or stop them"),
     "shared": ("belong to more than one of the trees", "name each tree once"),
     "pid-taken": ("have pids that are taken in {detail}", "move them to another standby"),
-    "file": ("exist only in {detail}", f"put them on the data volume ({DATA_MOUNT})"),
+    "large-file": ("not the same in {detail}, too large to copy while frozen",
+                   f"declare them as state, or put them on the data volume ({DATA_MOUNT})"),
+    "socket-dir": ("missing in {detail}, where the processes' bound UNIX sockets must be",
+                   "declare them as state"),
+    "changed": ("changed since {detail} booted, and not on the data volume",
+                "declare them as state, or move without --strict"),
 }
 """Per cause: what is wrong (said of the processes or files) and the fix."""
 
@@ -70,10 +86,14 @@ def _processes(refusals: Sequence[Refusal]) -> str:
     return f"{who} (pids {pids[0]}…{pids[-1]})"
 
 
+_ABOUT_FILES = ("large-file", "socket-dir", "changed")
+"""Causes said of files (their path is in ``comm``), not of processes."""
+
+
 def _files(refusals: Sequence[Refusal]) -> str:
     paths = sorted({r.comm for r in refusals})
     shown = ", ".join(paths[:3]) + (", …" if len(paths) > 3 else "")
-    return f"{len(paths)} files ({shown})" if len(paths) > 1 else paths[0]
+    return f"{len(paths)} paths ({shown})" if len(paths) > 1 else paths[0]
 
 
 def describe(refusals: Sequence[Refusal]) -> list[str]:
@@ -85,10 +105,10 @@ def describe(refusals: Sequence[Refusal]) -> list[str]:
     for (cause, detail), group in groups.items():
         problem, fix = CAUSES[cause]
         problem = problem.format(detail=detail)
-        if cause == "file":
+        if cause in _ABOUT_FILES:
             subject = _files(group)
             if len({r.comm for r in group}) == 1:
-                problem, fix = problem.replace("exist ", "exists "), fix.replace("them", "it")
+                fix = fix.replace(" them ", " it ")
         elif any(r.pid is not None for r in group):
             subject = _processes(group)
         else:
@@ -112,12 +132,30 @@ class PrecheckFailed(TransmigrateError):
         return [asdict(r) for r in self.refusals]
 
 
+CARRY_FILE_LIMIT = 8 << 20
+CARRY_TOTAL_LIMIT = 32 << 20
+"""Files outside the volume copied inside the freeze: each, and all together."""
+
+
+@dataclass(frozen=True)
+class FileSeen:
+    """A regular file a tree uses that is not on the data volume (through /data or a
+    state path bound from it)."""
+
+    size: int
+    sha256: str | None
+    """Of a small file; a large one is compared by size."""
+    writing: bool
+    """Open for writing: it may change until the freeze, so it is always carried."""
+
+
 @dataclass(frozen=True)
 class TreeInspection:
     root: int
     pids: list[int]
-    files: dict[str, int]
-    """Regular files it uses outside the data volume, with their sizes."""
+    files: dict[str, FileSeen]
+    socket_dirs: list[str]
+    """Directories of the UNIX sockets it bound, outside the volume."""
     refusals: list[Refusal]
 
 
@@ -128,6 +166,8 @@ class SourceInspection:
     trees: list[TreeInspection]
     refusals: list[Refusal]
     dirty_tracking: bool
+    changed: list[str]
+    """Files of its root file system changed since it booted."""
 
 
 def _guest_report(agent: GuestAgent, args: list[str], *, what: str,
@@ -153,7 +193,7 @@ def inspect_source(agent: GuestAgent, roots: Sequence[int]) -> SourceInspection:
 
     Also clears the source's migration directories for this migration."""
     report = _guest_report(agent, [
-        *RESET, "--criu", "--feature", DIRTY_TRACKING, *map(str, roots)],
+        *RESET, "--criu", "--feature", DIRTY_TRACKING, "--changed", *map(str, roots)],
         what="listing the processes' resources")
     refusals = _criu_refusals(report, agent.name)
     trees = []
@@ -162,12 +202,36 @@ def inspect_source(agent: GuestAgent, roots: Sequence[int]) -> SourceInspection:
             raise TransmigrateError(f"{tree['error']} in {agent.name}")
         found = [Refusal(p["cause"], p["pid"], p["comm"], p["detail"])
                  for p in tree["problems"]]
-        trees.append(TreeInspection(tree["root"], tree["pids"], {
-            path: size for path, size in tree["files"].items()
-            if not path.startswith(DATA_MOUNT + "/")}, found))
+        files = {path: FileSeen(seen["size"], seen["sha256"], seen["writing"])
+                 for path, seen in tree["files"].items()}
+        trees.append(TreeInspection(tree["root"], tree["pids"], files, tree["socket_dirs"],
+                                    found))
         refusals += found
     return SourceInspection(trees, refusals,
-                            bool(report["criu"]["features"].get(DIRTY_TRACKING)))
+                            bool(report["criu"]["features"].get(DIRTY_TRACKING)),
+                            report["changed"])
+
+
+def carry_or_refuse(files: dict[str, FileSeen], there: dict[str, dict[str, Any] | None],
+                    target: str) -> tuple[list[str], list[Refusal]]:
+    """Which files to copy to the target inside the freeze, and which to refuse: a file
+    the target lacks or has otherwise, or one being written, is carried if it is small
+    enough; else refused."""
+    carried: list[str] = []
+    refusals: list[Refusal] = []
+    total = 0
+    for path, seen in sorted(files.items()):
+        other = there.get(path)
+        same = other is not None and other["size"] == seen.size and (
+            seen.sha256 is None or other["sha256"] == seen.sha256)
+        if same and not seen.writing:
+            continue
+        if seen.size <= CARRY_FILE_LIMIT and total + seen.size <= CARRY_TOTAL_LIMIT:
+            carried.append(path)
+            total += seen.size
+        else:
+            refusals.append(Refusal("large-file", None, path, target))
+    return carried, refusals
 
 
 class Precheck:
@@ -184,22 +248,35 @@ class Precheck:
         inspection = self.source()
         refusals = list(inspection.refusals)
         by_root = {tree.root: tree for tree in inspection.trees}
-        files: dict[str, int] = {}
+        files: dict[str, FileSeen] = {}
+        socket_dirs: set[str] = set()
         for tree in plan.trees:
             tree.pids = by_root[tree.pid].pids
             files |= by_root[tree.pid].files
+            socket_dirs.update(by_root[tree.pid].socket_dirs)
         counted = Counter(pid for tree in plan.trees for pid in set(tree.pids))
         refusals += [Refusal("shared", pid) for pid, n in sorted(counted.items()) if n > 1]
         target = plan.target
-        query = {"files": sorted(files), "pids": sorted(counted)}
+        query = {"files": sorted(files), "dirs": sorted(socket_dirs), "pids": sorted(counted)}
         report = _guest_report(target.agent, [
             *RESET, "--criu", "--feature", LAZY_RESTORE, "--query"],
             what="checking the target", input=json.dumps(query).encode())
         refusals += _criu_refusals(report, target.record.name)
-        sizes = report["query"]["sizes"]
-        refusals += [Refusal("file", None, path, plan.source.record.name)
-                     for path, size in files.items() if sizes.get(path) != size]
-        taken = set(report["query"]["pids_taken"])
+        answer = report["query"]
+        plan.report.carried, too_large = carry_or_refuse(files, answer["files"],
+                                                         target.record.name)
+        refusals += too_large
+        refusals += [Refusal("socket-dir", None, directory, target.record.name)
+                     for directory in answer["dirs_missing"]]
+        changed = [path for path in inspection.changed if path not in files]
+        if changed and plan.strict:
+            refusals += [Refusal("changed", None, path, plan.source.record.name)
+                         for path in changed]
+        elif changed:
+            plan.report.warnings += describe([Refusal("changed", None, path,
+                                                      plan.source.record.name)
+                                              for path in changed])
+        taken = set(answer["pids_taken"])
         refusals += [Refusal("pid-taken", pid, "", target.record.name)
                      for pid in sorted(taken)]
         lazy_ok = bool(report["criu"]["features"].get(LAZY_RESTORE))

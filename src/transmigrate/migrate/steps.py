@@ -108,10 +108,15 @@ class FinalDump:
                 f"mkdir -p {t.images.dir(t.final_iteration)} && "
                 + shlex.join(t.images.page_server(t.final_iteration, target.record.migration_ip))
                 for t in plan.trees), what="criu page-server")
-        # Flush the data volume now, so that freezing it later has little left to write.
+        # Before anything is frozen: the link answers (else CRIU's connect would wait
+        # minutes, frozen), and the data volume is flushed, so that freezing it later has
+        # little left to write.
+        link = target.record.migration_ip
         source.agent.sh(" && ".join(f"mkdir -p {t.images.dir(t.final_iteration)} {t.hold_dir}"
                                     for t in plan.trees)
-                        + f" && if mountpoint -q {DATA_MOUNT}; then sync -f {DATA_MOUNT}; fi")
+                        + f" && if mountpoint -q {DATA_MOUNT}; then sync -f {DATA_MOUNT}; fi"
+                        + f" && ping -q -c 1 -W 2 {link} > /dev/null",
+                        what=f"checking the migration link to {link}")
         plan.frozen_at = time.monotonic()
         for tree in plan.trees:
             self._dump(plan, tree, postcopy)
@@ -170,7 +175,9 @@ def _wait_exit(agent: GuestAgent, pid: int, timeout: float) -> ExecResult:
 
 
 class HandOver:
-    """Hand the dumps to the target: freeze the data volume, copy the non-page images.
+    """Hand the dumps to the target: freeze the data volume, copy the non-page images
+    and the files the precheck chose to carry (outside the volume, small, and absent,
+    different or being written), now that nothing changes them.
 
     One command on each side keeps it short. The source's freeze flushes the
     volume; pages already went by the page server. The target mounts the
@@ -184,12 +191,16 @@ class HandOver:
         # With post-copy, the memory CRIU cannot fetch lazily is in local page images.
         pages = "" if plan.copy.lazy else \
             "--exclude='pages-*.img' --exclude='pagemap-*.img' "
-        directories = " ".join(f"{t.index}/{t.final_iteration}" for t in plan.trees)
+        root = IMAGES_ROOT.lstrip("/")
+        directories = " ".join(f"{root}/{t.index}/{t.final_iteration}" for t in plan.trees)
+        # Two archives in one stream: the images' excludes must not touch carried files.
+        carried = " ".join(shlex.quote(path.lstrip("/")) for path in plan.report.carried)
+        carry = f" && tar -C / -c {carried}" if carried else ""
         archive = plan.source.agent.sh(
             f"if mountpoint -q {DATA_MOUNT}; then {GUEST_TOOLS}/tm-data freeze || exit 1; fi; "
-            f"tar -C {IMAGES_ROOT} -c {pages}--exclude='*.log' --exclude=parent {directories}",
+            f"tar -C / -c {pages}--exclude='*.log' --exclude=parent {directories}{carry}",
             what="freezing data and packing images").stdout
-        plan.target.agent.run(["tar", "-C", IMAGES_ROOT, "-x"], input=archive,
+        plan.target.agent.run(["tar", "-C", "/", "-x", "--ignore-zeros"], input=archive,
                               what="unpacking images")
 
     def undo(self, plan: Plan) -> None:

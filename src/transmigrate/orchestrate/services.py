@@ -3,18 +3,145 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from transmigrate.config import Service
 from transmigrate.errors import TransmigrateError
+from transmigrate.guest.agent import GuestAgent
+from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.lifecycle import exec_in
+from transmigrate.orchestrate.lifecycle import exec_in, running
 from transmigrate.polling import wait_for
 from transmigrate.vm.volume import DATA_MOUNT
 
-__all__ = ["REDIS_PORT", "LoadClient", "redis_cli", "start_redis"]
+__all__ = ["REDIS_PORT", "LoadClient", "ServiceStatus", "oldest_process", "redis_cli",
+           "service_root",
+           "service_status", "start_redis", "start_service", "stop_service"]
+
+HOLDERS = f"{DATA_MOUNT}/.transmigrate/services"
+"""Where tm-service keeps each held service's pid (and output), on the volume."""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    vm: str
+    running: bool
+    root: int | None
+    """The pid that `update` moves with its tree (the holder, for a service we started)."""
+    pids: int
+    """Processes in that tree."""
+    own_ipc: bool
+    state: dict[str, bool]
+    """Each state path, and whether it is bound from the volume."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _holder(agent: GuestAgent, service: Service) -> int | None:
+    """The running tm-service of ``service``, from its pid file on the volume."""
+    script = (f"p=$(cat {HOLDERS}/{service.name}.pid 2>/dev/null) && "
+              f"tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null | "
+              f"grep -q 'tm-service {service.name} --' && echo $p")
+    found = agent.exec(["sh", "-c", script]).text.split()
+    return int(found[0]) if found else None
+
+
+def oldest_process(agent: GuestAgent, process: str) -> int | None:
+    """The oldest process named ``process`` (its comm), or None."""
+    found = agent.exec(["pgrep", "-o", "-x", process]).text.split()
+    return int(found[0]) if found else None
+
+
+def service_root(agent: GuestAgent, service: Service) -> int | None:
+    """The root of the tree that is ``service``: its holder, if we started it; else the
+    oldest process of its name; None if it does not run."""
+    return _holder(agent, service) or oldest_process(agent, service.process)
+
+
+def start_service(host: Host, service: Service, *, timeout: float = 120.0) -> int:
+    """Start a declared service in its VM so that it can move: its state on the data
+    volume, bound in place; its own session and IPC namespace; held by tm-service.
+    Return the root `update` moves. A service that runs already is left as it is."""
+    agent = host.agent(running(host, service.vm))
+    if service.state:
+        agent.run([f"{GUEST_TOOLS}/tm-data", "state", *service.state],
+                  what=f"keeping {service.name}'s state on the data volume")
+    root = service_root(agent, service)
+    if root is not None:
+        return root
+    if not service.start:
+        raise TransmigrateError(f"service {service.name} has no start command and does "
+                                f"not run in {service.vm}")
+    argv = ["setsid", "-f", *(["unshare", "--ipc"] if "ipc" in service.namespaces else []),
+            f"{GUEST_TOOLS}/tm-service", service.name, "--", *service.start]
+    agent.sh(f"{shlex.join(argv)} < /dev/null > /dev/null 2>&1",
+             what=f"starting {service.name}")
+    holder = wait_for(lambda: _holder(agent, service), timeout=10, interval=0.1,
+                      what=f"the holder of {service.name} did not start in {service.vm}")
+    wait_for(lambda: _in_tree(agent, holder, service.process), timeout=timeout,
+             interval=0.2, what=f"{service.process} did not start in {service.vm} (its "
+                                f"output: {HOLDERS}/{service.name}.log there)")
+    return holder
+
+
+def _in_tree(agent: GuestAgent, root: int, process: str) -> bool:
+    """Whether a process named ``process`` runs under ``root``."""
+    processes = agent.processes()
+    parents = {p.pid: p.ppid for p in processes}
+    for candidate in processes:
+        if candidate.comm != process:
+            continue
+        pid = candidate.pid
+        while pid not in (root, 0, 1) and pid in parents:
+            pid = parents[pid]
+        if pid == root:
+            return True
+    return False
+
+
+def stop_service(host: Host, service: Service, *, timeout: float = 60.0) -> bool:
+    """Stop ``service`` (SIGTERM, then SIGKILL to its session after ``timeout``
+    seconds); False if it did not run."""
+    agent = host.agent(running(host, service.vm))
+    root = service_root(agent, service)
+    if root is None:
+        return False
+    agent.run(["kill", "-TERM", str(root)], what=f"stopping {service.name}")
+    try:
+        wait_for(lambda: agent.exec(["kill", "-0", str(root)]).exit_code != 0,
+                 timeout=timeout, interval=0.2, what=f"{service.name} did not stop")
+    except TransmigrateError:
+        agent.exec(["pkill", "-KILL", "-s", str(root)])
+    return True
+
+
+def service_status(host: Host, services: Sequence[Service]) -> list[ServiceStatus]:
+    """Whether each service runs, what would move, and where its state is."""
+    statuses = []
+    for service in services:
+        agent = host.agent(running(host, service.vm))
+        root = service_root(agent, service)
+        mounts = agent.run(["cat", "/proc/self/mountinfo"]).text.splitlines()
+        bound = {line.split()[4] for line in mounts if len(line.split()) > 4}
+        pids, own_ipc = 0, False
+        if root is not None:
+            found = agent.exec(["sh", "-c", (
+                f"[ \"$(readlink /proc/{root}/ns/ipc)\" = \"$(readlink /proc/1/ns/ipc)\" ] "
+                f"|| echo own; pgrep -c -s \"$(ps -o sid= -p {root} | tr -d ' ')\"")]).text
+            words = found.split()
+            own_ipc = "own" in words
+            pids = int(words[-1]) if words and words[-1].isdigit() else 0
+        statuses.append(ServiceStatus(service.name, service.vm, root is not None, root, pids,
+                                      own_ipc, {path: path in bound for path in service.state}))
+    return statuses
 
 REDIS_PORT = 6379
 

@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from transmigrate import paths
+from transmigrate.config import Service
 from transmigrate.errors import MachineError, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.migrate.criu import IMAGES_ROOT
-from transmigrate.migrate.engine import StepHook, run_steps
+from transmigrate.migrate.engine import MigrationFailed, StepHook, run_steps
 from transmigrate.migrate.plan import Plan, Side
 from transmigrate.migrate.precheck import PrecheckFailed, inspect_source
 from transmigrate.migrate.precopy import CopyMode
 from transmigrate.migrate.steps import migration_steps
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import running, standby_pid_base, up
+from transmigrate.orchestrate.services import oldest_process, service_root
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
 
@@ -51,6 +56,8 @@ class UpdateReport:
     criu: list[dict[str, Any]]
     """Per tree, CRIU's own statistics under CRIU's names: pre-copy iterations, dump,
     restore."""
+    carried: list[str]
+    """Files outside the data volume copied to the new VM inside the freeze."""
     warnings: list[str]
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,10 +66,10 @@ class UpdateReport:
 
 def find_services(host: Host, name: str, *, pids: Sequence[int] = (),
                   processes: Sequence[str] = (), cgroups: Sequence[str] = (),
-                  declared: Sequence[str] = ()) -> list[int]:
+                  declared: Sequence[Service] = ()) -> list[int]:
     """The roots of the process trees to move: the pids, the oldest process of each
     name, every tree in each cgroup (v2, a path under /sys/fs/cgroup); with none of
-    these, every declared service that runs."""
+    these, every declared service that runs (its holder, if transmigrate started it)."""
     agent = host.agent(running(host, name))
     roots: list[int] = []
     for pid in pids:
@@ -70,7 +77,7 @@ def find_services(host: Host, name: str, *, pids: Sequence[int] = (),
             raise TransmigrateError(f"no process {pid} in {name}")
         roots.append(pid)
     for process in processes:
-        found = _oldest(agent, process)
+        found = oldest_process(agent, process)
         if found is None:
             raise TransmigrateError(f"no process named {process} runs in {name}")
         roots.append(found)
@@ -80,17 +87,12 @@ def find_services(host: Host, name: str, *, pids: Sequence[int] = (),
         if not declared:
             raise TransmigrateError(
                 f"nothing to move in {name}: give --pid, --process or --cgroup, or declare "
-                f"[services] {name} = [...] in transmigrate.toml")
-        roots = [pid for pid in (_oldest(agent, n) for n in declared) if pid is not None]
+                f"a service with vm = {name!r} in transmigrate.toml")
+        roots = [pid for pid in (service_root(agent, s) for s in declared) if pid is not None]
         if not roots:
-            raise TransmigrateError(f"none of the declared services ({', '.join(declared)}) "
-                                    f"runs in {name}")
+            raise TransmigrateError(f"none of the declared services "
+                                    f"({', '.join(s.name for s in declared)}) runs in {name}")
     return sorted(set(roots), key=roots.index)
-
-
-def _oldest(agent: GuestAgent, process: str) -> int | None:
-    found = agent.exec(["pgrep", "-o", "-x", process]).text.split()
-    return int(found[0]) if found else None
 
 
 def _cgroup_roots(agent: GuestAgent, name: str, cgroup: str) -> list[int]:
@@ -114,10 +116,13 @@ def _cgroup_roots(agent: GuestAgent, name: str, cgroup: str) -> list[int]:
 
 
 def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
-           copy: str = "auto", service_check: Callable[[], None] | None = None,
+           copy: str = "auto", strict: bool = False,
+           service_check: Callable[[], None] | None = None,
            progress: Progress = silent, before_step: StepHook | None = None) -> UpdateReport:
     """Move the process trees rooted at ``pids`` in VM ``name`` to a new VM on
-    ``kernel_spec``, all frozen together. ``copy`` is a :class:`CopyMode` value.
+    ``kernel_spec``, all frozen together. ``copy`` is a :class:`CopyMode` value;
+    ``strict`` refuses, rather than warns about, changes to the old VM's root file
+    system since it booted. A failed move keeps both VMs' logs (the error says where).
     """
     try:
         mode = CopyMode(copy)
@@ -144,14 +149,17 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
                     target=Side(target.record, host.agent(target)),
                     network=host.network, pids=pids,
                     fence_target=lambda: host.machines.remove(target),
-                    copy=mode, service_check=service_check)
+                    copy=mode, strict=strict, service_check=service_check)
         try:
             report = run_steps(plan, migration_steps(inspecting.result, progress), progress,
                                before_step)
-        except BaseException:
+        except BaseException as exc:
+            logs = None if isinstance(exc, PrecheckFailed) else _keep_logs(host, source, target)
             progress(f"discarding {standby_name}")
             host.machines.remove(target)
             _remove_images(host, source)
+            if isinstance(exc, MigrationFailed) and logs is not None:
+                raise MigrationFailed(f"{exc}; logs in {logs}") from exc
             raise
     progress(f"retiring {name} ({source.record.kernel})")
     host.machines.remove(source)
@@ -173,7 +181,24 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
         frozen_seconds=round(report.frozen_seconds, 3),
         total_seconds=round(time.monotonic() - start, 3),
         criu=[asdict(tree) for tree in report.trees],
-        warnings=warnings)
+        carried=report.carried, warnings=warnings)
+
+
+def _keep_logs(host: Host, source: Machine, target: Machine) -> Path:
+    """Keep what explains a failed move before the standby goes: its console, and
+    CRIU's logs from both VMs (a tar each), under the data directory."""
+    directory = paths.data_dir() / "logs" / \
+        f"update-{source.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    directory.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        shutil.copyfile(target.console_log, directory / f"{target.name}.console.log")
+    for machine in (source, target):
+        with contextlib.suppress(TransmigrateError):
+            logs = host.agent(machine).sh(
+                f"cd {IMAGES_ROOT} 2>/dev/null || exit 0; find . -name '*.log' | tar -c -T -",
+                what="packing CRIU's logs", timeout=15).stdout
+            (directory / f"{machine.name}.criu-logs.tar").write_bytes(logs)
+    return directory
 
 
 def _remove_images(host: Host, machine: Machine) -> None:

@@ -33,7 +33,7 @@ SUITE = "bookworm"
 BASE_PACKAGES = (
     "criu", "python3", "python3-protobuf", "iproute2", "iptables", "nftables", "procps",
     "redis-server", "redis-tools", "qemu-guest-agent", "tini", "kmod", "psmisc", "mount",
-    "hostname",
+    "hostname", "iputils-ping",
 )
 IMAGE_FORMAT = 1  # bump when the way we assemble the image changes
 

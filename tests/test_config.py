@@ -1,0 +1,61 @@
+"""transmigrate.toml: service declarations, the short form, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from transmigrate.config import Service, load_config
+from transmigrate.errors import TransmigrateError
+
+
+def _load(tmp_path: Path, text: str) -> tuple[Service, ...]:
+    path = tmp_path / "transmigrate.toml"
+    path.write_text(text)
+    return load_config(path).services
+
+
+def test_a_declared_service_and_the_short_form(tmp_path: Path) -> None:
+    db, cache = _load(tmp_path, """
+        [services.db]
+        vm = "web"
+        start = ["pg_ctlcluster", "15", "main", "start"]
+        process = "postgres"
+        state = ["/etc/postgresql", "/var/lib/postgresql/", "/run/postgresql"]
+
+        [services]
+        cache = ["memcached"]
+    """)
+    assert db == Service("db", "web", "postgres", ("pg_ctlcluster", "15", "main", "start"),
+                         ("/etc/postgresql", "/var/lib/postgresql", "/run/postgresql"),
+                         ("ipc",), False)
+    assert cache == Service("memcached", "cache", "memcached", namespaces=())
+
+
+def test_the_process_defaults_to_the_start_program(tmp_path: Path) -> None:
+    [web] = _load(tmp_path, '[services.web]\nvm = "w"\nstart = ["/usr/sbin/nginx"]\nboot = true')
+    assert web.process == "nginx" and web.boot
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('vm = "w"\nstart = ["x"]\ncolour = "red"', "unknown key services.s.colour"),
+    ('start = ["x"]', "services.s.vm must name the VM"),
+    ('vm = "w"', "services.s.process must name the process"),
+    ('vm = "w"\nstart = "redis-server"', "services.s.start must be a list"),
+    ('vm = "w"\nstart = ["x"]\nstate = ["etc/x"]', "'etc/x' cannot be state"),
+    ('vm = "w"\nstart = ["x"]\nstate = ["/proc/1"]', "'/proc/1' cannot be state"),
+    ('vm = "w"\nstart = ["x"]\nstate = ["/data/x"]', "'/data/x' cannot be state"),
+    ('vm = "w"\nstart = ["x"]\nstate = ["/etc"]', "'/etc' cannot be state"),
+    ('vm = "w"\nstart = ["x"]\nstate = ["/var/../etc"]', "cannot be state"),
+    ('vm = "w"\nstart = ["x"]\nnamespaces = ["net"]', "services.s.namespaces: unknown net"),
+    ('vm = "w"\nstart = ["x"]\nboot = "yes"', "services.s.boot must be true or false"),
+])
+def test_bad_declarations_name_the_key(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(TransmigrateError, match=message):
+        _load(tmp_path, f"[services.s]\n{body}\n")
+
+
+def test_a_service_declared_twice(tmp_path: Path) -> None:
+    with pytest.raises(TransmigrateError, match="service redis-server is declared twice"):
+        _load(tmp_path, '[services]\na = ["redis-server"]\nb = ["redis-server"]\n')
