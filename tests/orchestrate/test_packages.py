@@ -1,0 +1,159 @@
+"""Services as Debian installs them, declared and started by transmigrate, moved 6.1 ->
+6.12 with no hand-made layout while real clients keep their connections: nginx (HTTP
+keep-alive), PostgreSQL 15 (a session with a transaction open across the move) and
+memcached (one connection). Each VM's config edits made before the move are in effect
+after a reload on the new VM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.services import start_service
+from transmigrate.orchestrate.update import find_services, update
+from transmigrate.vm.image import ImageSpec
+
+VM = "t-pkg"
+IMAGE = ImageSpec(extra_packages=("nginx", "postgresql", "memcached"))
+CONFIG = f"""
+[services.web]
+vm = "{VM}"
+start = ["nginx"]
+state = ["/etc/nginx", "/var/log/nginx", "/var/lib/nginx", "/var/www"]
+
+[services.db]
+vm = "{VM}"
+start = ["sh", "-c",
+         "install -d -o postgres -g postgres /run/postgresql && exec pg_ctlcluster 15 main start"]
+process = "postgres"
+state = ["/etc/postgresql", "/var/lib/postgresql", "/var/log/postgresql", "/run/postgresql"]
+
+[services.cache]
+vm = "{VM}"
+start = ["memcached", "-d", "-u", "memcache", "-l", "0.0.0.0", "-m", "64"]
+"""
+
+CLIENT = textwrap.dedent("""
+    import re, socket, sys
+    kind, address = sys.argv[1], sys.argv[2]
+    conn = socket.create_connection((address, {"http": 80, "memcache": 11211}[kind]), 120)
+    data = b""
+    def until(end):
+        global data
+        while end not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                raise SystemExit("the connection closed")
+            data += chunk
+        line, _, data = data.partition(end)
+        return line
+    def http():
+        global data
+        conn.sendall(b"GET /tm.txt HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n")
+        head = until(b"\\r\\n\\r\\n")
+        length = int(re.search(rb"(?i)content-length: *(\\d+)", head).group(1))
+        while len(data) < length:
+            data += conn.recv(65536)
+        body, data = data[:length], data[length:]
+        return body.decode().strip()
+    def memcache():
+        conn.sendall(b"incr hits 1\\r\\n")
+        return until(b"\\r\\n").decode()
+    if kind == "memcache":
+        conn.sendall(b"set hits 0 0 1\\r\\n0\\r\\n")
+        until(b"STORED\\r\\n")
+    for _ in sys.stdin:
+        print(http() if kind == "http" else memcache(), flush=True)
+""")
+
+
+class LineClient:
+    """A client in the private network on one connection; each line asks once more."""
+
+    def __init__(self, host: Host, argv: list[str]) -> None:
+        self.process = subprocess.Popen([*host.network.prefix(), *argv], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def ask(self, line: str = "") -> str:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def packaged(prepared: Host, tmp_path: Path) -> Iterator[Path]:
+    config = tmp_path / "transmigrate.toml"
+    config.write_text(CONFIG)
+    lifecycle.up(prepared, VM, ACTIVE_KERNEL, image_spec=IMAGE, memory_mib=1024)
+    yield config
+    lifecycle.down(prepared, VM)
+
+
+def _sh(host: Host, script: str) -> str:
+    return lifecycle.exec_in(host, VM, ["sh", "-c", script], timeout=120).check(script, VM).text
+
+
+def _psql(host: Host, address: str) -> LineClient:
+    return LineClient(host, ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h",
+                             address, "-U", "postgres", "-d", "postgres"])
+
+
+def test_nginx_postgresql_and_memcached_move_as_debian_installs_them(
+        prepared: Host, packaged: Path) -> None:
+    address = prepared.machines.get(VM).record.ip
+    # The operator's edits before the first start: listen on the service network.
+    conf = "/etc/postgresql/15/main"
+    _sh(prepared, f"""echo "listen_addresses = '*'" >> {conf}/postgresql.conf && """
+                  f"echo 'host all all 198.18.0.0/15 trust' >> {conf}/pg_hba.conf && "
+                  "echo before > /var/www/html/tm.txt")
+    services = load_config(packaged).services_of(VM)
+    for service in services:
+        start_service(prepared, service)
+
+    web = LineClient(prepared, [sys.executable, "-c", CLIENT, "http", address])
+    cache = LineClient(prepared, [sys.executable, "-c", CLIENT, "memcache", address])
+    db = _psql(prepared, address)
+    try:
+        assert web.ask() == "before"
+        assert cache.ask() == "1"
+        backend = db.ask("CREATE TABLE IF NOT EXISTS moved (n int); BEGIN; "
+                         "INSERT INTO moved VALUES (1); SELECT pg_backend_pid();")
+        # Edits after start, to state on the volume: in effect after a reload there.
+        _sh(prepared, f"""echo "work_mem = '7MB'" >> {conf}/postgresql.conf && """
+                      r"sed -i 's/^\(\s*server_name .*\)$/\1 add_header X-Moved yes;/' "
+                      "/etc/nginx/sites-enabled/default")
+
+        roots = find_services(prepared, VM, declared=services)
+        report = update(prepared, VM, STANDBY_KERNEL, pids=roots)
+        assert report.kernel_after.startswith(STANDBY_KERNEL)
+
+        assert web.ask() == "before", "the keep-alive connection answers"
+        assert cache.ask() == "2", "the memcached connection and its data moved"
+        assert db.ask("INSERT INTO moved VALUES (2); SELECT pg_backend_pid();") == backend
+        assert db.ask("COMMIT; SELECT 'committed';") == "committed"
+        assert db.ask("SELECT count(*) FROM moved;") == "2"
+        assert db.ask("SELECT pg_reload_conf();") == "t"
+        time.sleep(2)  # the postmaster passes the reload on to each backend
+        assert db.ask("SHOW work_mem;") == "7MB"
+        _sh(prepared, "nginx -s reload && sleep 1")  # its pid file in /run was carried
+        headers = _sh(prepared, "python3 -c 'import urllib.request as u; "
+                                """print(u.urlopen("http://127.0.0.1/tm.txt").headers)'""")
+        assert "X-Moved: yes" in headers
+    finally:
+        for client in (web, cache, db):
+            client.close()
