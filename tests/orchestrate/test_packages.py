@@ -1,5 +1,5 @@
 """Services as Debian installs them, declared and started by transmigrate, moved 6.1 ->
-6.12 with no hand-made layout while real clients keep their connections: nginx (HTTP
+6.12 and back with no hand-made layout while real clients keep their connections: nginx (HTTP
 keep-alive), PostgreSQL 15 (a session with a transaction open across the move) and
 memcached (one connection). Each VM's config edits made before the move are in effect
 after a reload on the new VM."""
@@ -141,6 +141,7 @@ def test_nginx_postgresql_and_memcached_move_as_debian_installs_them(
         roots = find_services(prepared, VM, declared=services)
         report = update(prepared, VM, STANDBY_KERNEL, pids=roots)
         assert report.kernel_after.startswith(STANDBY_KERNEL)
+        assert not [w for w in report.warnings if "merg" in w], report.warnings
 
         assert web.ask() == "before", "the keep-alive connection answers"
         assert cache.ask() == "2", "the memcached connection and its data moved"
@@ -150,7 +151,15 @@ def test_nginx_postgresql_and_memcached_move_as_debian_installs_them(
         assert db.ask("SELECT pg_reload_conf();") == "t"
         time.sleep(2)  # the postmaster passes the reload on to each backend
         assert db.ask("SHOW work_mem;") == "7MB"
-        _sh(prepared, "nginx -s reload && sleep 1")  # its pid file in /run was carried
+
+        back = update(prepared, VM, ACTIVE_KERNEL, pids=roots)  # and back, to a third VM
+        assert back.kernel_after.startswith(ACTIVE_KERNEL)
+        assert web.ask() == "before" and cache.ask() == "3"
+        assert db.ask("SELECT pg_backend_pid();") == backend
+        assert db.ask("SHOW work_mem;") == "7MB"
+        # Last, since a reload ends nginx's idle keep-alive connections: its pid file in
+        # /run was carried both times.
+        _sh(prepared, "nginx -s reload && sleep 1")
         headers = _sh(prepared, "python3 -c 'import urllib.request as u; "
                                 """print(u.urlopen("http://127.0.0.1/tm.txt").headers)'""")
         assert "X-Moved: yes" in headers

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from transmigrate.errors import MachineError
 from transmigrate.polling import wait_for
 
-__all__ = ["Qmp", "commit_active"]
+__all__ = ["Qmp", "commit_active", "is_merged"]
 
 
 class Qmp(Protocol):
@@ -44,17 +44,29 @@ def _wait_job(qmp: Qmp, job: str, *, ready: bool, timeout: float, owner: str) ->
              error=MachineError)
 
 
-def commit_active(qmp: Qmp, device: str, *, timeout: float, owner: str) -> dict[str, Any]:
-    """Merge ``device``'s top overlay into its backing image while the guest runs, and
-    switch the guest's disk over to that image; return the image chain after.
+def is_merged(qmp: Qmp, device: str, base: str) -> bool:
+    """Whether ``device`` runs on ``base`` itself, with no overlay above it."""
+    image = _inserted_image(qmp, device)
+    return image.get("filename") == base and "backing-image" not in image
+
+
+def commit_active(qmp: Qmp, device: str, base: str, *, timeout: float, owner: str) -> None:
+    """Merge ``device``'s top overlay into its backing image ``base`` while the guest
+    runs, and switch the guest's disk over to ``base``. Nothing to do if it is there
+    already (an earlier merge that completed after its caller gave up on it).
 
     QEMU's active commit copies the overlay's clusters down until the two agree
     (the job is then ready), and keeps them in step until it is completed.
     ``owner`` names the VM in errors.
     """
+    if is_merged(qmp, device, base):
+        return
     job = f"commit-{device}"
     qmp("block-commit", {"device": device, "job-id": job})
     _wait_job(qmp, job, ready=True, timeout=timeout, owner=owner)
     qmp("block-job-complete", {"device": job})
     _wait_job(qmp, job, ready=False, timeout=timeout, owner=owner)
-    return _inserted_image(qmp, device)
+    # The graph can lag the job's end by a moment.
+    wait_for(lambda: is_merged(qmp, device, base), timeout=10, error=MachineError,
+             what=f"{owner}: merging into {base} did not complete: the disk is "
+                  f"{_inserted_image(qmp, device)}")
