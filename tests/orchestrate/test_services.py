@@ -1,22 +1,12 @@
-"""Declared services on real guests: started movable (state on the volume, own session
-and IPC namespace, held by tm-service), moved by `update` with their state, and the
-precheck's refusals of what would silently stay behind."""
+"""Declared services and the precheck's refusals of what would silently stay behind, on
+real guests. Declared services moving with their state and clients: test_packages."""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
-from transmigrate.migrate.precheck import PrecheckFailed, inspect_source
-from transmigrate.orchestrate import lifecycle
+from transmigrate.migrate.precheck import inspect_source
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.update import find_services, update
 
 from ..conftest import cli
 
@@ -29,58 +19,6 @@ start = ["redis-server", "/etc/redis/redis.conf", "--daemonize", "yes", "--bind"
 process = "redis-server"
 state = ["/etc/redis", "/var/lib/redis", "/var/log/redis", "/run/redis"]
 """
-
-
-@pytest.fixture
-def declared(prepared: Host, tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "transmigrate.toml"
-    path.write_text(CONFIG)
-    lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=512)
-    yield path
-    lifecycle.down(prepared, VM)
-
-
-def _sh(host: Host, script: str) -> str:
-    return lifecycle.exec_in(host, VM, ["sh", "-c", script]).check(script, VM).text
-
-
-def _status(config: Path) -> dict[str, Any]:
-    done = cli("status", VM, "--config", str(config), "--json")
-    assert done.returncode == 0, done.stderr
-    [status] = json.loads(done.stdout)
-    assert isinstance(status, dict)
-    return status
-
-
-def test_a_declared_daemon_moves_with_its_state(prepared: Host, declared: Path) -> None:
-    started = cli("start", VM, "--config", str(declared))
-    assert started.returncode == 0, started.stderr
-    status = _status(declared)
-    assert status["running"] and status["own_ipc"]
-    assert status["state"] == dict.fromkeys(
-        ["/etc/redis", "/var/lib/redis", "/var/log/redis", "/run/redis"], True)
-    holder = status["root"]
-    # Written after start, outside /data: the config file, the data, the log.
-    _sh(prepared, "redis-cli SET k moved && redis-cli CONFIG SET maxmemory-policy "
-                  "allkeys-lru && redis-cli CONFIG REWRITE && redis-cli SAVE")
-
-    [root] = find_services(prepared, VM, declared=load_config(declared).services_of(VM))
-    assert root == holder, "update moves the holder, with the daemon it adopted"
-    report = update(prepared, VM, STANDBY_KERNEL, pids=[root])
-    assert report.kernel_after.startswith(STANDBY_KERNEL)
-
-    assert _sh(prepared, "redis-cli GET k").strip() == "moved"
-    assert "allkeys-lru" in _sh(prepared, "grep ^maxmemory-policy /etc/redis/redis.conf")
-    assert _sh(prepared, "ls /var/lib/redis").split() == ["dump.rdb"]
-    after = _status(declared)
-    assert after["running"] and after["own_ipc"] and after["root"] == holder
-    assert all(after["state"].values())
-
-    stopped = cli("stop", VM, "--config", str(declared))
-    assert stopped.returncode == 0, stopped.stderr
-    assert "cache stopped" in stopped.stdout
-    assert _status(declared)["running"] is False
-    assert _sh(prepared, "pgrep -c -x redis-server || true").strip() == "0"
 
 
 def test_unknown_service_and_nothing_declared(prepared: Host, old_vm: str,
@@ -140,41 +78,3 @@ def test_exec_passes_standard_input(old_vm: str) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "12"
 
-
-APPENDER = """
-import time
-log = open("/var/log/tm-app.log", "a", buffering=1)
-n = 0
-while True:
-    log.write(f"{n}\\n")
-    n += 1
-    time.sleep(0.05)
-"""
-
-
-def test_files_outside_the_volume_are_carried_and_root_changes_reported(
-        prepared: Host, declared: Path) -> None:
-    """A log held open outside /data moves at the size the process knows; an undeclared
-    edit in /etc is a warning, and with strict a refusal before anything is frozen."""
-    agent = prepared.agent(prepared.machines.get(VM))
-    agent.run(["sh", "-c", "cat > /tmp/appender.py"], input=APPENDER.encode())
-    root = int(agent.sh("setsid -f sh -c 'echo $$ > /tmp/appender.pid; exec python3 "
-                        "/tmp/appender.py' </dev/null >/dev/null 2>&1; sleep 1; "
-                        "cat /tmp/appender.pid").text)
-    agent.sh("echo 'edited = yes' > /etc/tm-edited.conf")
-
-    with pytest.raises(PrecheckFailed) as refused:
-        update(prepared, VM, STANDBY_KERNEL, pids=[root], strict=True)
-    assert "/etc/tm-edited.conf: changed since t-decl booted" in str(refused.value)
-    assert "/var/log/tm-app.log" not in str(refused.value)
-    assert prepared.machines.get(VM).record.kernel.startswith(ACTIVE_KERNEL)
-
-    report = update(prepared, VM, STANDBY_KERNEL, pids=[root])
-    assert report.carried == ["/var/log/tm-app.log"]
-    assert any("/etc/tm-edited.conf" in warning for warning in report.warnings)
-    time.sleep(1)
-    lines = _sh(prepared, "cat /var/log/tm-app.log").split()
-    assert lines == [str(n) for n in range(len(lines))], "nothing lost or doubled"
-    assert len(lines) > 40
-    time.sleep(0.5)
-    assert len(_sh(prepared, "cat /var/log/tm-app.log").split()) > len(lines), "it appends on"

@@ -193,7 +193,9 @@ def _keep_logs(host: Host, source: Machine, target: Machine) -> Path:
     with contextlib.suppress(OSError):
         shutil.copyfile(target.console_log, directory / f"{target.name}.console.log")
     for machine in (source, target):
-        with contextlib.suppress(TransmigrateError):
+        if not machine.alive():  # a target fenced by the rollback is gone, logs and all
+            continue
+        with contextlib.suppress(TransmigrateError, OSError):
             logs = host.agent(machine).sh(
                 f"cd {IMAGES_ROOT} 2>/dev/null || exit 0; find . -name '*.log' | tar -c -T -",
                 what="packing CRIU's logs", timeout=15).stdout
