@@ -152,10 +152,13 @@ def _start_appender(host: Host) -> int:
 
 def test_debian_services_move_there_and_back(prepared: Host, packaged: Path) -> None:
     address = prepared.machines.get(VM).record.ip
-    # The operator's edits before the first start: listen on the service network.
+    # The operator's edits before the first start: listen on the service network, and
+    # keep idle HTTP connections longer than two moves take here (nginx's 75 s is not).
     conf = "/etc/postgresql/15/main"
     _sh(prepared, f"""echo "listen_addresses = '*'" >> {conf}/postgresql.conf && """
                   f"echo 'host all all 198.18.0.0/15 trust' >> {conf}/pg_hba.conf && "
+                  "sed -i '/keepalive_timeout/d' /etc/nginx/nginx.conf && "
+                  "echo 'keepalive_timeout 900;' > /etc/nginx/conf.d/keepalive.conf && "
                   "echo before > /var/www/html/tm.txt")
     started = cli("start", VM, "--config", str(packaged))
     assert started.returncode == 0, started.stderr
