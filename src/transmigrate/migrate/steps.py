@@ -155,7 +155,7 @@ class FinalDump:
     def _abort(plan: Plan, tree: Tree) -> None:
         source = plan.source
         assert tree.dump_pid is not None
-        source.agent.run(["touch", f"{tree.hold_dir}/abort"])
+        source.tool("decide", "abort", tree.hold_dir, what="aborting the held dump")
         if plan.copy.lazy:
             source.tool("lazy-abort", source.record.migration_ip,
                         str(tree.images.lazy_pages_port), str(tree.dump_pid),
@@ -346,7 +346,8 @@ class Commit:
 
     def run(self, plan: Plan) -> None:
         assert all(tree.dump_pid is not None for tree in plan.trees)
-        plan.source.agent.exec(["touch", *(f"{tree.hold_dir}/go" for tree in plan.trees)])
+        plan.source.agent.exec([f"{GUEST_TOOLS}/tm-migrate", "decide", "go",
+                                *(tree.hold_dir for tree in plan.trees)])
         for tree in plan.trees:
             self._finish(plan, tree)
 
