@@ -16,7 +16,8 @@ Every key is optional::
     start = ["pg_ctlcluster", "15", "main", "start"]
     process = "postgres"        # what `update` moves (default: start's program)
     state = ["/etc/postgresql", "/var/lib/postgresql"]   # kept on the data volume
-    namespaces = ["ipc"]        # its own IPC namespace (the default; [] for none)
+    namespaces = ["ipc"]        # its own IPC namespace (the default; [] for none), and
+                                # with "mount" a private /tmp and /dev/shm
     boot = true                 # `transmigrate up` starts it
 
     [services]
@@ -39,9 +40,9 @@ ACTIVE_KERNEL = "6.1.0-57"
 STANDBY_KERNEL = "6.12.117"
 
 
-NAMESPACES = ("ipc",)
-"""What a service may get of its own: an IPC namespace (SysV objects, POSIX mqueues:
-CRIU moves them with it)."""
+NAMESPACES = ("ipc", "mount")
+"""What a service may get of its own: an IPC namespace (SysV objects, POSIX mqueues),
+a mount namespace (its own /tmp and /dev/shm, on tmpfs): CRIU moves them with it."""
 _NOT_STATE = ("/", "/etc", "/var", "/run", "/usr", "/bin", "/sbin", "/lib", "/lib64")
 """Paths that cannot be a service's state as a whole: the system's own."""
 _NOT_UNDER = ("/proc", "/sys", "/dev", "/data")

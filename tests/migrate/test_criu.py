@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from transmigrate.errors import TransmigrateError
-from transmigrate.migrate.criu import DumpStats, Images, parse_stats
+from transmigrate.migrate.criu import RESTORE_ROOT, DumpStats, Images, parse_stats
 
 DATA = Path(__file__).parent / "data"
 
@@ -44,3 +44,18 @@ def test_each_tree_talks_on_its_own_ports() -> None:
     daemon = images.lazy_pages(1, "198.19.0.10")
     assert daemon[:2] == ["criu", "lazy-pages"] and daemon[daemon.index("--port") + 1] == "27201"
     assert "--lazy-pages" in images.restore(1, "/run/p", lazy=True)
+
+
+def test_a_tree_in_its_own_mount_namespace_keeps_the_vms_mounts_external() -> None:
+    alone = Images("/m")
+    assert not [a for a in alone.dump(1, 42, "198.19.0.11") if a.startswith("--external")]
+    assert "--root" not in alone.restore(1, "/run/p")
+    images = Images("/m", shared_mounts=("/proc", "/data", "/etc/nginx"))
+    externals = ["--external=mnt[/proc]:/proc", "--external=mnt[/data]:/data",
+                 "--external=mnt[/etc/nginx]:/etc/nginx"]
+    for argv in (images.pre_dump(1, 42, "198.19.0.11"), images.dump(2, 42, "198.19.0.11"),
+                 images.lazy_dump(1, 42, "198.19.0.10")):
+        assert [a for a in argv if a.startswith("--external")] == externals
+    restore = images.restore(2, "/run/p")
+    assert restore[restore.index("--root") + 1] == RESTORE_ROOT
+    assert [a for a in restore if a.startswith("--external")] == externals

@@ -71,6 +71,22 @@ def test_sysv_objects_and_session_members_left_behind() -> None:
                                "process (20) but in no moved tree")
 
 
+def test_mounts_a_mount_namespace_cannot_take_along() -> None:
+    lines = describe([Refusal("mount", 40, "app", "/mnt/disk (ext4)"),
+                      Refusal("mount-ns", 41, "helper"),
+                      Refusal("mount-missing", None, "/sys/kernel/debug", "web-next"),
+                      Refusal("large-tmpfs", None, "/dev/shm", "40 MiB")])
+    assert lines == [
+        "app (pid 40): have a mount of their own, /mnt/disk (ext4), that CRIU cannot move; "
+        "fix: mount it in the VM instead, or leave them behind",
+        "helper (pid 41): are in a mount namespace other than their tree's root's; fix: "
+        "move them as a tree of their own (--pid)",
+        "/sys/kernel/debug: not mounted in web-next, and a moved mount namespace shares it "
+        "with the VM; fix: mount it there too (at boot)",
+        "/dev/shm: holds 40 MiB, too much to copy while frozen; fix: keep large files on "
+        "the data volume (/data)"]
+
+
 def _seen(size: int, sha: str | None = "a", writing: bool = False) -> FileSeen:
     return FileSeen(size, sha, writing)
 

@@ -1,7 +1,9 @@
 """Services as Debian installs them, declared and started by transmigrate (its CLI),
 moved 6.1 -> 6.12 and back with no hand-made layout while real clients keep their
 connections: nginx (HTTP keep-alive), PostgreSQL 15 (a session with a transaction open
-across both moves), memcached (one connection) and redis. Config edits made before a
+across both moves; in a mount namespace of its own, whose private /dev/shm and /tmp
+CRIU moves),
+memcached (one connection) and redis. Config edits made before a
 move are in effect after a reload on the new VM; a log held open outside the volume is
 carried at the size its writer knows; an undeclared edit in /etc is a warning, and with
 strict a refusal before anything is frozen."""
@@ -42,6 +44,7 @@ start = ["sh", "-c",
          "install -d -o postgres -g postgres /run/postgresql && exec pg_ctlcluster 15 main start"]
 process = "postgres"
 state = ["/etc/postgresql", "/var/lib/postgresql", "/var/log/postgresql", "/run/postgresql"]
+namespaces = ["ipc", "mount"]
 
 [services.cache]
 vm = "{VM}"
@@ -141,6 +144,15 @@ def _status(config: Path) -> dict[str, dict[str, Any]]:
     return {status["name"]: status for status in json.loads(done.stdout)}
 
 
+def _private(host: Host, root: int) -> tuple[bool, bool]:
+    """Whether PostgreSQL's segments and a note in its /tmp are in the VM's /dev/shm and
+    /tmp, and whether they are in its own."""
+    listing = _sh(host, f"ls /dev/shm /tmp; echo ---; nsenter -t {root} -m ls /dev/shm /tmp")
+    vm, own = listing.split("---")
+    return ("PostgreSQL." in vm or "tm-note" in vm,
+            "PostgreSQL." in own and "tm-note" in own)
+
+
 def _start_appender(host: Host) -> int:
     """Not a declared service: a process in its own session with a log outside /data."""
     agent = host.agent(host.machines.get(VM))
@@ -167,6 +179,7 @@ def test_debian_services_move_there_and_back(prepared: Host, packaged: Path) -> 
     for service in status.values():
         assert service["running"] and service["own_ipc"], service
         assert all(service["state"].values()), service
+        assert service["own_mounts"] is (service["name"] == "db"), service
     services = load_config(packaged).services_of(VM)
     roots = find_services(prepared, VM, declared=services)
     assert sorted(roots) == sorted(s["root"] for s in status.values()), \
@@ -189,6 +202,8 @@ def test_debian_services_move_there_and_back(prepared: Host, packaged: Path) -> 
                       "redis-cli CONFIG REWRITE && redis-cli SAVE && "
                       "echo 'edited = yes' > /etc/tm-edited.conf")
 
+        _sh(prepared, f"nsenter -t {status['db']['root']} -m touch /tmp/tm-note")
+        assert _private(prepared, status["db"]["root"]) == (False, True)
         with pytest.raises(PrecheckFailed) as refused:
             update(prepared, VM, STANDBY_KERNEL, pids=roots, strict=True)
         assert "/etc/tm-edited.conf" in str(refused.value)
@@ -202,6 +217,9 @@ def test_debian_services_move_there_and_back(prepared: Host, packaged: Path) -> 
         assert "/run/nginx.pid" in report.carried, "a pid file naming a moved process"
         assert any("/etc/tm-edited.conf" in warning for warning in report.warnings)
         assert not [w for w in report.warnings if "merg" in w], report.warnings
+        # PostgreSQL's POSIX shared memory is in its private /dev/shm: CRIU moved it.
+        assert not [path for path in report.carried if path.startswith("/dev/shm/")]
+        assert _private(prepared, status["db"]["root"]) == (False, True)
 
         assert web.ask() == "before", "the keep-alive connection answers"
         assert cache.ask() == "2", "the memcached connection and its data moved"

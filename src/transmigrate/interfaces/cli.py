@@ -320,10 +320,11 @@ def status(name: Annotated[str, typer.Argument(help="VM whose services to show."
     if json_:
         _emit_json([s.as_dict() for s in found])
         return
-    table = Table("service", "running", "pid", "processes", "own IPC", "state on volume")
+    table = Table("service", "running", "pid", "processes", "namespaces", "state on volume")
     for s in found:
+        own = [name for name, mine in (("ipc", s.own_ipc), ("mount", s.own_mounts)) if mine]
         table.add_row(s.name, "yes" if s.running else "no", str(s.root or ""), str(s.pids),
-                      "yes" if s.own_ipc else "no",
+                      ", ".join(own) or "-",
                       ", ".join(f"{p}{'' if ok else ' (not bound)'}"
                                 for p, ok in s.state.items()) or "-")
     out.print(table)

@@ -18,6 +18,7 @@ __all__ = [
     "IMAGES_ROOT",
     "LAZY_PAGES_PORT",
     "PAGE_SERVER_PORT",
+    "RESTORE_ROOT",
     "DumpStats",
     "Images",
     "RestoreStats",
@@ -30,6 +31,9 @@ PAGE_SERVER_PORT = 27100
 """The target's page server for the first tree; tree ``i`` uses ``PAGE_SERVER_PORT + i``."""
 LAZY_PAGES_PORT = 27200
 """The source's lazy page server for the first tree; tree ``i`` uses ``LAZY_PAGES_PORT + i``."""
+RESTORE_ROOT = "/run/transmigrate-root"
+"""On the target: the root file system alone (a bind of /, without the mounts under it),
+the root CRIU gives a mount namespace it restores; the rest it mounts itself."""
 LOG_LEVEL = "-v2"
 """Errors and warnings: more detailed logs cost measurable frozen time under TCG."""
 
@@ -47,12 +51,19 @@ class Images:
     root: str
     page_server_port: int = PAGE_SERVER_PORT
     lazy_pages_port: int = LAZY_PAGES_PORT
+    shared_mounts: tuple[str, ...] | None = None
+    """For a tree in a mount namespace of its own, the mount points it shares with the
+    VM: external to CRIU, which finds them again in the target's."""
 
     def dir(self, n: int) -> str:
         return f"{self.root}/{n}"
 
     def parent_args(self, n: int) -> list[str]:
         return ["--prev-images-dir", f"../{n - 1}"] if n > 1 else []
+
+    def _externals(self) -> list[str]:
+        """Each shared mount, keyed by its own path, on both sides."""
+        return [f"--external=mnt[{point}]:{point}" for point in self.shared_mounts or ()]
 
     def page_server(self, n: int, address: str) -> list[str]:
         return ["criu", "page-server", "-D", self.dir(n), *self.parent_args(n),
@@ -62,7 +73,8 @@ class Images:
     def pre_dump(self, n: int, pid: int, target: str) -> list[str]:
         return ["criu", "pre-dump", "-t", str(pid), "-D", self.dir(n), *self.parent_args(n),
                 "--track-mem", "--page-server", "--address", target,
-                "--port", str(self.page_server_port), "-o", "pre-dump.log", LOG_LEVEL]
+                "--port", str(self.page_server_port), *self._externals(),
+                "-o", "pre-dump.log", LOG_LEVEL]
 
     def dump(self, n: int, pid: int, target: str) -> list[str]:
         """The final dump, its pages streamed to the target's page server."""
@@ -81,11 +93,10 @@ class Images:
                 "--address", source, "--port", str(self.lazy_pages_port), "--leave-stopped",
                 *self._final_dump_args()]
 
-    @staticmethod
-    def _final_dump_args() -> list[str]:
+    def _final_dump_args(self) -> list[str]:
         return ["--tcp-established", "--file-locks", "--link-remap", "--ghost-limit", "64M",
                 "--network-lock", "nftables", "--action-script", HOLD_SCRIPT,
-                "-o", "dump.log", LOG_LEVEL]
+                *self._externals(), "-o", "dump.log", LOG_LEVEL]
 
     def lazy_pages(self, n: int, source: str) -> list[str]:
         """The target's daemon that fills a lazily restored process's memory: on demand
@@ -94,9 +105,10 @@ class Images:
                 "--port", str(self.lazy_pages_port), "-o", "lazy-pages.log", LOG_LEVEL]
 
     def restore(self, n: int, pidfile: str, *, lazy: bool = False) -> list[str]:
+        namespace = [] if self.shared_mounts is None else ["--root", RESTORE_ROOT]
         return ["criu", "restore", "-D", self.dir(n), "--tcp-established", "--file-locks",
                 "--restore-detached", "--pidfile", pidfile, *(["--lazy-pages"] if lazy else []),
-                "-o", "restore.log", LOG_LEVEL]
+                *namespace, *self._externals(), "-o", "restore.log", LOG_LEVEL]
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,9 @@ class Tree:
     report: TreeReport
     pids: list[int] = field(default_factory=list)
     """Every pid of the tree in the source, from the precheck."""
+    shared_mounts: list[str] | None = None
+    """In a mount namespace of its own: the mount points it shares with the VM, from the
+    precheck; CRIU dumps the rest of its mounts (its private tmpfs) with it."""
     final_iteration: int = 1
     dump_pid: int | None = None
     lazy_released: bool = False
@@ -98,7 +101,8 @@ class Tree:
     @property
     def images(self) -> Images:
         return Images(f"{IMAGES_ROOT}/{self.index}", PAGE_SERVER_PORT + self.index,
-                      LAZY_PAGES_PORT + self.index)
+                      LAZY_PAGES_PORT + self.index,
+                      None if self.shared_mounts is None else tuple(self.shared_mounts))
 
     @property
     def hold_dir(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transmigrate.errors import TransmigrateError
@@ -71,6 +71,14 @@ CAUSES: dict[str, tuple[str, str]] = {
                    "declare them as state"),
     "changed": ("changed since {detail} booted, and not on the data volume",
                 "declare them as state, or move without --strict"),
+    "mount": ("have a mount of their own, {detail}, that CRIU cannot move",
+              "mount it in the VM instead, or leave them behind"),
+    "large-tmpfs": ("holds {detail}, too much to copy while frozen",
+                    f"keep large files on the data volume ({DATA_MOUNT})"),
+    "mount-ns": ("are in a mount namespace other than their tree's root's",
+                 "move them as a tree of their own (--pid)"),
+    "mount-missing": ("not mounted in {detail}, and a moved mount namespace shares it with "
+                      "the VM", "mount them there too (at boot)"),
 }
 """Per cause: what is wrong (said of the processes or files) and the fix."""
 
@@ -86,7 +94,7 @@ def _processes(refusals: Sequence[Refusal]) -> str:
     return f"{who} (pids {pids[0]}…{pids[-1]})"
 
 
-_ABOUT_FILES = ("large-file", "socket-dir", "changed")
+_ABOUT_FILES = ("large-file", "socket-dir", "changed", "mount-missing", "large-tmpfs")
 """Causes said of files (their path is in ``comm``), not of processes."""
 
 
@@ -157,6 +165,13 @@ class TreeInspection:
     socket_dirs: list[str]
     """Directories of the UNIX sockets it bound, outside the volume."""
     refusals: list[Refusal]
+    shared_mounts: list[str] | None = None
+    """For a tree in a mount namespace of its own: the mount points it shares with the
+    VM (CRIU's external mounts); None for a tree in the VM's."""
+    volume_mounts: list[str] = field(default_factory=list)
+    """Of those, the data volume's (the target mounts them when it restores)."""
+    tmpfs: dict[str, int] = field(default_factory=dict)
+    """Its own tmpfs mounts and the bytes in each, which CRIU copies while it is frozen."""
 
 
 @dataclass(frozen=True)
@@ -204,8 +219,12 @@ def inspect_source(agent: GuestAgent, roots: Sequence[int]) -> SourceInspection:
                  for p in tree["problems"]]
         files = {path: FileSeen(seen["size"], seen["sha256"], seen["writing"])
                  for path, seen in tree["files"].items()}
-        trees.append(TreeInspection(tree["root"], tree["pids"], files, tree["socket_dirs"],
-                                    found))
+        mounts = tree["mounts"]
+        trees.append(TreeInspection(
+            tree["root"], tree["pids"], files, tree["socket_dirs"], found,
+            None if mounts is None else mounts["shared"] + mounts["volume"],
+            [] if mounts is None else mounts["volume"],
+            {} if mounts is None else mounts["tmpfs"]))
         refusals += found
     return SourceInspection(trees, refusals,
                             bool(report["criu"]["features"].get(DIRTY_TRACKING)),
@@ -234,6 +253,14 @@ def carry_or_refuse(files: dict[str, FileSeen], there: dict[str, dict[str, Any] 
     return carried, refusals
 
 
+def _large_tmpfs(trees: Sequence[TreeInspection]) -> list[Refusal]:
+    """A private tmpfs is copied whole while its tree is frozen, as carried files are:
+    the same limit holds."""
+    return [Refusal("large-tmpfs", None, point, f"{size / 2**20:.0f} MiB")
+            for tree in trees for point, size in sorted(tree.tmpfs.items())
+            if size > CARRY_TOTAL_LIMIT]
+
+
 class Precheck:
     """Refuse, before anything is frozen, what CRIU could not move or the target lacks;
     narrow the copy mode to what both kernels can do."""
@@ -250,14 +277,18 @@ class Precheck:
         by_root = {tree.root: tree for tree in inspection.trees}
         files: dict[str, FileSeen] = {}
         socket_dirs: set[str] = set()
+        mounts: set[str] = set()
         for tree in plan.trees:
-            tree.pids = by_root[tree.pid].pids
-            files |= by_root[tree.pid].files
-            socket_dirs.update(by_root[tree.pid].socket_dirs)
+            seen = by_root[tree.pid]
+            tree.pids, tree.shared_mounts = seen.pids, seen.shared_mounts
+            files |= seen.files
+            socket_dirs.update(seen.socket_dirs)
+            mounts.update(set(seen.shared_mounts or []) - set(seen.volume_mounts))
         counted = Counter(pid for tree in plan.trees for pid in set(tree.pids))
         refusals += [Refusal("shared", pid) for pid, n in sorted(counted.items()) if n > 1]
         target = plan.target
-        query = {"files": sorted(files), "dirs": sorted(socket_dirs), "pids": sorted(counted)}
+        query = {"files": sorted(files), "dirs": sorted(socket_dirs), "mounts": sorted(mounts),
+                 "pids": sorted(counted)}
         report = _guest_report(target.agent, [
             *RESET, "--criu", "--feature", LAZY_RESTORE, "--query"],
             what="checking the target", input=json.dumps(query).encode())
@@ -266,8 +297,11 @@ class Precheck:
         plan.report.carried, too_large = carry_or_refuse(files, answer["files"],
                                                          target.record.name)
         refusals += too_large
+        refusals += _large_tmpfs([by_root[tree.pid] for tree in plan.trees])
         refusals += [Refusal("socket-dir", None, directory, target.record.name)
                      for directory in answer["dirs_missing"]]
+        refusals += [Refusal("mount-missing", None, point, target.record.name)
+                     for point in answer["mounts_missing"]]
         changed = [path for path in inspection.changed if path not in files]
         if changed and plan.strict:
             refusals += [Refusal("changed", None, path, plan.source.record.name)

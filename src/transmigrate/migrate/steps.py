@@ -26,7 +26,13 @@ from collections.abc import Callable
 
 from transmigrate.errors import TransmigrateError
 from transmigrate.guest.agent import ExecResult, GuestAgent
-from transmigrate.migrate.criu import IMAGES_ROOT, DumpStats, RestoreStats, parse_stats
+from transmigrate.migrate.criu import (
+    IMAGES_ROOT,
+    RESTORE_ROOT,
+    DumpStats,
+    RestoreStats,
+    parse_stats,
+)
 from transmigrate.migrate.engine import Step
 from transmigrate.migrate.plan import GUEST_TOOLS, Plan, Side, Tree, criu_error
 from transmigrate.migrate.precheck import Precheck, SourceInspection
@@ -230,6 +236,9 @@ class Restore:
         for tree in plan.trees:
             # The first command on the target mounts the volume: one round trip less.
             mount = f"{GUEST_TOOLS}/tm-data mount && " if tree is plan.trees[0] else ""
+            if tree.shared_mounts is not None:  # the root its mount namespace gets
+                mount += (f"mkdir -p {RESTORE_ROOT} && {{ mountpoint -q {RESTORE_ROOT} || "
+                          f"mount --bind / {RESTORE_ROOT}; }} && ")
             self._restore(plan, tree, lazy, mount)
 
     def _restore(self, plan: Plan, tree: Tree, lazy: bool, mount: str) -> None:

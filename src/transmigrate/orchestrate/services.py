@@ -38,6 +38,8 @@ class ServiceStatus:
     pids: int
     """Processes in that tree."""
     own_ipc: bool
+    own_mounts: bool
+    """In a mount namespace of its own (with a private /tmp and /dev/shm)."""
     state: dict[str, bool]
     """Each state path, and whether it is bound from the volume."""
 
@@ -49,7 +51,7 @@ def _holder(agent: GuestAgent, service: Service) -> int | None:
     """The running tm-service of ``service``, from its pid file on the volume."""
     script = (f"p=$(cat {HOLDERS}/{service.name}.pid 2>/dev/null) && "
               f"tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null | "
-              f"grep -q 'tm-service {service.name} --' && echo $p")
+              f"grep -q 'tm-service {service.name} ' && echo $p")
     found = agent.exec(["sh", "-c", script]).text.split()
     return int(found[0]) if found else None
 
@@ -68,7 +70,8 @@ def service_root(agent: GuestAgent, service: Service) -> int | None:
 
 def start_service(host: Host, service: Service, *, timeout: float = 120.0) -> int:
     """Start a declared service in its VM so that it can move: its state on the data
-    volume, bound in place; its own session and IPC namespace; held by tm-service.
+    volume, bound in place; its own session and the namespaces it declares (IPC; a mount
+    namespace with a private /tmp and /dev/shm); held by tm-service.
     Return the root `update` moves. A service that runs already is left as it is."""
     agent = host.agent(running(host, service.vm))
     if service.state:
@@ -80,8 +83,12 @@ def start_service(host: Host, service: Service, *, timeout: float = 120.0) -> in
     if not service.start:
         raise TransmigrateError(f"service {service.name} has no start command and does "
                                 f"not run in {service.vm}")
-    argv = ["setsid", "-f", *(["unshare", "--ipc"] if "ipc" in service.namespaces else []),
-            f"{GUEST_TOOLS}/tm-service", service.name, "--", *service.start]
+    mount = "mount" in service.namespaces
+    unshare = [*(["--ipc"] if "ipc" in service.namespaces else []),
+               *(["--mount", "--propagation", "private"] if mount else [])]
+    argv = ["setsid", "-f", *(["unshare", *unshare] if unshare else []),
+            f"{GUEST_TOOLS}/tm-service", service.name, *(["--private-tmp"] if mount else []),
+            "--", *service.start]
     agent.sh(f"{shlex.join(argv)} < /dev/null > /dev/null 2>&1",
              what=f"starting {service.name}")
     holder = wait_for(lambda: _holder(agent, service), timeout=10, interval=0.1,
@@ -131,16 +138,18 @@ def service_status(host: Host, services: Sequence[Service]) -> list[ServiceStatu
         root = service_root(agent, service)
         mounts = agent.run(["cat", "/proc/self/mountinfo"]).text.splitlines()
         bound = {line.split()[4] for line in mounts if len(line.split()) > 4}
-        pids, own_ipc = 0, False
+        pids, own = 0, set()
         if root is not None:
-            found = agent.exec(["sh", "-c", (
-                f"[ \"$(readlink /proc/{root}/ns/ipc)\" = \"$(readlink /proc/1/ns/ipc)\" ] "
-                f"|| echo own; pgrep -c -s \"$(ps -o sid= -p {root} | tr -d ' ')\"")]).text
+            found = agent.exec(["sh", "-c", "".join(
+                f"[ \"$(readlink /proc/{root}/ns/{ns})\" = \"$(readlink /proc/1/ns/{ns})\" ] "
+                f"|| echo own-{ns}; " for ns in ("ipc", "mnt"))
+                + f"pgrep -c -s \"$(ps -o sid= -p {root} | tr -d ' ')\""]).text
             words = found.split()
-            own_ipc = "own" in words
+            own = set(words)
             pids = int(words[-1]) if words and words[-1].isdigit() else 0
         statuses.append(ServiceStatus(service.name, service.vm, root is not None, root, pids,
-                                      own_ipc, {path: path in bound for path in service.state}))
+                                      "own-ipc" in own, "own-mnt" in own,
+                                      {path: path in bound for path in service.state}))
     return statuses
 
 REDIS_PORT = 6379
