@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -266,12 +268,16 @@ def _rollback(host: Host, sabotage: Callable[[Host], None], at_step: str,
             if step == at_step:
                 sabotage(host)
 
-        with pytest.raises(MigrationFailed, match="rolled back"):
+        with pytest.raises(MigrationFailed, match="rolled back") as failed:
             update(host, VM, STANDBY_KERNEL, pids=[pid], before_step=before_step,
                    **update_args)
         time.sleep(1.0)
     finally:
         summary = client.stop()
+    kept = re.search(r"; logs in (\S+)$", str(failed.value))
+    assert kept, "a failed move names where its logs are"
+    with tarfile.open(Path(kept.group(1)) / f"{VM}.criu-logs.tar") as logs:
+        assert [name for name in logs.getnames() if name.endswith(".log")], "CRIU's logs"
     _assert_same_connection(summary)
     assert host.machines.get(VM).record.kernel == kernel
     assert int(redis_cli(host, address, "DBSIZE")) == keys
@@ -378,22 +384,27 @@ def test_every_declared_service_that_runs_is_moved(prepared: Host, old_vm: str) 
 
 
 def test_precheck_refuses_what_cannot_move(prepared: Host, service_vm: str) -> None:
-    """A small file only the old VM has would be carried; a large one, or a device, not."""
+    """A small file only the old VM has would be carried; a large one, a device, or a
+    UNIX socket bound in a directory the new VM lacks, not; files of /proc are no files."""
     lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=512)
+    listen = (r'import os, socket, time; os.makedirs(\"/run/tm-sock\"); '
+              r's = socket.socket(socket.AF_UNIX); s.bind(\"/run/tm-sock/s\"); s.listen(); '
+              r'time.sleep(600)')
     lifecycle.exec_in(prepared, VM, ["sh", "-c", (
         "echo local > /var/tmp/only-here; head -c 9M /dev/zero > /var/tmp/big-here; "
-        "setsid sh -c 'exec 3</var/tmp/only-here 4</dev/vda 5</var/tmp/big-here; sleep 600' "
-        "</dev/null >/dev/null 2>&1 &")])
-    time.sleep(1.0)
+        "setsid sh -c 'exec 3</var/tmp/only-here 4</dev/vda 5</var/tmp/big-here 6</proc/uptime; "
+        f'python3 -c "{listen}" & sleep 600\' </dev/null >/dev/null 2>&1 & '
+        "for i in $(seq 300); do [ -S /run/tm-sock/s ] && break; sleep 0.1; done")])
     [pid] = find_services(prepared, VM, processes=["sleep"])
     pid = int(lifecycle.exec_in(prepared, VM, ["cat", f"/proc/{pid}/stat"]).text.split()[3])
     with pytest.raises(PrecheckFailed) as caught:
         update(prepared, VM, STANDBY_KERNEL, pids=[pid])
     message = str(caught.value)
-    assert message.startswith("cannot move from t-svc: 2 reasons\n")
+    assert message.startswith("cannot move from t-svc: 3 reasons\n")
     assert "/var/tmp/big-here: not the same in t-svc-next, too large to copy" in message
     assert "have device /dev/vda open" in message
-    assert "only-here" not in message
+    assert "/run/tm-sock: missing in t-svc-next, where the processes' bound UNIX" in message
+    assert "only-here" not in message and "/proc" not in message
     assert all(len(line) < 160 for line in message.splitlines()), message
-    assert {r.cause for r in caught.value.refusals} == {"large-file", "device"}
+    assert {r.cause for r in caught.value.refusals} == {"large-file", "device", "socket-dir"}
     assert lifecycle.exec_in(prepared, VM, ["kill", "-0", str(pid)]).exit_code == 0
