@@ -19,11 +19,14 @@ import pytest
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, Service
 from transmigrate.errors import KernelNotFound, TransmigrateError
 from transmigrate.migrate.engine import MigrationFailed
+from transmigrate.migrate.plan import GUEST_TOOLS, HOLD_DIR
 from transmigrate.migrate.precheck import PrecheckFailed
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
 from transmigrate.orchestrate.update import find_services, update
+
+from ..conftest import CLI
 
 OLDER_KERNEL = "6.1.0-47"
 ZOO = Path(__file__).parent.parent / "migrate" / "programs" / "zoo.py"
@@ -177,54 +180,46 @@ def test_auto_switches_to_post_copy_when_pre_copy_does_not_converge(
     assert _fixed_sha(prepared, pid) == before
 
 
-def _start_zoo(host: Host, *, container: bool) -> int:
-    lifecycle.exec_in(host, VM, ["sh", "-c", "mkdir -p /data/zoo && cat > /data/zoo/zoo.py"],
-                      input=ZOO.read_bytes())
+def _start_zoo(host: Host, directory: str, *, container: bool) -> int:
+    """The zoo in ``directory``; the root of its tree (in a container: its init)."""
+    lifecycle.exec_in(host, VM, ["sh", "-c", f"mkdir -p {directory} && "
+                                 f"cat > {directory}/zoo.py"], input=ZOO.read_bytes())
+    command = f"setsid python3 {directory}/zoo.py"
     if container:
-        command = ("unshare --ipc --uts --pid --net --fork setsid python3 /data/zoo/zoo.py "
-                   "--container")
-    else:
-        command = "setsid python3 /data/zoo/zoo.py"
-    lifecycle.exec_in(host, VM, ["sh", "-c", f"{command} </dev/null >/data/zoo/out 2>&1 &"])
-    deadline = time.monotonic() + 60
-    while lifecycle.exec_in(host, VM, ["test", "-s", "/data/zoo/pid"]).exit_code != 0:
-        assert time.monotonic() < deadline, lifecycle.exec_in(host, VM, ["cat",
-                                                                        "/data/zoo/out"]).text
-        time.sleep(0.2)
-    found = lifecycle.exec_in(host, VM, ["pgrep", "-o", "-f", "zoo.py"]).text.split()
-    return int(found[0]) if not container else int(
-        lifecycle.exec_in(host, VM, ["pgrep", "-o", "-P", found[0]]).text.split()[0])
+        command = f"unshare --ipc --uts --pid --net --fork {command} --container"
+    lifecycle.exec_in(host, VM, ["sh", "-c",
+                                 f"{command} </dev/null >{directory}/out 2>&1 &"])
+    pid = _written(host, f"{directory}/pid", f"the zoo did not start: see {directory}/out")
+    if not container:
+        return int(pid)
+    unshare = lifecycle.exec_in(host, VM, ["pgrep", "-o", "-f", f"{directory}/zoo.py"]).text
+    return int(lifecycle.exec_in(host, VM, ["pgrep", "-o", "-P", unshare.split()[0]]).text)
 
 
-def _zoo_report(host: Host, pid: int) -> dict[str, list[Any]]:
+def _zoo_report(host: Host, directory: str, pid: int) -> dict[str, list[Any]]:
     lifecycle.exec_in(host, VM, ["kill", "-USR1", str(pid)])
     report: dict[str, list[Any]] = json.loads(
-        _written(host, "/data/zoo/report.json", "the zoo wrote no report", timeout=30))
+        _written(host, f"{directory}/report.json", "the zoo wrote no report", timeout=30))
     return report
 
 
-def _moved_zoo(host: Host, *, container: bool) -> dict[str, list[Any]]:
-    lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=768)
+@pytest.fixture(scope="module")
+def moved_zoos(prepared: Host) -> dict[str, dict[str, list[Any]]]:
+    """The zoo twice, moved by one update as two trees: a plain process tree, and a
+    container in its own pid, IPC, UTS and network namespaces."""
+    lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=1024)
     try:
-        pid = _start_zoo(host, container=container)
-        report = update(host, VM, STANDBY_KERNEL, pids=[pid])
-        assert lifecycle.exec_in(host, VM, ["uname", "-r"]).text.startswith("6.12.")
-        assert container or report.pids == [pid]
-        return _zoo_report(host, report.pids[0])
+        plain = _start_zoo(prepared, "/data/zoo", container=False)
+        container = _start_zoo(prepared, "/data/zoo-container", container=True)
+        report = update(prepared, VM, STANDBY_KERNEL, pids=[plain, container])
+        assert lifecycle.exec_in(prepared, VM, ["uname", "-r"]).text.startswith("6.12.")
+        assert report.pids[0] == plain, "a tree in the VM's pid namespace keeps its pid"
+        return {"plain": _zoo_report(prepared, "/data/zoo", report.pids[0]),
+                "container": _zoo_report(prepared, "/data/zoo-container", report.pids[1])}
     finally:
-        for machine in host.machines.all():
+        for machine in prepared.machines.all():
             if machine.name in (VM, f"{VM}-next"):
-                lifecycle.down(host, machine.name)
-
-
-@pytest.fixture(scope="module")
-def moved_zoo(prepared: Host) -> dict[str, list[Any]]:
-    return _moved_zoo(prepared, container=False)
-
-
-@pytest.fixture(scope="module")
-def moved_container(prepared: Host) -> dict[str, list[Any]]:
-    return _moved_zoo(prepared, container=True)
+                lifecycle.down(prepared, machine.name)
 
 
 ZOO_KINDS = ["pid", "cgroup", "memory_anonymous", "memory_file_shared", "memory_file_private",
@@ -234,15 +229,16 @@ ZOO_KINDS = ["pid", "cgroup", "memory_anonymous", "memory_file_shared", "memory_
 
 
 @pytest.mark.parametrize("kind", ZOO_KINDS)
-def test_resource_survives_6_1_to_6_12(moved_zoo: dict[str, list[Any]], kind: str) -> None:
-    ok, detail = moved_zoo[kind]
+def test_resource_survives_6_1_to_6_12(moved_zoos: dict[str, dict[str, list[Any]]],
+                                       kind: str) -> None:
+    ok, detail = moved_zoos["plain"][kind]
     assert ok, detail
 
 
 @pytest.mark.parametrize("kind", [*ZOO_KINDS, "sysv_shm", "uts_namespace"])
-def test_container_survives_6_1_to_6_12(moved_container: dict[str, list[Any]],
+def test_container_survives_6_1_to_6_12(moved_zoos: dict[str, dict[str, list[Any]]],
                                         kind: str) -> None:
-    ok, detail = moved_container[kind]
+    ok, detail = moved_zoos["container"][kind]
     assert ok, detail
 
 
@@ -335,6 +331,71 @@ def test_rollback_when_transfer_breaks(prepared: Host, service_vm: str) -> None:
 def test_rollback_when_target_dies_mid_post_copy_restore(prepared: Host,
                                                          service_vm: str) -> None:
     _rollback(prepared, _kill_target, "restore", copy="post")
+
+
+TICKER = "i=0; while :; do i=$((i + 1)); echo $i > /data/ticks/$$; sleep 0.3; done"
+
+
+def _ticks(host: Host, pids: list[int]) -> list[int]:
+    out = lifecycle.exec_in(host, VM, ["sh", "-c", " ".join(
+        f"cat /data/ticks/{pid};" for pid in pids)]).text
+    return [int(n) for n in out.split()]
+
+
+def test_a_hold_that_gives_up_rolls_back_every_tree(prepared: Host, service_vm: str) -> None:
+    """Ten trees move together; one's hold gives up (its tree resumes on the old VM)
+    once all are dumped: the move is undone whole, every tree runs on the old VM and
+    none on the new one."""
+    lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=512)
+    started = lifecycle.exec_in(prepared, VM, ["sh", "-c", "mkdir -p /data/ticks && " + " ".join(
+        f"setsid sh -c '{TICKER}' </dev/null >/dev/null 2>&1 &" for _ in range(10))
+        + " sleep 2; ls /data/ticks"])
+    pids = sorted(int(pid) for pid in started.text.split())
+    assert len(pids) == 10, started.text
+
+    def give_up(step: str) -> None:
+        if step == "commit":  # every tree is dumped, held, and restored on the new VM
+            source = prepared.agent(prepared.machines.get(VM))
+            source.run([f"{GUEST_TOOLS}/tm-migrate", "decide", "abort", f"{HOLD_DIR}/3"])
+
+    with pytest.raises(MigrationFailed, match=r"commit failed: .*the hold in .*/3: abort"):
+        update(prepared, VM, STANDBY_KERNEL, pids=pids, copy="stop", before_step=give_up)
+    assert prepared.machines.get(VM).record.kernel.startswith(ACTIVE_KERNEL)
+    assert not [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
+    before = _ticks(prepared, pids)
+    time.sleep(1.5)
+    after = _ticks(prepared, pids)
+    assert all(b > a for a, b in zip(before, after, strict=True)), "every tree runs on"
+
+
+def test_a_killed_update_is_undone_by_the_next_command(prepared: Host,
+                                                       service_vm: str) -> None:
+    """`transmigrate update` killed (SIGKILL) while it dumps: the trees stay held on the
+    old VM, and the next update first removes the standby it left and resumes them, with
+    their client's connection; then moves them."""
+    lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=768)
+    pid = start_redis(prepared, VM)
+    address = prepared.machines.get(VM).record.ip
+    client = LoadClient(prepared, address)
+    try:
+        killed = subprocess.Popen([str(CLI), "update", VM, "--kernel", STANDBY_KERNEL,
+                                   "--pid", str(pid)], stderr=subprocess.PIPE, text=True)
+        assert killed.stderr is not None
+        for line in killed.stderr:
+            if line.split()[1:] == ["final", "dump"]:
+                break
+        time.sleep(1.0)
+        killed.kill()
+        killed.wait()
+        assert [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
+        report = update(prepared, VM, STANDBY_KERNEL, pids=[pid])
+        time.sleep(1.0)
+    finally:
+        summary = client.stop()
+    assert report.warnings[0] == (f"an interrupted update of {VM} was undone: {VM}-next "
+                                  f"removed, the service runs on in {VM}")
+    _assert_same_connection(summary)
+    assert report.kernel_after.startswith(STANDBY_KERNEL)
 
 
 def test_unknown_kernel_touches_nothing(prepared: Host, old_vm: str) -> None:

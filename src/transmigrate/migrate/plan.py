@@ -6,6 +6,7 @@ has its own images root, hold directory, pid file and ports in the guests.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass, field
 
@@ -29,6 +30,8 @@ GUEST_TOOLS = "/usr/lib/transmigrate"
 HOLD_DIR = "/run/transmigrate-hold"
 RESTORED_PIDFILE = "/run/transmigrate-restored.pid"
 LAZY_STATUS = "/run/transmigrate-lazy-pages"
+HOLD_BASE = 120.0
+HOLD_PER_TREE = 10.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,17 @@ class Plan:
     report: MigrationReport = field(default_factory=MigrationReport)
     trees: list[Tree] = field(init=False)
     frozen_at: float = 0.0
+
+    @property
+    def hold_seconds(self) -> float:
+        """How long each held dump waits for the host's word before it gives up and
+        resumes its tree: from freeze to commit, which takes longer with more trees."""
+        return HOLD_BASE + HOLD_PER_TREE * len(self.trees)
+
+    def hold_left(self) -> float:
+        """Seconds until the first hold could give up (counted from the freeze, which
+        is earlier than any hold's start)."""
+        return self.frozen_at + self.hold_seconds - time.monotonic()
 
     def __post_init__(self, pids: Sequence[int]) -> None:
         assert pids and len(set(pids)) == len(pids), pids

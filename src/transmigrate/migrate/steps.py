@@ -44,6 +44,8 @@ from transmigrate.vm.volume import DATA_MOUNT
 __all__ = ["migration_steps"]
 
 COMMIT_WAIT = 10.0
+HOLD_MARGIN = 10.0
+"""Seconds of hold that must be left for the commit to say "go" in time."""
 LAZY_TRANSFER_WAIT = 900.0
 
 
@@ -123,12 +125,15 @@ class FinalDump:
                         + f" && if mountpoint -q {DATA_MOUNT}; then sync -f {DATA_MOUNT}; fi"
                         + f" && ping -q -c 1 -W 2 {link} > /dev/null",
                         what=f"checking the migration link to {link}")
+        # Every tree is frozen at once, and dumped alongside the others.
         plan.frozen_at = time.monotonic()
         for tree in plan.trees:
-            self._dump(plan, tree, postcopy)
+            self._start_dump(plan, tree, postcopy)
+        for tree in plan.trees:
+            self._wait_dumped(plan, tree)
 
     @staticmethod
-    def _dump(plan: Plan, tree: Tree, postcopy: bool) -> None:
+    def _start_dump(plan: Plan, tree: Tree, postcopy: bool) -> None:
         source, target, images, n = plan.source, plan.target, tree.images, tree.final_iteration
         if postcopy:
             argv = images.lazy_dump(n, tree.pid, source.record.migration_ip)
@@ -137,12 +142,16 @@ class FinalDump:
             if not plan.copy.precopies:
                 argv = [a for a in argv if a != "--track-mem"]
         tree.dump_pid = source.agent.spawn(argv, env=[
-            f"TM_HOLD={tree.hold_dir}", "TM_HOLD_TIMEOUT=120",
+            f"TM_HOLD={tree.hold_dir}", f"TM_HOLD_TIMEOUT={plan.hold_seconds:.0f}",
             "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+
+    @staticmethod
+    def _wait_dumped(plan: Plan, tree: Tree) -> None:
+        source, n = plan.source, tree.final_iteration
         waited = source.agent.exec([f"{GUEST_TOOLS}/tm-migrate", "wait-dumped", tree.hold_dir,
-                                    str(tree.dump_pid)], timeout=300)
+                                    str(tree.dump_pid)], timeout=max(plan.hold_left(), 1.0))
         if waited.exit_code != 0:
-            error = criu_error(source, f"{images.dir(n)}/dump.log") or "no log"
+            error = criu_error(source, f"{tree.images.dir(n)}/dump.log") or "no log"
             raise TransmigrateError(f"criu dump of {tree.pid} failed in {source.record.name}: "
                                     f"{error}")
 
@@ -227,37 +236,65 @@ class DetachSource:
 
 
 class Restore:
-    """Mount the data volume on the target and recreate the processes by system calls."""
+    """Mount the data volume on the target and recreate the processes by system calls:
+    every tree at once (with post-copy, one after another, each with its lazy-pages
+    daemon)."""
 
     name = "restore"
 
     def run(self, plan: Plan) -> None:
-        lazy = plan.copy.lazy
+        # The first command on the target mounts the volume: one round trip less.
+        ready = [f"{GUEST_TOOLS}/tm-data mount"]
+        if any(tree.shared_mounts is not None for tree in plan.trees):
+            # The root that a restored mount namespace gets.
+            ready.append(f"mkdir -p {RESTORE_ROOT} && {{ mountpoint -q {RESTORE_ROOT} || "
+                         f"mount --bind / {RESTORE_ROOT}; }}")
+        if not plan.copy.lazy:
+            self._restore_all(plan, f"{' && '.join(ready)} || exit 1; ")
+            return
+        first = f"{' && '.join(ready)} && "
         for tree in plan.trees:
-            # The first command on the target mounts the volume: one round trip less.
-            mount = f"{GUEST_TOOLS}/tm-data mount && " if tree is plan.trees[0] else ""
-            if tree.shared_mounts is not None:  # the root its mount namespace gets
-                mount += (f"mkdir -p {RESTORE_ROOT} && {{ mountpoint -q {RESTORE_ROOT} || "
-                          f"mount --bind / {RESTORE_ROOT}; }} && ")
-            self._restore(plan, tree, lazy, mount)
+            self._prepare_lazy(plan, tree, first)
+            first = ""
+            self._restore_lazily(plan, tree)
 
-    def _restore(self, plan: Plan, tree: Tree, lazy: bool, mount: str) -> None:
+    @staticmethod
+    def _restore_all(plan: Plan, ready: str) -> None:
+        """Every tree at once, in one command; then each one's exit code and pid."""
+        script = ready + "".join(
+            f"{{ {shlex.join(t.images.restore(t.final_iteration, t.restored_pidfile))}; "
+            f"echo $? > {t.restored_pidfile}.rc; }} & " for t in plan.trees) + "wait; " + \
+            "".join(f"echo $(cat {t.restored_pidfile}.rc) $(cat {t.restored_pidfile} || "
+                    f"echo -); " for t in plan.trees)
+        result = plan.target.agent.exec(["sh", "-c", script], timeout=300)
+        lines = result.text.splitlines()
+        if result.exit_code != 0 or len(lines) != len(plan.trees):
+            stderr = result.stderr.decode(errors="replace").strip().splitlines()
+            raise TransmigrateError(f"restoring in {plan.target.record.name} failed: "
+                                    f"{stderr[-1] if stderr else result.exit_code}")
+        for tree, line in zip(plan.trees, lines, strict=True):
+            code, pid = line.split()
+            if code != "0" or not pid.isdigit():
+                log = f"{tree.images.dir(tree.final_iteration)}/restore.log"
+                raise TransmigrateError(f"restore of {tree.pid} failed in "
+                                        f"{plan.target.record.name}: "
+                                        f"{criu_error(plan.target, log) or f'exit {code}'}")
+            tree.report.restored_pid = int(pid)
+
+    @staticmethod
+    def _restore_lazily(plan: Plan, tree: Tree) -> None:
         n, images = tree.final_iteration, tree.images
-        if lazy:
-            self._prepare_lazy(plan, tree, mount)
-            mount = ""
-        restore = shlex.join(images.restore(n, tree.restored_pidfile, lazy=lazy))
+        restore = shlex.join(images.restore(n, tree.restored_pidfile, lazy=True))
         result = plan.target.agent.exec(
-            ["sh", "-c", f"{mount}{restore} && cat {tree.restored_pidfile}"], timeout=300)
+            ["sh", "-c", f"{restore} && cat {tree.restored_pidfile}"], timeout=300)
         if result.exit_code != 0:
             stderr = result.stderr.decode(errors="replace").strip().splitlines()
             error = criu_error(plan.target, f"{images.dir(n)}/restore.log") or \
                 (stderr[-1] if stderr else f"exit {result.exit_code}")
-            if lazy:
-                daemon_error = criu_error(plan.target, f"{images.dir(n)}/lazy-pages.log")
-                error += f" (criu lazy-pages: {daemon_error or 'no log'})"
+            daemon_error = criu_error(plan.target, f"{images.dir(n)}/lazy-pages.log")
             raise TransmigrateError(f"restore of {tree.pid} failed in "
-                                    f"{plan.target.record.name}: {error}")
+                                    f"{plan.target.record.name}: {error} (criu lazy-pages: "
+                                    f"{daemon_error or 'no log'})")
         tree.report.restored_pid = int(result.text.split()[-1])
 
     @staticmethod
@@ -345,7 +382,10 @@ class Commit:
     """Let the held dumps finish: the source's copy of the service is killed there
     (with post-copy they were told to go on already, and leave the tasks stopped).
 
-    This is the point of no return, so nothing here raises. The source's data
+    First it makes sure that every tree is still held (none gave up and resumed on
+    the source), with time left to hear "go"; else it fails, and the whole move
+    rolls back. Once "go" is said there is no way back, so nothing after it
+    raises. The source's data
     volume stays frozen (the target has it now): a dying task that must write
     there, such as one releasing an unlinked file, blocks, and CRIU with it.
     Then the source VM is retired without waiting for CRIU's statistics.
@@ -355,6 +395,14 @@ class Commit:
 
     def run(self, plan: Plan) -> None:
         assert all(tree.dump_pid is not None for tree in plan.trees)
+        # All or nothing: every tree must still be held, for long enough to hear "go".
+        if not plan.copy.lazy:
+            if plan.hold_left() < HOLD_MARGIN:
+                raise TransmigrateError(f"the trees have been frozen for "
+                                        f"{time.monotonic() - plan.frozen_at:.0f} s, too "
+                                        f"close to their holds' {plan.hold_seconds:.0f} s")
+            plan.source.tool("held", *(f"{t.hold_dir}:{t.dump_pid}" for t in plan.trees),
+                             what="checking that every tree is still held")
         plan.source.agent.exec([f"{GUEST_TOOLS}/tm-migrate", "decide", "go",
                                 *(tree.hold_dir for tree in plan.trees)])
         for tree in plan.trees:

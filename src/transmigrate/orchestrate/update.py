@@ -26,7 +26,7 @@ from transmigrate.errors import MachineError, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.migrate.criu import IMAGES_ROOT
 from transmigrate.migrate.engine import MigrationFailed, StepHook, run_steps
-from transmigrate.migrate.plan import Plan, Side
+from transmigrate.migrate.plan import GUEST_TOOLS, HOLD_DIR, Plan, Side
 from transmigrate.migrate.precheck import PrecheckFailed, inspect_source
 from transmigrate.migrate.precopy import CopyMode
 from transmigrate.migrate.steps import migration_steps
@@ -36,7 +36,7 @@ from transmigrate.orchestrate.services import oldest_process, service_root
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
 
-__all__ = ["PrecheckFailed", "UpdateReport", "find_services", "update"]
+__all__ = ["PrecheckFailed", "UpdateReport", "find_services", "recover_interrupted", "update"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
     if not pids or len(set(pids)) != len(pids):
         raise TransmigrateError(f"cannot move the trees {list(pids)}: name each once")
     start = time.monotonic()
+    recovered = recover_interrupted(host, name, progress)
     source = running(host, name)
     kernel = host.catalog.fetch(kernel_spec, progress=progress)
     source = host.machines.merge_data(source, progress)  # if the last update left it undone
@@ -165,7 +166,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
     host.machines.remove(source)
     target = host.machines.take_over(target, name)
     _remove_images(host, target)
-    warnings = list(report.warnings)
+    warnings = ([recovered] if recovered else []) + list(report.warnings)
     merge_start = time.monotonic()
     try:
         host.machines.merge_data(target, progress)
@@ -182,6 +183,43 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
         total_seconds=round(time.monotonic() - start, 3),
         criu=[asdict(tree) for tree in report.trees],
         carried=report.carried, warnings=warnings)
+
+
+def recover_interrupted(host: Host, name: str, progress: Progress = silent) -> str | None:
+    """Finish or undo an update of ``name`` that was killed: its standby (NAME-next) is
+    still there. If the update had said "go", the old VM's copies are gone: the
+    standby takes over. Else the standby is stopped, and the trees resume on the old
+    VM, its volume thawed and its NIC back on the bridge. What was done, or None."""
+    standby = next((m for m in host.machines.all() if m.name == f"{name}-next"), None)
+    if standby is None:
+        return None
+    source = running(host, name)
+    agent = host.agent(source)
+    try:
+        said = agent.run([f"{GUEST_TOOLS}/tm-migrate", "committed", HOLD_DIR],
+                         what="asking how far the interrupted update went", timeout=30)
+    except TransmigrateError as exc:
+        raise TransmigrateError(
+            f"an interrupted update of {name} left {standby.name}, and {name} cannot say "
+            f"whether it had committed ({exc}); stop the VM that does not run the service "
+            "(transmigrate down)") from exc
+    if said.text.strip() == "committed":
+        progress(f"an interrupted update of {name} had committed: finishing it")
+        agent.exec(["sh", "-c", f"{GUEST_TOOLS}/tm-migrate decide go {HOLD_DIR}/*/"])
+        host.machines.remove(source)
+        target = host.machines.take_over(standby, name)
+        with contextlib.suppress(MachineError):
+            host.machines.merge_data(target, progress)
+        return (f"an interrupted update of {name} had committed: finished, {name} runs "
+                f"{target.record.kernel}")
+    progress(f"an interrupted update of {name} had not committed: undoing it")
+    host.machines.remove(standby)
+    agent.run([f"{GUEST_TOOLS}/tm-migrate", "abandon", HOLD_DIR],
+              what="resuming the held trees", timeout=60)
+    host.network.attach(source.record.service_tap)
+    _remove_images(host, source)
+    return (f"an interrupted update of {name} was undone: {standby.name} removed, the "
+            f"service runs on in {name}")
 
 
 def _keep_logs(host: Host, source: Machine, target: Machine) -> Path:

@@ -1,9 +1,10 @@
 #!/usr/bin/python3
 """A process tree holding every kind of kernel state a move must keep.
 
-Runs in a guest from /data/zoo. ``zoo.py`` sets everything up, writes its pid
-to /data/zoo/pid and touches /data/zoo/ready. On SIGUSR1 it checks each
-resource from inside and writes /data/zoo/report.json: {kind: [ok, detail]}.
+Runs in a guest from its own directory on the volume (/data/zoo, say), where it
+keeps its files. ``zoo.py`` sets everything up and writes its pid to ``pid`` there.
+On SIGUSR1 it checks each resource from inside and writes ``report.json`` there:
+{kind: [ok, detail]}.
 The host moves it between the setup and the signal. With ``--container`` it
 also holds what only a process in its own namespaces can move: SysV shared
 memory (IPC namespace) and its own host name (UTS namespace).
@@ -21,7 +22,8 @@ import sys
 import threading
 import time
 
-HERE = "/data/zoo"
+HERE = os.path.dirname(os.path.abspath(__file__))
+CGROUP = f"/sys/fs/cgroup/{os.path.basename(HERE)}"
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
 libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -53,8 +55,8 @@ def setup():
     # Blocked before any thread exists, so that no thread can take these signals.
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGWINCH, SIGNALFD_SIG])
     os.makedirs(HERE, exist_ok=True)
-    os.makedirs("/sys/fs/cgroup/zoo", exist_ok=True)
-    with open("/sys/fs/cgroup/zoo/cgroup.procs", "w") as handle:
+    os.makedirs(CGROUP, exist_ok=True)
+    with open(f"{CGROUP}/cgroup.procs", "w") as handle:
         handle.write(str(os.getpid()))
     s = {"pid": os.getpid(), "cgroup": read("/proc/self/cgroup")}
 
