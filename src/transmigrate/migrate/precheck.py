@@ -185,11 +185,12 @@ class SourceInspection:
     """Files of its root file system changed since it booted."""
 
 
-def _guest_report(agent: GuestAgent, args: list[str], *, what: str,
+def _guest_report(agent: GuestAgent, args: list[str], *, what: str, trees: int = 0,
                   input: bytes | None = None) -> dict[str, Any]:
-    """Run ``tm-resources ARGS`` (see guest/files) and read its JSON."""
+    """Run ``tm-resources ARGS`` (see guest/files) and read its JSON; each tree it
+    inspects may take a few seconds under TCG."""
     text = agent.run([f"{GUEST_TOOLS}/tm-resources", *args], what=what, input=input,
-                     timeout=120).text
+                     timeout=120 + 3 * trees).text
     try:
         report: dict[str, Any] = json.loads(text)
     except ValueError as exc:
@@ -209,7 +210,7 @@ def inspect_source(agent: GuestAgent, roots: Sequence[int]) -> SourceInspection:
     Also clears the source's migration directories for this migration."""
     report = _guest_report(agent, [
         *RESET, "--criu", "--feature", DIRTY_TRACKING, "--changed", *map(str, roots)],
-        what="listing the processes' resources")
+        what="listing the processes' resources", trees=len(roots))
     refusals = _criu_refusals(report, agent.name)
     trees = []
     for tree in report["trees"]:
