@@ -333,7 +333,7 @@ def test_rollback_when_target_dies_mid_post_copy_restore(prepared: Host,
     _rollback(prepared, _kill_target, "restore", copy="post")
 
 
-TICKER = "i=0; while :; do i=$((i + 1)); echo $i > /data/ticks/$$; sleep 0.3; done"
+COUNTING_LOOP = "i=0; while :; do i=$((i + 1)); echo $i > /data/ticks/$$; sleep 0.3; done"
 
 
 def _ticks(host: Host, pids: list[int]) -> list[int]:
@@ -348,7 +348,7 @@ def test_a_hold_that_gives_up_rolls_back_every_tree(prepared: Host, service_vm: 
     none on the new one."""
     lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=512)
     started = lifecycle.exec_in(prepared, VM, ["sh", "-c", "mkdir -p /data/ticks && " + " ".join(
-        f"setsid sh -c '{TICKER}' </dev/null >/dev/null 2>&1 &" for _ in range(10))
+        f"setsid sh -c '{COUNTING_LOOP}' </dev/null >/dev/null 2>&1 &" for _ in range(10))
         + " sleep 2; ls /data/ticks"])
     pids = sorted(int(pid) for pid in started.text.split())
     assert len(pids) == 10, started.text
