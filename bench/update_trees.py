@@ -60,7 +60,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     host = Host.from_environment()
-    runs = [_move(host, int(n)) for n in args.trees.split(",")]
+    runs = []
+    for n in args.trees.split(","):
+        runs.append(_move(host, int(n)))
+        _progress(f"measured: {json.dumps({k: v for k, v in runs[-1].items() if k != 'steps'})}")
     base = runs[0]
     for run in runs:
         run["frozen_ratio"] = round(run["frozen_s"] / base["frozen_s"], 2)
