@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transmigrate.migrate.precheck import (
     CARRY_FILE_LIMIT,
     CARRY_TOTAL_LIMIT,
@@ -87,8 +89,13 @@ def test_mounts_a_mount_namespace_cannot_take_along() -> None:
         "the data volume (/data)"]
 
 
-def _seen(size: int, sha: str | None = "a", writing: bool = False) -> FileSeen:
-    return FileSeen(size, sha, writing)
+def _seen(size: int, sha: str | None = "a", writing: bool = False,
+          pristine: bool = False) -> FileSeen:
+    return FileSeen(size, sha, writing, pristine)
+
+
+def _there(size: int, sha: str | None = "a", pristine: bool = False) -> dict[str, Any]:
+    return {"size": size, "sha256": sha, "pristine": pristine}
 
 
 def test_small_files_that_differ_or_are_written_are_carried_large_ones_refused() -> None:
@@ -96,14 +103,27 @@ def test_small_files_that_differ_or_are_written_are_carried_large_ones_refused()
              "/var/log/app.log": _seen(500, writing=True), "/etc/new.conf": _seen(3),
              "/usr/lib/big.so": _seen(CARRY_FILE_LIMIT + 1, None),
              "/usr/lib/same-big.so": _seen(CARRY_FILE_LIMIT + 1, None)}
-    there = {"/etc/same.conf": {"size": 10, "sha256": "a"},
-             "/etc/edited.conf": {"size": 10, "sha256": "b"},
-             "/var/log/app.log": {"size": 500, "sha256": "a"}, "/etc/new.conf": None,
-             "/usr/lib/big.so": {"size": 1, "sha256": None},
-             "/usr/lib/same-big.so": {"size": CARRY_FILE_LIMIT + 1, "sha256": None}}
+    there = {"/etc/same.conf": _there(10), "/etc/edited.conf": _there(10, "b"),
+             "/var/log/app.log": _there(500), "/etc/new.conf": None,
+             "/usr/lib/big.so": _there(1, None),
+             "/usr/lib/same-big.so": _there(CARRY_FILE_LIMIT + 1, None)}
     carried, refused = carry_or_refuse(files, there, "web-next")
     assert carried == ["/etc/edited.conf", "/etc/new.conf", "/var/log/app.log"]
     assert refused == [Refusal("large-file", None, "/usr/lib/big.so", "web-next")]
+
+
+def test_a_file_pristine_on_both_sides_is_the_same_unread() -> None:
+    """Both VMs boot from one image: unchanged since boot on both means the same."""
+    files = {"/usr/lib/libc.so": _seen(10, None, pristine=True),
+             "/usr/lib/huge.so": _seen(CARRY_FILE_LIMIT + 1, None, pristine=True),
+             "/etc/edited-there.conf": _seen(10, None, pristine=True),
+             "/etc/edited-here.conf": _seen(10, "a")}
+    there = {"/usr/lib/libc.so": _there(10, None, pristine=True),
+             "/usr/lib/huge.so": _there(CARRY_FILE_LIMIT + 1, None, pristine=True),
+             "/etc/edited-there.conf": _there(10, "a"),
+             "/etc/edited-here.conf": _there(10, None, pristine=True)}
+    carried, refused = carry_or_refuse(files, there, "web-next")
+    assert carried == ["/etc/edited-here.conf", "/etc/edited-there.conf"] and not refused
 
 
 def test_carrying_stops_at_the_total_limit() -> None:

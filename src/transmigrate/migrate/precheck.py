@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -152,9 +152,24 @@ class FileSeen:
 
     size: int
     sha256: str | None
-    """Of a small file; a large one is compared by size."""
+    """Of a small file that is not pristine; a large one is compared by size."""
     writing: bool
     """Open for writing: it may change until the freeze, so it is always carried."""
+    pristine: bool = False
+    """On the root file system and unchanged since boot, so as the guest image has it:
+    the standby boots from the same image, and a file pristine on both sides is the
+    same."""
+
+    def same_as(self, there: dict[str, Any] | None) -> bool:
+        """Whether the target's file (its facts as tm-resources reports them) has the
+        same content."""
+        if there is None or there["size"] != self.size:
+            return False
+        if self.pristine and there["pristine"]:
+            return True
+        if self.sha256 is None and not self.pristine:  # large: compared by size
+            return True
+        return self.sha256 is not None and there["sha256"] == self.sha256
 
 
 @dataclass(frozen=True)
@@ -218,7 +233,8 @@ def inspect_source(agent: GuestAgent, roots: Sequence[int]) -> SourceInspection:
             raise TransmigrateError(f"{tree['error']} in {agent.name}")
         found = [Refusal(p["cause"], p["pid"], p["comm"], p["detail"])
                  for p in tree["problems"]]
-        files = {path: FileSeen(seen["size"], seen["sha256"], seen["writing"])
+        files = {path: FileSeen(seen["size"], seen["sha256"], seen["writing"],
+                                seen["pristine"])
                  for path, seen in tree["files"].items()}
         mounts = tree["mounts"]
         trees.append(TreeInspection(
@@ -232,7 +248,7 @@ def inspect_source(agent: GuestAgent, roots: Sequence[int]) -> SourceInspection:
                             report["changed"])
 
 
-def carry_or_refuse(files: dict[str, FileSeen], there: dict[str, dict[str, Any] | None],
+def carry_or_refuse(files: Mapping[str, FileSeen], there: Mapping[str, dict[str, Any] | None],
                     target: str) -> tuple[list[str], list[Refusal]]:
     """Which files to copy to the target inside the freeze, and which to refuse: a file
     the target lacks or has otherwise, or one being written, is carried if it is small
@@ -241,10 +257,7 @@ def carry_or_refuse(files: dict[str, FileSeen], there: dict[str, dict[str, Any] 
     refusals: list[Refusal] = []
     total = 0
     for path, seen in sorted(files.items()):
-        other = there.get(path)
-        same = other is not None and other["size"] == seen.size and (
-            seen.sha256 is None or other["sha256"] == seen.sha256)
-        if same and not seen.writing:
+        if seen.same_as(there.get(path)) and not seen.writing:
             continue
         if seen.size <= CARRY_FILE_LIMIT and total + seen.size <= CARRY_TOTAL_LIMIT:
             carried.append(path)
