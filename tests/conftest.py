@@ -43,20 +43,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def host() -> Iterator[Host]:
-    host = Host.from_environment()
-    lifecycle.clean(host)
-    yield host
-    lifecycle.clean(host)
+def host() -> Host:
+    """The tests' host; the fast layer only reads it, and never stops the VMs of a
+    suite running beside it."""
+    return Host.from_environment()
 
 
 @pytest.fixture(scope="session")
-def prepared(host: Host) -> Host:
-    """Kernels fetched and the image built, once per session."""
+def prepared(host: Host) -> Iterator[Host]:
+    """Kernels fetched and the image built, once per session; no VM left from an
+    earlier run, before or after."""
+    lifecycle.clean(host)
     for kernel in (ACTIVE_KERNEL, STANDBY_KERNEL):
         host.catalog.fetch(kernel)
     host.image(ImageSpec()).ensure()
-    return host
+    yield host
+    lifecycle.clean(host)
 
 
 @pytest.fixture(scope="session")
