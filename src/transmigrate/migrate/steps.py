@@ -103,7 +103,7 @@ class PreCopy:
 
 
 class FinalDump:
-    """Freeze the trees and dump them one by one, each held frozen at post-dump."""
+    """Freeze the trees and dump them side by side, each held frozen at post-dump."""
 
     name = "final dump"
 
@@ -129,8 +129,7 @@ class FinalDump:
         plan.frozen_at = time.monotonic()
         for tree in plan.trees:
             self._start_dump(plan, tree, postcopy)
-        for tree in plan.trees:
-            self._wait_dumped(plan, tree)
+        self._wait_dumped(plan)
 
     @staticmethod
     def _start_dump(plan: Plan, tree: Tree, postcopy: bool) -> None:
@@ -146,14 +145,20 @@ class FinalDump:
             "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
 
     @staticmethod
-    def _wait_dumped(plan: Plan, tree: Tree) -> None:
-        source, n = plan.source, tree.final_iteration
-        waited = source.agent.exec([f"{GUEST_TOOLS}/tm-migrate", "wait-dumped", tree.hold_dir,
-                                    str(tree.dump_pid)], timeout=max(plan.hold_left(), 1.0))
+    def _wait_dumped(plan: Plan) -> None:
+        """Until every dump holds its tree: one call, which sleeps in the guest."""
+        source = plan.source
+        waited = source.agent.exec([f"{GUEST_TOOLS}/tm-wait-dumped",
+                                    *(f"{tree.hold_dir}:{tree.dump_pid}" for tree in plan.trees)],
+                                   timeout=max(plan.hold_left(), 1.0))
         if waited.exit_code != 0:
-            error = criu_error(source, f"{tree.images.dir(n)}/dump.log") or "no log"
-            raise TransmigrateError(f"criu dump of {tree.pid} failed in {source.record.name}: "
-                                    f"{error}")
+            failed = next((t for t in plan.trees if t.hold_dir == waited.text.strip()), None)
+            if failed is None:
+                raise TransmigrateError(f"waiting for the dumps in {source.record.name} failed: "
+                                        f"{waited.text.strip() or waited.exit_code}")
+            log = f"{failed.images.dir(failed.final_iteration)}/dump.log"
+            raise TransmigrateError(f"criu dump of {failed.pid} failed in {source.record.name}: "
+                                    f"{criu_error(source, log) or 'no log'}")
 
     def undo(self, plan: Plan) -> None:
         """Tell each held dump to abort: CRIU resumes the tasks and unlocks the network.
