@@ -1,5 +1,6 @@
 """A healthy guest under heavy, legitimate load, watched from outside: the detectors
-must stay quiet. The suite runs it for two minutes per kernel; bench/soak.py for ten."""
+must stay quiet. The suite runs it for two minutes on both kernels at once; bench/soak.py
+for ten per kernel."""
 
 from __future__ import annotations
 
