@@ -21,7 +21,7 @@ def test_mypy_strict() -> None:
     assert done.returncode == 0, done.stdout
 
 
-LAYERS = ("vm", "guest", "introspect", "detect", "migrate", "faults", "orchestrate",
+LAYERS = ("vm", "guest", "introspect", "detect", "recover", "migrate", "faults", "orchestrate",
           "interfaces")
 """Bottom to top, as docs/architecture.md draws them; the modules at the package's top
 (errors, polling, process, ...) are below them all."""

@@ -23,6 +23,7 @@ from transmigrate.detect.events import READERS, Event, Sample
 from transmigrate.errors import TransmigrateError
 from transmigrate.orchestrate import demo as demo_job
 from transmigrate.orchestrate import faults, lifecycle, services
+from transmigrate.orchestrate import recover as recover_job
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import (
@@ -449,6 +450,56 @@ def inject_fault(
     else:
         out.print(f"{fault} injected into {name} ({report.kernel})"
                   + (f" on CPU {report.cpu}" if report.cpu is not None else ""))
+
+
+@app.command("dump")
+def dump_(name: Annotated[str, typer.Argument(help="VM to read the processes from.")],
+          pid: Annotated[list[int], typer.Option(help="Process to dump (repeatable).")],
+          images: Annotated[Path, typer.Option("--out", help="Directory for the images "
+                                                "(one directory per process).")],
+          json_: JsonOption = False) -> None:
+    """Checkpoint processes from outside: stop the VM, read them out of its memory as
+    CRIU images on the host (`crit decode` reads them), and let it run on if it ran."""
+    report = recover_job.dump(Host.from_environment(), name, pid, images,
+                              progress=_Progress())
+    if json_:
+        _emit_json(report.as_dict())
+    else:
+        for verdict in report.processes:
+            if verdict.verdict == "refused":
+                err.print(f"{verdict.pid}: refused: {verdict.reason}", markup=False)
+            else:
+                out.print(f"{verdict.pid} ({verdict.comm}): {verdict.pages} pages in "
+                                  f"{verdict.images}", markup=False)
+    if any(v.verdict == "refused" for v in report.processes):
+        raise typer.Exit(1)
+
+
+@app.command("recover")
+def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to recover.")],
+             kernel: Annotated[str | None, typer.Option(
+                 "--kernel", "-k", help="Kernel of the new VM (default: the same).")] = None,
+             pid: Annotated[list[int] | None, typer.Option(
+                 help="Recover this process (repeatable).")] = None,
+             process: Annotated[list[str] | None, typer.Option(
+                 help="Recover the oldest process of this name (repeatable).")] = None,
+             json_: JsonOption = False) -> None:
+    """Rebuild processes of a dead, hung or running VM on a new VM from its memory.
+
+    NAME is stopped and never resumed once a process is restored; it stays paused as
+    NAME-dead, with its console log and a compressed memory dump, until `down`."""
+    report = recover_job.recover(Host.from_environment(), name, kernel, pids=pid or (),
+                                 processes=process or (), progress=_Progress())
+    if json_:
+        _emit_json(report.as_dict())
+        return
+    for verdict in report.processes:
+        line = f"{verdict.pid} ({verdict.comm or '?'}): {verdict.verdict}"
+        out.print(line + (f": {verdict.reason}" if verdict.reason else ""), markup=False)
+    out.print(f"{name} runs {report.kernel_after}; serving again "
+              f"{report.stop_to_serving_seconds:.1f} s after the stop; the old VM is "
+              f"{report.dead_vm} (paused)")
+    out.print(_steps_table(report.steps, {"stop to serving": report.stop_to_serving_seconds}))
 
 
 @app.command()

@@ -235,11 +235,14 @@ class MachineRegistry:
     def take_over(self, machine: Machine, name: str) -> Machine:
         """The standby ``machine`` serves now: it takes its predecessor's name, and its
         data overlay holds the service's newest data (see :meth:`merge_data`)."""
+        return self.rename(machine, name,
+                           data_overlay="current" if machine.record.data_overlay else "")
+
+    def rename(self, machine: Machine, name: str, **changes: object) -> Machine:
         with self.locked():
             if any(m.name == name and m.record.id != machine.record.id for m in self.all()):
                 raise MachineExists(f"a VM named {name!r} already exists")
-            overlay = "current" if machine.record.data_overlay else ""
-            return self._update(machine, name=name, data_overlay=overlay)
+            return self._update(machine, name=name, **changes)
 
     def merge_data(self, machine: Machine, progress: Progress = silent) -> Machine:
         """Merge ``machine``'s current data overlay, if it has one, into the volume (live)."""

@@ -1,0 +1,541 @@
+"""A process as a stopped kernel holds it: everything CRIU would ask the kernel for.
+
+Recovery reads a process out of a guest whose kernel can no longer answer (it
+panicked, hung, or was simply stopped by the host): registers from the
+``pt_regs`` the entry code saved at the top of the task's kernel stack, the FPU
+state from its ``fpstate``, mappings from the maple tree, pages from the page
+tables, open files, credentials, signal handlers, identity. The result is plain
+data, written as CRIU images by :mod:`transmigrate.recover`.
+
+The kernel may have died mid-update, so every structure is checked before it is
+trusted, and whatever cannot be trusted or rebuilt raises :class:`Refusal` with
+a one-line reason: a process is recovered exactly, or not at all.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import drgn
+from drgn.helpers.linux.fs import d_path, for_each_file, inode_for_each_page
+from drgn.helpers.linux.list import list_empty
+from drgn.helpers.linux.mm import PageDirty, PageWriteback, for_each_vma, page_to_phys
+from drgn.helpers.linux.pid import find_task
+from drgn.helpers.linux.sched import task_cpu, task_on_cpu
+
+from transmigrate.errors import IntrospectionError
+from transmigrate.introspect.kernel import Guest
+from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
+
+__all__ = ["DATA_MOUNT", "FileState", "Mapping", "ProcessState", "Refusal", "Registers",
+           "read_process"]
+
+# Kernel ABI constants (include/linux/sched.h, mm.h, uapi): stable across 6.1 and 6.12.
+_PF_EXITING = 0x4
+_PF_KTHREAD = 0x0020_0000
+_PF_RANDOMIZE = 0x0040_0000
+_VM_READ, _VM_WRITE, _VM_EXEC, _VM_SHARED = 0x1, 0x2, 0x4, 0x8
+_VM_GROWSDOWN = 0x100
+_VM_SPECIAL = 0x4000 | 0x400 | 0x400000 | 0x10000000  # IO, PFNMAP, HUGETLB, MIXEDMAP
+_RWSEM_WRITER_LOCKED = 1
+_ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ENOSYS = 512, 513, 514, 38
+_ERESTART_RESTARTBLOCK, _EINTR = 516, 4
+_SIGKILL, _SIGSTOP = 9, 19
+_XFEATURE_PKRU = 9
+_CRIU_AUXV_WORDS = 44
+"""CRIU 3.17 reads at most this many words of /proc/PID/auxv (its AT_VECTOR_SIZE) and
+refuses more at restore: 6.12's auxv (with AT_RSEQ_*) loses its AT_NULL pair, as in
+CRIU's own dumps."""
+_MAX_VMAS = 65536
+_MAX_FDS = 65536
+_O_CLOEXEC = 0o2000000
+DATA_MOUNT = "/data"
+"""The service's data volume, which the new VM mounts: what a dead kernel had not yet
+written to files there is written back (see :attr:`FileState.dirty`)."""
+_PT_REGS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx",
+            "dx", "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss")
+_USER_CS, _USER_SS = 0x33, 0x2B
+
+
+class Refusal(IntrospectionError):
+    """This process cannot be recovered exactly; ``reason`` says why in one line."""
+
+    def __init__(self, pid: int, reason: str) -> None:
+        self.pid = pid
+        self.reason = reason
+        super().__init__(f"process {pid}: {reason}")
+
+
+@dataclass(frozen=True)
+class Registers:
+    """A thread's user registers as it will resume: the syscall it was in set up to
+    restart, as CRIU does for a task it seizes."""
+
+    general: dict[str, int]
+    """``struct pt_regs`` members by name (CRIU's ``user_x86_regs_entry`` order)."""
+    fs_base: int
+    gs_base: int
+    fsindex: int
+    gsindex: int
+    ds: int
+    es: int
+    xsave: bytes
+    """The XSAVE area in standard (non-compacted) layout: legacy 512 bytes, header,
+    then each enabled component at its standard offset."""
+    xfeatures: int
+    """The components this thread's area holds (its XSTATE_BV)."""
+    cpu_features: int
+    """The user components this CPU has (what CRIU sizes its image arrays by)."""
+    components: dict[int, tuple[int, int]]
+    """(standard offset, size) in ``xsave`` of each extended component the CPU has."""
+
+
+@dataclass(frozen=True)
+class FileState:
+    """An open file (or a mapped one, or cwd/root): what CRIU's reg_file_entry holds."""
+
+    path: str
+    flags: int
+    pos: int
+    mode: int
+    size: int
+    key: int
+    """The ``struct file`` (or, for cwd/root, the dentry): one image entry per key."""
+    dirty: tuple[tuple[int, int], ...] = ()
+    """For a file on the data volume: (page index, physical address) of each page-cache
+    page the kernel had not written to the volume yet."""
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    pgoff: int
+    """In bytes, as /proc/PID/maps has it."""
+    vm_flags: int
+    kind: str
+    """"anon", "file", "heap", "stack", "vdso" or "vvar"."""
+    file: FileState | None
+
+
+@dataclass
+class ProcessState:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    comm: str
+    registers: Registers
+    clear_tid_address: int
+    rseq: tuple[int, int, int] | None
+    """(abi pointer, abi size, signature), or None if the task has not registered."""
+    blocked: int
+    sigactions: list[tuple[int, int, int, int]]
+    """Per signal 1..64 minus SIGKILL and SIGSTOP: (handler, flags, restorer, mask)."""
+    credentials: dict[str, object]
+    personality: int
+    nice: int
+    policy: int
+    rt_priority: int
+    rlimits: list[tuple[int, int]]
+    mm: dict[str, object]
+    mappings: list[Mapping]
+    pages: list[tuple[int, int]] = field(repr=False)
+    """(virtual, physical) of every page CRIU would dump, in address order."""
+    files: dict[int, tuple[FileState, bool]]
+    """By descriptor: the file, and whether it is close-on-exec."""
+    exe: FileState
+    cwd: FileState
+    root: FileState
+    umask: int
+    sigaltstack: tuple[int, int, int]
+    pdeath_signal: int
+    exit_signal: int
+    robust_list: tuple[int, int]
+    """The robust futex list's head and length (set_robust_list)."""
+    task_flags: int
+    """PF_RANDOMIZE, the one ``task_struct.flags`` bit CRIU keeps."""
+    loginuid: int
+    oom_score_adj: int
+    child_subreaper: bool
+
+
+def read_process(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = frozenset(),
+                 allow_panicking: bool = False) -> ProcessState:
+    """Read process ``pid`` out of ``guest``, whose vCPUs are stopped.
+
+    ``cpus_in_user_mode`` are the vCPUs that were running user code when the VM
+    stopped: a task current there has its registers in the vCPU, not in memory.
+    """
+    prog = guest.prog
+    try:
+        task = find_task(prog, pid)
+    except (drgn.FaultError, ValueError, LookupError) as exc:
+        raise Refusal(pid, f"the kernel's pid table cannot be read ({exc})") from exc
+    if not task:
+        raise IntrospectionError(f"no process {pid} in the guest")
+    try:
+        return _Reader(guest, task, pid, cpus_in_user_mode, allow_panicking).read()
+    except (drgn.FaultError, drgn.ObjectAbsentError, OverflowError) as exc:
+        raise Refusal(pid, f"its kernel state is torn or corrupt ({exc})") from exc
+
+
+class _Reader:
+    def __init__(self, guest: Guest, task: drgn.Object, pid: int,
+                 cpus_in_user_mode: frozenset[int], allow_panicking: bool) -> None:
+        self.guest = guest
+        self.prog = guest.prog
+        self.task = task
+        self.pid = pid
+        self.cpus_in_user_mode = cpus_in_user_mode
+        self.allow_panicking = allow_panicking
+
+    def refuse(self, reason: str) -> Refusal:
+        return Refusal(self.pid, reason)
+
+    def read(self) -> ProcessState:
+        task = self.task
+        self._check_task()
+        files = self._files()
+        mm = task.mm
+        mappings = list(self._mappings(mm))
+        pgid, sid = self._group_ids()
+        return ProcessState(
+            pid=self.pid, ppid=int(task.real_parent.tgid), pgid=pgid, sid=sid,
+            comm=task.comm.string_().decode(errors="replace"),
+            registers=self._registers(), clear_tid_address=int(task.clear_child_tid),
+            rseq=self._rseq(), blocked=int(task.blocked.sig[0]),
+            sigactions=self._sigactions(), credentials=self._credentials(),
+            personality=int(task.personality), nice=int(task.static_prio) - 120,
+            policy=int(task.policy), rt_priority=int(task.rt_priority),
+            rlimits=[(int(r.rlim_cur), int(r.rlim_max)) for r in task.signal.rlim],
+            mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
+            files=files, exe=self._file(mm.exe_file, "the executable"),
+            cwd=self._path(task.fs.pwd), root=self._path(task.fs.root),
+            umask=int(task.fs.umask),
+            sigaltstack=(int(task.sas_ss_sp), int(task.sas_ss_size), int(task.sas_ss_flags)),
+            pdeath_signal=int(task.pdeath_signal), exit_signal=int(task.exit_signal),
+            robust_list=(int(task.robust_list), 24 if task.robust_list else 0),
+            task_flags=int(task.flags) & _PF_RANDOMIZE, loginuid=int(task.loginuid.val),
+            oom_score_adj=int(task.signal.oom_score_adj),
+            child_subreaper=bool(task.signal.is_child_subreaper))
+
+    # -- the task itself -------------------------------------------------------------
+
+    def _check_task(self) -> None:
+        task = self.task
+        flags = int(task.flags)
+        if flags & _PF_KTHREAD:
+            raise self.refuse("it is a kernel thread")
+        if int(task.tgid) != self.pid:
+            raise self.refuse(f"it is a thread of process {int(task.tgid)}; name the process")
+        if flags & _PF_EXITING or int(task.exit_state):
+            raise self.refuse("it was exiting")
+        if int(task.in_execve):
+            raise self.refuse("it was in execve")
+        if int(task.ptrace):
+            raise self.refuse("it is being traced")
+        if not task.mm:
+            raise self.refuse("it has no memory (a kernel thread or a zombie)")
+        if int(task.signal.nr_threads) != 1:
+            raise self.refuse(f"it has {int(task.signal.nr_threads)} threads "
+                              "(multi-threaded recovery is not supported yet)")
+        if not list_empty(task.children.address_of_()):
+            raise self.refuse("it has child processes (process trees are not supported yet)")
+        if int(task.mm.mm_users.counter) != 1:
+            raise self.refuse("its memory is shared with another process (vfork or CLONE_VM)")
+        if int(task.mm.mmap_lock.count.counter) & _RWSEM_WRITER_LOCKED:
+            raise self.refuse("its memory map was being changed (mmap_lock held for writing)")
+        if int(task.files.file_lock.rlock.raw_lock.val.counter):
+            raise self.refuse("its file table was being changed (file_lock held)")
+        panicking = self.guest.variable("panic_cpu")
+        if (panicking is not None and int(panicking.counter) >= 0
+                and task_on_cpu(task) and task_cpu(task) == int(panicking.counter)
+                and not self.allow_panicking):
+            raise self.refuse("it is the task that panicked the kernel (its syscall "
+                              "could crash the new one too)")
+        if task_on_cpu(task) and task_cpu(task) in self.cpus_in_user_mode:
+            raise self.refuse(f"it was running user code on vCPU {task_cpu(task)} when "
+                              "the VM stopped (registers in the vCPU are not read yet)")
+        pending = int(task.pending.signal.sig[0]) | int(task.signal.shared_pending.signal.sig[0])
+        if pending:
+            raise self.refuse(f"it has signals pending ({pending:#x})")
+
+    def _group_ids(self) -> tuple[int, int]:
+        pids = self.task.signal.pids
+        ids = []
+        for kind in ("PIDTYPE_PGID", "PIDTYPE_SID"):
+            pid = pids[self.prog.constant(kind).value_()]
+            if int(pid.level) != 0:
+                raise self.refuse("it lives in a pid namespace of its own (not supported yet)")
+            ids.append(int(pid.numbers[0].nr))
+        return ids[0], ids[1]
+
+    def _registers(self) -> Registers:
+        task, prog = self.task, self.prog
+        try:
+            thread_size = int(prog["THREAD_SIZE"])
+        except LookupError:
+            thread_size = 16384
+        regs_type = prog.type("struct pt_regs")
+        regs = drgn.Object(prog, regs_type,
+                           address=int(task.stack.value_()) + thread_size - regs_type.size)
+        general = {name: int(regs.member_(name)) & 0xFFFF_FFFF_FFFF_FFFF for name in _PT_REGS}
+        if general["cs"] & 0xFFFF != _USER_CS or general["ss"] & 0xFFFF != _USER_SS:
+            raise self.refuse(f"its saved user registers are not user-mode ones "
+                              f"(cs={general['cs']:#x}, ss={general['ss']:#x})")
+        _restart_syscall(general)
+        thread = task.thread
+        xsave, xfeatures, cpu_features, components = self._xsave()
+        return Registers(general=general, fs_base=int(thread.fsbase),
+                         gs_base=int(thread.gsbase), fsindex=int(thread.fsindex),
+                         gsindex=int(thread.gsindex), ds=int(thread.ds), es=int(thread.es),
+                         xsave=xsave, xfeatures=xfeatures, cpu_features=cpu_features,
+                         components=components)
+
+    def _xsave(self) -> tuple[bytes, int, int, dict[int, tuple[int, int]]]:
+        """The task's FPU state as ptrace would give it (the kernel's
+        copy_xstate_to_uabi_buf): standard layout, components in their init state
+        zeroed, PKRU from the thread. Also XSTATE_BV, the CPU's user components, and
+        each one's (offset, size)."""
+        fpstate = self.task.thread.fpu.fpstate
+        size = int(fpstate.user_size)
+        user = int(fpstate.user_xfeatures)
+        cpu = int(self.prog["fpu_user_cfg"].max_features)
+        raw = self.guest.read(int(fpstate.regs.xsave.address_of_()), int(fpstate.size))
+        xfeatures, xcomp_bv = struct.unpack_from("<QQ", raw, 512)
+        xfeatures &= user
+        offsets = [int(x) for x in self.prog["xstate_offsets"]]
+        sizes = [int(x) for x in self.prog["xstate_sizes"]]
+        flags = self.guest.variable("xstate_flags")
+        compacted = 576
+        area = bytearray(size)
+        area[:512] = raw[:512]
+        layout = {}
+        for feature in range(2, min(len(offsets), len(sizes))):
+            held = xcomp_bv >> feature & 1 if xcomp_bv >> 63 else 1
+            if flags is not None and xcomp_bv >> 63 and held and int(flags[feature]) & 2:
+                compacted = (compacted + 63) & ~63  # XSTATE_FLAG_ALIGNED64
+            here = compacted if xcomp_bv >> 63 else offsets[feature]
+            if cpu >> feature & 1:
+                standard, length = offsets[feature], sizes[feature]
+                layout[feature] = (standard, length)
+                if xfeatures >> feature & 1 and standard + length <= size \
+                        and here + length <= len(raw):
+                    area[standard:standard + length] = raw[here:here + length]
+            if xcomp_bv >> 63 and held:
+                compacted += sizes[feature]
+        if cpu >> _XFEATURE_PKRU & 1:
+            xfeatures |= 1 << _XFEATURE_PKRU
+            standard, _ = layout[_XFEATURE_PKRU]
+            struct.pack_into("<I", area, standard, int(self.task.thread.pkru))
+        struct.pack_into("<QQ", area, 512, xfeatures, 0)
+        return bytes(area), xfeatures, cpu, layout
+
+    def _has_var(self, name: str) -> bool:
+        return self.guest.variable(name) is not None
+
+    def _rseq(self) -> tuple[int, int, int] | None:
+        task = self.task
+        pointer = int(task.rseq)
+        if not pointer:
+            return None
+        size = int(task.rseq_len) if self.guest.has("struct task_struct", "rseq_len") else 32
+        return pointer, size, int(task.rseq_sig)
+
+    def _sigactions(self) -> list[tuple[int, int, int, int]]:
+        actions = self.task.sighand.action
+        result = []
+        for signal in range(1, 65):
+            if signal in (_SIGKILL, _SIGSTOP):
+                continue
+            sa = actions[signal - 1].sa
+            result.append((int(sa.sa_handler), int(sa.sa_flags), int(sa.sa_restorer),
+                           int(sa.sa_mask.sig[0])))
+        return result
+
+    def _credentials(self) -> dict[str, object]:
+        cred = self.task.cred
+        ids = {name: int(cred.member_(name).val) for name in
+               ("uid", "gid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid")}
+
+        def caps(value: drgn.Object) -> list[int]:
+            if self.guest.has("kernel_cap_t", "val"):  # 6.3+: one u64
+                word = int(value.val)
+                return [word & 0xFFFF_FFFF, word >> 32]
+            return [int(value.cap[0]), int(value.cap[1])]
+
+        groups = cred.group_info
+        count = int(groups.ngroups)
+        if count > 65536:
+            raise self.refuse("its supplementary groups are corrupt")
+        return {**ids, "cap_inh": caps(cred.cap_inheritable),
+                "cap_prm": caps(cred.cap_permitted), "cap_eff": caps(cred.cap_effective),
+                "cap_bnd": caps(cred.cap_bset), "secbits": int(cred.securebits),
+                "groups": [int(groups.gid[i].val) for i in range(count)]}
+
+    # -- memory ----------------------------------------------------------------------
+
+    def _mm(self, mm: drgn.Object) -> dict[str, object]:
+        names = ("start_code", "end_code", "start_data", "end_data", "start_stack",
+                 "start_brk", "brk", "arg_start", "arg_end", "env_start", "env_end")
+        auxv = [int(word) for word in mm.saved_auxv]
+        end = next((i + 2 for i in range(0, len(auxv) - 1, 2) if auxv[i] == 0), len(auxv))
+        auxv = auxv[:min(end, _CRIU_AUXV_WORDS)]
+        return {**{name: int(mm.member_(name)) for name in names},
+                "auxv": auxv, "dumpable": int(mm.flags) & 3,
+                "thp_disabled": bool(int(mm.flags) >> 24 & 1)}  # MMF_DISABLE_THP
+
+    def _mappings(self, mm: drgn.Object) -> Iterator[Mapping]:
+        previous_end = 0
+        vdso = int(mm.context.vdso)
+        for count, vma in enumerate(for_each_vma(mm)):
+            if count >= _MAX_VMAS:
+                raise self.refuse("its memory map is corrupt (too many mappings)")
+            start, end = int(vma.vm_start), int(vma.vm_end)
+            if vma.vm_mm.value_() != mm.value_() or not previous_end <= start < end \
+                    or start % PAGE or end % PAGE or end > 1 << 56:
+                raise self.refuse(f"its memory map is corrupt at {start:#x}-{end:#x}")
+            previous_end = end
+            flags = int(vma.vm_flags)
+            file = vma.vm_file
+            if start == vdso:
+                kind = "vdso"
+            elif not file:
+                if vma.vm_ops and self._is_vvar(vma):
+                    kind = "vvar"
+                elif start <= int(mm.brk) and end >= int(mm.start_brk) \
+                        and int(mm.brk) > int(mm.start_brk):
+                    kind = "heap"
+                elif flags & _VM_GROWSDOWN or start <= int(mm.start_stack) < end:
+                    kind = "stack"
+                else:
+                    kind = "anon"
+            elif flags & _VM_SHARED:
+                raise self.refuse(f"it has shared memory at {start:#x} (not supported yet)")
+            else:
+                kind = "file"
+            if kind not in ("vvar", "vdso") and flags & _VM_SPECIAL:
+                raise self.refuse(f"it maps device or hugetlb memory at {start:#x}")
+            if kind == "file":
+                yield Mapping(start, end, int(vma.vm_pgoff) * PAGE, flags, kind,
+                              self._file(file, f"the mapping at {start:#x}"))
+            else:  # /proc/PID/maps, and so CRIU, give an anonymous mapping offset 0
+                yield Mapping(start, end, 0, flags, kind, None)
+
+    def _is_vvar(self, vma: drgn.Object) -> bool:
+        try:
+            name = drgn.cast("struct vm_special_mapping *", vma.vm_private_data).name
+            return bool(name.string_() == b"[vvar]")
+        except (drgn.FaultError, LookupError):
+            return False
+
+    def _pages(self, mm: drgn.Object, mappings: list[Mapping]) -> list[tuple[int, int]]:
+        """The pages CRIU dumps: present pages of private mappings (the vDSO too, the
+        vvar never), skipping the shared zero page and the file pages a private file
+        mapping has not copied on write."""
+        tables = PageTables.of(self.guest, int(mm.pgd))
+        zero = self.guest.physical(self.prog.symbol("empty_zero_page").address)
+        page_struct = self.prog.type("struct page").size
+        vmemmap = int(self.prog["vmemmap_base"])
+        mapping_offset = drgn.offsetof(self.prog.type("struct page"), "mapping")
+        pages: list[tuple[int, int]] = []
+        for mapping in mappings:
+            if mapping.kind == "vvar" or mapping.vm_flags & _VM_SHARED:
+                continue
+            try:
+                for virtual, physical in tables.pages(mapping.start, mapping.end):
+                    if physical == zero:
+                        continue
+                    if mapping.kind == "file":
+                        descriptor = vmemmap + (physical // PAGE) * page_struct
+                        owner = struct.unpack(
+                            "<Q", self.guest.read(descriptor + mapping_offset, 8))[0]
+                        if not owner & 1:  # PAGE_MAPPING_ANON: not copied on write yet
+                            continue
+                    if not self.guest.ram.covers(physical, PAGE):
+                        raise self.refuse(f"its page {virtual:#x} points outside guest RAM")
+                    pages.append((virtual, physical))
+            except UnmovablePage as exc:
+                raise self.refuse(str(exc)) from exc
+        return pages
+
+    # -- files -----------------------------------------------------------------------
+
+    def _files(self) -> dict[int, tuple[FileState, bool]]:
+        fdt = self.task.files.fdt
+        if int(fdt.max_fds) > 1 << 20:
+            raise self.refuse("its file table is corrupt")
+        cloexec = fdt.close_on_exec
+        result = {}
+        for count, (fd, file) in enumerate(for_each_file(self.task)):
+            if count >= _MAX_FDS:
+                raise self.refuse("its file table is corrupt (too many files)")
+            word = int(cloexec[fd // 64])
+            result[fd] = (self._file(file, f"fd {fd}"), bool(word >> (fd % 64) & 1))
+        return result
+
+    def _file(self, file: drgn.Object, what: str) -> FileState:
+        if int(file.f_count.counter) <= 0:
+            raise self.refuse(f"{what} is a file being freed")
+        inode = file.f_inode
+        mode = int(inode.i_mode)
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISCHR(mode)):
+            kind = {stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}.get(
+                stat.S_IFMT(mode), f"a file of mode {mode:o}")
+            raise self.refuse(f"{what} is {kind} (not supported yet)")
+        if stat.S_ISCHR(mode):
+            major = int(inode.i_rdev) >> 20
+            if major != 1:  # /dev/null, /dev/zero, /dev/urandom ... (mem devices)
+                raise self.refuse(f"{what} is a terminal or device (major {major}); "
+                                  "not supported yet")
+        dentry = file.f_path.dentry
+        if not int(dentry.d_hash.pprev) and dentry.d_parent.value_() != dentry.value_():
+            raise self.refuse(f"{what} is a deleted file")
+        path = self._name(file.f_path)
+        dirty: tuple[tuple[int, int], ...] = ()
+        if stat.S_ISREG(mode) and path.startswith(f"{DATA_MOUNT}/"):
+            dirty = self._dirty_pages(inode, what)
+        return FileState(path=path, flags=int(file.f_flags) & ~_O_CLOEXEC, pos=int(file.f_pos),
+                         mode=mode,
+                         size=int(inode.i_size), key=file.value_(), dirty=dirty)
+
+    def _dirty_pages(self, inode: drgn.Object, what: str) -> tuple[tuple[int, int], ...]:
+        limit = int(inode.i_size) // PAGE + 1
+        dirty = []
+        for count, (index, page) in enumerate(inode_for_each_page(inode)):
+            if count > limit or index > limit:
+                raise self.refuse(f"{what}: its page cache is corrupt")
+            if PageDirty(page) or PageWriteback(page):
+                physical = int(page_to_phys(page))
+                if not self.guest.ram.covers(physical, PAGE):
+                    raise self.refuse(f"{what}: a cached page is outside guest RAM")
+                dirty.append((index, physical))
+        return tuple(dirty)
+
+    def _path(self, path: drgn.Object) -> FileState:
+        inode = path.dentry.d_inode
+        return FileState(path=self._name(path), flags=0, pos=0, mode=int(inode.i_mode),
+                         size=int(inode.i_size), key=path.dentry.value_())
+
+    def _name(self, path: drgn.Object) -> str:
+        name = d_path(path.address_of_())
+        return name.decode(errors="surrogateescape")
+
+
+def _restart_syscall(regs: dict[str, int]) -> None:
+    """Set a thread caught in a system call up to restart it, as CRIU does; and one whose
+    call was still running (the entry code pushed -ENOSYS) the same way: it resumes by
+    making that call again."""
+    orig = regs["orig_ax"]
+    if orig >= 1 << 63:  # not from a system call (IRQ or exception entry: -1)
+        return
+    result = -((1 << 64) - regs["ax"]) if regs["ax"] >= 1 << 63 else regs["ax"]
+    if result in (-_ERESTARTSYS, -_ERESTARTNOINTR, -_ERESTARTNOHAND, -_ENOSYS):
+        regs["ax"] = orig
+        regs["ip"] -= 2
+    elif result == -_ERESTART_RESTARTBLOCK:
+        regs["ax"] = (-_EINTR) & 0xFFFF_FFFF_FFFF_FFFF

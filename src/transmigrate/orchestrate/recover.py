@@ -1,0 +1,300 @@
+"""Recovering processes from a guest whose kernel is dead, hung, or merely stopped.
+
+The VM is stopped (QMP ``stop``): from then on nothing in it moves. Each chosen
+process is read out of its RAM through the kernel's own types and written as
+CRIU images on the host (:mod:`transmigrate.recover`); a standby restores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shlex
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transmigrate import paths
+from transmigrate.errors import IntrospectionError, MachineError, TransmigrateError
+from transmigrate.guest.agent import GuestAgent
+from transmigrate.introspect.kernel import Guest, attach
+from transmigrate.introspect.process import Refusal, read_process
+from transmigrate.introspect.tasks import TaskReader
+from transmigrate.migrate.plan import GUEST_TOOLS
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.lifecycle import STANDBY_PID_MARGIN, up
+from transmigrate.progress import Progress, silent
+from transmigrate.recover.images import WRITEBACK, write_images
+from transmigrate.vm.machine import Machine
+from transmigrate.vm.registers import cpus_in_user_mode
+
+__all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dump", "recover"]
+
+GUEST_IMAGES = "/var/lib/transmigrate/recover"
+"""Where the standby keeps the images it restores from."""
+_CHUNK = 8 << 20
+"""Bytes per guest-agent write while the images are copied in."""
+
+
+@dataclass
+class ProcessVerdict:
+    pid: int
+    comm: str = ""
+    verdict: str = "refused"
+    """"dumped", "restored", or "refused"."""
+    reason: str = ""
+    pages: int = 0
+    images: str = ""
+    binaries: dict[str, int] = field(default_factory=dict)
+    """The executable and mapped files, by path, with their sizes: the new VM must
+    have the same ones."""
+
+
+@dataclass
+class DumpReport:
+    vm: str
+    kernel: str
+    processes: list[ProcessVerdict]
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stop_vm(machine: Machine) -> str:
+    """Stop ``machine``'s vCPUs; its run state before (e.g. 'running', 'guest-panicked')."""
+    state = machine.status()
+    if state == "dead":
+        raise MachineError(f"vm {machine.name!r} is gone (its QEMU exited): its memory "
+                           "went with it")
+    if state == "running":
+        machine.qmp("stop")
+    return state
+
+
+def dump(host: Host, name: str, pids: list[int], out: Path, *, resume: bool = True,
+         progress: Progress = silent) -> DumpReport:
+    """Checkpoint ``pids`` of VM ``name`` from the host, into ``out/<pid>/``: the VM is
+    stopped while its memory is read; it runs on afterwards (if it ran, and ``resume``)."""
+    if not pids:
+        raise TransmigrateError("name at least one process to dump (--pid)")
+    machine = host.machines.get(name)
+    steps: dict[str, float] = {}
+    start = time.monotonic()
+    before = stop_vm(machine)
+    progress(f"{name} stopped (it was {before})")
+    try:
+        report = _checkpoint(host, machine, pids, out, steps, progress)
+    finally:
+        if before == "running" and resume:
+            machine.qmp("cont")
+    steps["total"] = round(time.monotonic() - start, 3)
+    return report
+
+
+def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
+                steps: dict[str, float], progress: Progress,
+                processes: Sequence[str] = ()) -> DumpReport:
+    mark = time.monotonic()
+    user_cpus = cpus_in_user_mode(machine, machine.record.cpus)
+    progress(f"reading {machine.name}'s kernel ({machine.record.kernel})")
+    with attach(machine, catalog=host.catalog) as guest:
+        steps["attach"] = round(time.monotonic() - mark, 3)
+        report = DumpReport(machine.name, guest.release, [], steps)
+        for pid in [*pids, *_find_processes(guest, processes)]:
+            mark = time.monotonic()
+            verdict = ProcessVerdict(pid)
+            report.processes.append(verdict)
+            try:
+                state = read_process(guest, pid, cpus_in_user_mode=user_cpus)
+            except Refusal as exc:
+                verdict.reason = exc.reason
+                progress(f"refused {pid}: {exc.reason}")
+                continue
+            except IntrospectionError as exc:
+                verdict.reason = str(exc)
+                progress(f"refused {pid}: {exc}")
+                continue
+            verdict.comm = state.comm
+            verdict.binaries = {state.exe.path: state.exe.size, **{
+                m.file.path: m.file.size for m in state.mappings if m.file is not None}}
+            directory = out / str(pid)
+            write_images(state, guest.ram, directory)
+            verdict.verdict, verdict.pages, verdict.images = "dumped", len(state.pages), \
+                str(directory)
+            steps[f"read {pid}"] = round(time.monotonic() - mark, 3)
+            progress(f"dumped {pid} ({state.comm}): {len(state.pages)} pages "
+                     f"in {steps[f'read {pid}']:.2f} s")
+    return report
+
+
+def _find_processes(guest: Guest, names: Sequence[str]) -> list[int]:
+    """The oldest process of each name, from the kernel's task list."""
+    if not names:
+        return []
+    tasks = TaskReader(guest).sample(threads=False).tasks
+    found = []
+    for name in names:
+        matches = sorted(t.pid for t in tasks if t.comm == name[:15] and not t.kernel_thread)
+        if not matches:
+            raise TransmigrateError(f"no process named {name} in the guest's memory")
+        found.append(matches[0])
+    return found
+
+
+@dataclass
+class RecoverReport:
+    vm: str
+    kernel_before: str
+    kernel_after: str
+    state_before: str
+    """The VM's run state when recovery stopped it ('running', 'guest-panicked', ...)."""
+    processes: list[ProcessVerdict]
+    steps: dict[str, float]
+    stop_to_serving_seconds: float
+    """From the VM's stop to every recovered process running on the new kernel."""
+    dead_vm: str
+    """The old VM, kept paused for diagnosis until ``down``."""
+    memory_dump: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recover(host: Host, name: str, kernel_spec: str | None = None, *,
+            pids: Sequence[int] = (), processes: Sequence[str] = (),
+            progress: Progress = silent) -> RecoverReport:
+    """Recover processes of VM ``name`` (dead, hung or running) onto a new VM on
+    ``kernel_spec`` (default: the same kernel), which takes the name, the service
+    address and the data volume. The old VM is never resumed after a restore; it stays
+    paused as NAME-dead. If nothing was restored, it keeps its name (and runs on, if it
+    ran), and the new VM is removed."""
+    if not (pids or processes):
+        raise TransmigrateError("name the processes to recover (--pid or --process)")
+    machine = host.machines.get(name)
+    start = time.monotonic()
+    before = stop_vm(machine)
+    steps: dict[str, float] = {"stop": round(time.monotonic() - start, 3)}
+    progress(f"{name} stopped (it was {before})")
+    images = paths.data_dir() / "recover" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        checkpoint = _checkpoint(host, machine, pids, images, steps, progress, processes)
+    except BaseException:
+        if before == "running":
+            machine.qmp("cont")
+        raise
+    dumped = [v for v in checkpoint.processes if v.verdict == "dumped"]
+    if not dumped:
+        if before == "running":
+            machine.qmp("cont")
+        raise TransmigrateError("nothing to recover: " + "; ".join(
+            f"{v.pid}: {v.reason}" for v in checkpoint.processes))
+    dead = host.machines.rename(machine, f"{name}-dead")
+    try:
+        target = _restore_on_standby(host, dead, kernel_spec or dead.record.kernel, dumped,
+                                     images, steps, progress)
+    except BaseException:
+        progress(f"recovery failed: {name} keeps its name, the new VM is removed")
+        with contextlib.suppress(TransmigrateError):
+            standby = host.machines.get(f"{name}-next")
+            host.machines.remove(standby, keep_network=True)
+        host.machines.rename(dead, name)
+        if before == "running":
+            dead.qmp("cont")
+        raise
+    serving = time.monotonic() - start
+    host.machines.take_over(target, name)
+    dump_path = dead.directory / "memory.kdump"
+    with contextlib.suppress(MachineError):  # for diagnosis; the service does not wait
+        dead.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{dump_path}",
+                                       "format": "kdump-zlib", "detach": True})
+    steps["total"] = round(time.monotonic() - start, 3)
+    return RecoverReport(
+        vm=name, kernel_before=checkpoint.kernel, kernel_after=target.record.kernel,
+        state_before=before, processes=checkpoint.processes, steps=steps,
+        stop_to_serving_seconds=round(serving, 3), dead_vm=dead.name,
+        memory_dump=str(dump_path))
+
+
+def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[ProcessVerdict],
+                        images: Path, steps: dict[str, float], progress: Progress) -> Machine:
+    """Boot the new VM with the old one's identity and volume; restore; hand over."""
+    name = dead.name.removesuffix("-dead")
+    mark = time.monotonic()
+    target = up(host, f"{name}-next", kernel, memory_mib=dead.record.memory_mib,
+                cpus=dead.record.cpus, standby_for=dead,
+                pid_base=max(v.pid for v in dumped) + STANDBY_PID_MARGIN,
+                progress=progress).machine
+    steps["boot standby"] = round(time.monotonic() - mark, 3)
+    agent = host.agent(target)
+    mark = time.monotonic()
+    progress(f"mounting the data volume in {target.name} (its journal replays)")
+    agent.run([f"{GUEST_TOOLS}/tm-data", "mount"], what="mounting the data volume",
+              timeout=120)
+    steps["mount volume"] = round(time.monotonic() - mark, 3)
+    for verdict in dumped:
+        mark = time.monotonic()
+        remote = f"{GUEST_IMAGES}/{verdict.pid}"
+        _push(agent, images / str(verdict.pid), remote)
+        if (images / str(verdict.pid) / WRITEBACK).exists():
+            progress(f"writing back what {verdict.comm} wrote and the dead kernel had not")
+            agent.run([f"{GUEST_TOOLS}/tm-writeback", f"{remote}/{WRITEBACK}"],
+                      what="writing back the dirty page cache", timeout=120)
+        steps[f"copy {verdict.pid}"] = round(time.monotonic() - mark, 3)
+    _check_binaries(agent, target.name, dumped)
+    for verdict in dumped:
+        mark = time.monotonic()
+        remote = f"{GUEST_IMAGES}/{verdict.pid}"
+        progress(f"restoring {verdict.pid} ({verdict.comm}) on {target.record.kernel}")
+        restored = agent.exec(["criu", "restore", "-D", remote, "--restore-detached",
+                               "-o", "restore.log", "-v4"], timeout=300)
+        if restored.exit_code != 0:
+            log = agent.exec(["sh", "-c", f"grep -E 'Error|error' {remote}/restore.log | "
+                                          "head -1"]).text.strip()
+            with contextlib.suppress(TransmigrateError, OSError):
+                (images / str(verdict.pid) / "restore.log").write_bytes(
+                    agent.exec(["cat", f"{remote}/restore.log"]).stdout)
+            raise TransmigrateError(f"criu restore of {verdict.pid} failed in "
+                                    f"{target.name}: {log or f'exit {restored.exit_code}'}")
+        verdict.verdict = "restored"
+        steps[f"restore {verdict.pid}"] = round(time.monotonic() - mark, 3)
+    alive = agent.exec(["sh", "-c", " && ".join(f"kill -0 {v.pid}" for v in dumped)])
+    if alive.exit_code != 0:
+        raise TransmigrateError(f"a restored process exited at once in {target.name}")
+    host.network.detach(dead.record.service_tap)
+    host.network.attach(target.record.service_tap)
+    return target
+
+
+def _check_binaries(agent: GuestAgent, where: str, dumped: list[ProcessVerdict]) -> None:
+    """Every executable and library a process maps must be on the new VM as it was on the
+    old one: from the image both boot, or on the data volume."""
+    wanted = {path: size for v in dumped for path, size in v.binaries.items()}
+    listed = agent.exec(["stat", "-L", "-c", "%n %s", *wanted])
+    found = dict(line.rsplit(" ", 1) for line in listed.text.splitlines())
+    for path, size in wanted.items():
+        if path not in found:
+            raise TransmigrateError(
+                f"{path} is not on {where}: it was installed on the old VM's root file "
+                "system; put it in the guest image (--package, --files) or on /data")
+        if int(found[path]) != size:
+            raise TransmigrateError(f"{path} differs on {where} ({found[path]} bytes, "
+                                    f"{size} on the old VM)")
+
+
+def _push(agent: GuestAgent, directory: Path, remote: str) -> None:
+    """Copy an image directory into the guest, in chunks the guest agent carries."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(directory, arcname=".")
+    data = buffer.getvalue()
+    quoted = shlex.quote(remote)
+    agent.sh(f"rm -rf {quoted} && mkdir -p {quoted}", what="preparing the images directory")
+    for offset in range(0, len(data), _CHUNK):
+        agent.sh(f"cat >> {quoted}.tar", input=data[offset:offset + _CHUNK],
+                 what="copying the images", timeout=120)
+    agent.sh(f"tar -x -f {quoted}.tar -C {quoted} && rm {quoted}.tar",
+             what="unpacking the images", timeout=120)

@@ -1,0 +1,258 @@
+"""CRIU images of a process read out of a stopped kernel.
+
+The images are CRIU 3.17's own format, written with CRIU's own library
+(pycriu, from Debian's criu package), so ``criu restore`` on any kernel CRIU
+supports rebuilds the process by system calls, and ``crit decode`` reads every
+file. The layout follows what ``criu dump`` writes for the same process (the
+golden test compares the two field by field); ids are ours.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+import pycriu.images  # type: ignore[import-untyped]
+
+from transmigrate.introspect.pagetable import PAGE
+from transmigrate.introspect.process import FileState, Mapping, ProcessState, Registers
+from transmigrate.introspect.ram import GuestRam
+
+__all__ = ["WRITEBACK", "write_images"]
+
+WRITEBACK = "writeback.bin"
+"""Not a CRIU image: the dead kernel's unwritten file data, for tm-writeback."""
+
+_PE_PRESENT = 4
+_FD_REG = 1
+_TASK_ALIVE = 1
+_SS_DISABLE = 2
+_TLS_ENTRIES = (12, 13, 14)
+"""GDT_ENTRY_TLS_MIN..MAX on x86-64."""
+_EMPTY_TLS = {"base_addr": 0, "limit": 0, "seg_32bit": False, "contents_h": False,
+              "contents_l": False, "read_exec_only": True, "limit_in_pages": False,
+              "seg_not_present": True, "usable": False}
+"""A TLS slot no one set, as get_thread_area() reports it."""
+# vma_entry.status bits (criu/include/image.h)
+_REGULAR, _VDSO, _HEAP = 0x1, 0x8, 0x20
+_FILE_PRIVATE, _ANON_PRIVATE, _VVAR = 0x40, 0x200, 0x1000
+_MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_GROWSDOWN = 0x02, 0x20, 0x0100
+_VM_GROWSDOWN = 0x100
+_MADVISE = {0x0002_0000: 10, 0x0400_0000: 16, 0x2000_0000: 14, 0x4000_0000: 15,
+            0x8000_0000: 12}
+"""vm_flags bit -> the madvise() advice that sets it, as CRIU keeps them in vma.madv:
+DONTFORK, DONTDUMP, HUGEPAGE, NOHUGEPAGE, MERGEABLE."""
+_NAMESPACES = ("pid_ns_id", "net_ns_id", "ipc_ns_id", "uts_ns_id", "time_ns_id",
+               "mnt_ns_id", "user_ns_id", "cgroup_ns_id")
+"""In the order CRIU numbers the root namespaces; every process shares the VM's."""
+
+
+class _Ids:
+    """CRIU's file ids: one per distinct kernel object, numbered from 1."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[int, int] = {}
+
+    def __call__(self, key: int) -> int:
+        return self._by_key.setdefault(key, len(self._by_key) + 1)
+
+
+def write_images(process: ProcessState, ram: GuestRam, directory: Path) -> list[Path]:
+    """Write the CRIU image set of ``process`` into ``directory`` (created); the files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = _Ids()
+    pid = process.pid
+    namespace_ids = {name: number for number, name in enumerate(_NAMESPACES, start=1)}
+    root_ids = {"vm_id": 1, "files_id": 1, "fs_id": 1, "sighand_id": 1, **namespace_ids}
+    task_ids = {"vm_id": 2, "files_id": 2, "fs_id": 2, "sighand_id": 2, **namespace_ids}
+
+    files: dict[int, dict[str, Any]] = {}
+
+    def file_id(state: FileState, mapped: bool = False) -> int:
+        """A mapped file (or the executable) is opened read-only at restore, and CRIU
+        checks its size: it must be the same file on the new VM."""
+        number = ids(state.key)
+        if number not in files:
+            entry: dict[str, Any] = {
+                "id": number, "flags": 0 if mapped else state.flags,
+                "pos": 0 if mapped else state.pos,
+                "fown": {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0},
+                "name": state.path, "mode": state.mode}
+            if mapped and stat.S_ISREG(state.mode):
+                entry["size"] = state.size
+            files[number] = {"type": "REG", "id": number, "reg": entry}
+        return number
+
+    fdinfo = [{"id": file_id(state), "flags": int(cloexec), "type": "REG", "fd": fd}
+              for fd, (state, cloexec) in sorted(process.files.items())]
+    exe_id = file_id(process.exe, mapped=True)
+    vmas = [_vma(mapping, file_id) for mapping in process.mappings]
+    fs = {"cwd_id": file_id(process.cwd), "root_id": file_id(process.root),
+          "umask": process.umask}
+    written = [
+        _dump(directory / "inventory.img", "INVENTORY", [{
+            "img_version": 2, "fdinfo_per_id": True, "root_ids": root_ids, "ns_per_id": True,
+            "lsmtype": "NO_LSM", "network_lock_method": 0}]),
+        _dump(directory / "pstree.img", "PSTREE", [{
+            "pid": pid, "ppid": 0, "pgid": process.pgid, "sid": process.sid,
+            "threads": [pid]}]),
+        _dump(directory / f"ids-{pid}.img", "IDS", [task_ids]),
+        _dump(directory / f"core-{pid}.img", "CORE", [_core(process)]),
+        _dump(directory / f"mm-{pid}.img", "MM", [_mm(process, exe_id, vmas)]),
+        _dump(directory / f"fs-{pid}.img", "FS", [fs]),
+        _dump(directory / f"fdinfo-{task_ids['files_id']}.img", "FDINFO", fdinfo),
+        _dump(directory / "files.img", "FILES", [files[n] for n in sorted(files)]),
+    ]
+    written += _pages(process, ram, directory)
+    referenced = [*(state for state, _ in process.files.values()), process.exe,
+                  *(m.file for m in process.mappings if m.file is not None)]
+    dirty = {state.path: state for state in referenced if state.dirty}
+    if dirty:
+        written.append(_writeback(list(dirty.values()), ram, directory / WRITEBACK))
+    return written
+
+
+def _writeback(files: list[FileState], ram: GuestRam, path: Path) -> Path:
+    """What the guest tool tm-writeback writes to the volume before the restore."""
+    with path.open("wb") as out:
+        for state in files:
+            name = state.path.encode(errors="surrogateescape")
+            out.write(struct.pack("<I", len(name)) + name)
+            out.write(struct.pack("<QI", state.size, len(state.dirty)))
+            for index, physical in state.dirty:
+                start = ram.offset(physical, PAGE)
+                out.write(struct.pack("<Q", index) + ram.buffer[start:start + PAGE])
+    return path
+
+
+def _dump(path: Path, magic: str, entries: list[dict[str, Any]]) -> Path:
+    buffer = io.BytesIO()
+    pycriu.images.dump({"magic": magic, "entries": [_no_empty(e) for e in entries]}, buffer)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def _no_empty(entry: dict[str, Any]) -> dict[str, Any]:
+    """Without empty repeated fields, which pycriu cannot write (and mean "none")."""
+    return {key: _no_empty(value) if isinstance(value, dict) else value
+            for key, value in entry.items() if value != []}
+
+
+def _vma(mapping: Mapping, file_id: Any) -> dict[str, Any]:
+    prot = mapping.vm_flags & 0x7  # VM_READ|VM_WRITE|VM_EXEC are PROT_READ|WRITE|EXEC
+    vma: dict[str, Any] = {"start": mapping.start, "end": mapping.end, "pgoff": mapping.pgoff,
+                           "shmid": 0, "prot": prot, "flags": _MAP_PRIVATE, "fd": -1}
+    if mapping.kind == "file":
+        assert mapping.file is not None
+        vma.update(status=_REGULAR | _FILE_PRIVATE, fdflags=0,
+                   shmid=file_id(mapping.file, mapped=True))
+    else:
+        vma["flags"] |= _MAP_ANONYMOUS
+        vma["status"] = _REGULAR | _ANON_PRIVATE | {
+            "heap": _HEAP, "vdso": _VDSO, "vvar": _VVAR}.get(mapping.kind, 0)
+    if mapping.vm_flags & _VM_GROWSDOWN:
+        vma["flags"] |= _MAP_GROWSDOWN
+    madv = sum(1 << advice for flag, advice in _MADVISE.items() if mapping.vm_flags & flag)
+    if madv:
+        vma["madv"] = madv
+    return vma
+
+
+def _mm(process: ProcessState, exe_id: int, vmas: list[dict[str, Any]]) -> dict[str, Any]:
+    mm = process.mm
+    return {**{f"mm_{name}": mm[name] for name in (
+        "start_code", "end_code", "start_data", "end_data", "start_stack", "start_brk",
+        "brk", "arg_start", "arg_end", "env_start", "env_end")},
+        "exe_file_id": exe_id, "mm_saved_auxv": mm["auxv"], "vmas": vmas,
+        "dumpable": mm["dumpable"], "thp_disabled": mm["thp_disabled"]}
+
+
+def _core(process: ProcessState) -> dict[str, Any]:
+    regs = process.registers
+    gp: dict[str, Any] = dict(regs.general)
+    gp.update(fs_base=regs.fs_base, gs_base=regs.gs_base, ds=regs.ds, es=regs.es,
+              fs=regs.fsindex, gs=regs.gsindex, mode="NATIVE")
+    sigactions = [{"sigaction": handler, "flags": flags, "restorer": restorer, "mask": mask,
+                   "compat_sigaction": False} for handler, flags, restorer, mask in
+                  process.sigactions]
+    sp, size, flags = process.sigaltstack
+    thread_core: dict[str, Any] = {
+        "futex_rla": process.robust_list[0], "futex_rla_len": process.robust_list[1],
+        "sched_nice": process.nice, "sched_policy": process.policy,
+        "sas": {"ss_sp": sp, "ss_size": size, "ss_flags": flags if size else _SS_DISABLE},
+        "creds": process.credentials, "comm": process.comm, "signals_p": {}}
+    if process.pdeath_signal:
+        thread_core["pdeath_sig"] = process.pdeath_signal
+    if process.policy:
+        thread_core["sched_prio"] = process.rt_priority
+    if process.rseq is not None:
+        pointer, size, signature = process.rseq
+        thread_core["rseq_entry"] = {"rseq_abi_pointer": pointer, "rseq_abi_size": size,
+                                     "signature": signature}
+    no_timer = {"isec": 0, "iusec": 0, "vsec": 0, "vusec": 0}
+    return {
+        "mtype": "X86_64",
+        "thread_info": {"clear_tid_addr": process.clear_tid_address, "gpregs": gp,
+                        "fpregs": _fpregs(regs), "tls": [_EMPTY_TLS | {"entry_number": n}
+                                                         for n in _TLS_ENTRIES]},
+        "tc": {"task_state": _TASK_ALIVE, "exit_code": 0,
+               "personality": process.personality, "flags": process.task_flags,
+               "blk_sigset": process.blocked, "comm": process.comm,
+               "timers": {"real": no_timer, "virt": no_timer, "prof": no_timer},
+               "rlimits": {"rlimits": [{"cur": cur, "max": top}
+                                       for cur, top in process.rlimits]},
+               "signals_s": {}, "loginuid": process.loginuid,
+               "oom_score_adj": process.oom_score_adj, "sigactions": sigactions,
+               "child_subreaper": process.child_subreaper},
+        "thread_core": thread_core,
+    }
+
+
+_XSAVE_ARRAYS = {2: ("ymmh_space", 4), 4: ("bndcsr_state", 8), 5: ("opmask_reg", 8),
+                 6: ("zmm_upper", 8), 7: ("hi16_zmm", 8), 9: ("pkru", 4)}
+"""CRIU's array for each XSAVE component it keeps, and its element size. Not MPX's
+bound registers (3): CRIU 3.17's supervisor mask has ``XFEATURE_HDC`` (10, not its
+mask), which clears bit 3 from the features it dumps and restores."""
+
+
+def _fpregs(regs: Registers) -> dict[str, Any]:
+    """The legacy FXSAVE image, and each extended component the CPU has, as CRIU's
+    dump writes them (from ptrace's view of the area)."""
+    xsave = regs.xsave
+
+    def number(offset: int, size: int) -> int:
+        return int.from_bytes(xsave[offset:offset + size], "little")
+
+    def words(offset: int, count: int, size: int = 4) -> list[int]:
+        return [number(offset + size * i, size) for i in range(count)]
+
+    fpregs: dict[str, Any] = {
+        "cwd": number(0, 2), "swd": number(2, 2), "twd": number(4, 2), "fop": number(6, 2),
+        "rip": number(8, 8), "rdp": number(16, 8), "mxcsr": number(24, 4),
+        "mxcsr_mask": number(28, 4), "st_space": words(32, 32), "xmm_space": words(160, 64)}
+    if regs.cpu_features >> 2:
+        extended: dict[str, Any] = {"xstate_bv": regs.xfeatures}
+        for feature, (offset, size) in sorted(regs.components.items()):
+            if feature in _XSAVE_ARRAYS:
+                name, element = _XSAVE_ARRAYS[feature]
+                extended[name] = words(offset, size // element, element)
+        fpregs["xsave"] = extended
+    return fpregs
+
+
+def _pages(process: ProcessState, ram: GuestRam, directory: Path) -> list[Path]:
+    """pagemap-PID.img (runs of consecutive pages) and pages-1.img (their bytes)."""
+    runs: list[dict[str, Any]] = []
+    with (directory / "pages-1.img").open("wb") as out:
+        for virtual, physical in process.pages:
+            if runs and runs[-1]["vaddr"] + runs[-1]["nr_pages"] * PAGE == virtual:
+                runs[-1]["nr_pages"] += 1
+            else:
+                runs.append({"vaddr": virtual, "nr_pages": 1, "flags": _PE_PRESENT})
+            start = ram.offset(physical, PAGE)
+            out.write(ram.buffer[start:start + PAGE])
+    return [_dump(directory / f"pagemap-{process.pid}.img", "PAGEMAP",
+                  [{"pages_id": 1}, *runs]), directory / "pages-1.img"]

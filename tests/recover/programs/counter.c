@@ -1,0 +1,64 @@
+/* Stage-1 recovery program: one thread, anonymous memory, an O_APPEND file, FPU state.
+ *
+ * counter LOG [--pause]
+ * Fills 8 MiB of anonymous memory with a pseudo-random pattern and keeps its sum;
+ * every 100 ms it checks the sum, counts on, and appends "N ok S" (or "N BAD ...") to
+ * LOG with fsync, where S is a floating-point accumulator that must equal N/2. After a recovery the line numbers go
+ * on without a gap, and every line says ok. With --pause it writes "ready" and waits
+ * in pause(), leaving memory unchanged (for the golden comparison with criu dump).
+ */
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define WORDS (8u << 20) / 8
+
+static volatile sig_atomic_t usr1;
+static void on_usr1(int sig) { (void)sig; usr1++; }
+
+static uint64_t next(uint64_t *s) {
+    *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17; return *s;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) { fputs("usage: counter LOG [--pause]\n", stderr); return 2; }
+    int fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT, 0644);
+    if (fd < 0) { perror(argv[1]); return 1; }
+    uint64_t *words = malloc(WORDS * 8), seed = 0x9E3779B97F4A7C15ull, sum = 0;
+    for (size_t i = 0; i < WORDS; i++) sum += (words[i] = next(&seed));
+    struct sigaction sa = {.sa_handler = on_usr1};
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGTERM);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigset_t blocked;
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGUSR2);
+    sigprocmask(SIG_BLOCK, &blocked, NULL);
+    char line[128];
+    if (argc > 2 && strcmp(argv[2], "--pause") == 0) {
+        write(fd, "ready\n", 6);
+        fsync(fd);
+        for (;;) pause();
+    }
+    double half = 0;
+    for (uint64_t n = 1;; n++) {
+        uint64_t check = 0;
+        for (size_t i = 0; i < WORDS; i++) check += words[i];
+        half += 0.5;
+        int ok = check == sum && half * 2 == (double)n;
+        size_t at = next(&seed) % WORDS;
+        uint64_t value = next(&seed);
+        sum += value - words[at];
+        words[at] = value;
+        int len = snprintf(line, sizeof line, "%llu %s %.1f\n", (unsigned long long)n,
+                           ok ? "ok" : "BAD", half);
+        if (write(fd, line, len) != len || fsync(fd) != 0) return 1;
+        struct timespec pause_for = {0, 100 * 1000 * 1000};
+        nanosleep(&pause_for, NULL);
+    }
+}
