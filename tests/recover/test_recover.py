@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import subprocess
 import tarfile
 import time
@@ -30,8 +31,9 @@ from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.recover import dump, recover
 
+from ..conftest import cli
+
 PROGRAM = Path(__file__).parent / "programs" / "counter.c"
-LOG = "/data/counter.log"
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +44,16 @@ def counter(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return binary.read_bytes()
 
 
-def _start(agent: GuestAgent, counter: bytes, *args: str) -> int:
-    """The program lives on the data volume, which the new VM mounts."""
+def _start(agent: GuestAgent, counter: bytes, log: str, *args: str) -> int:
+    """The program lives on the data volume, which the new VM mounts (unsynced: the
+    dead kernel's page cache has it, and recovery writes it back)."""
     agent.sh(f"mountpoint -q /data || {GUEST_TOOLS}/tm-data mount; "
-             "cat > /data/counter && chmod +x /data/counter", input=counter)
+             "[ -x /data/counter ] || { cat > /data/counter && chmod +x /data/counter; }",
+             input=counter)
+    command = f"/data/counter {log} {' '.join(args)}".strip()
     return int(agent.sh(
-        f"setsid -f /data/counter {LOG} {' '.join(args)} </dev/null >/dev/null 2>&1; "
-        f"while ! [ -s {LOG} ]; do sleep 0.2; done; pgrep -nx counter").text)
+        f"setsid -f {command} </dev/null >/dev/null 2>&1; "
+        f"while ! [ -s {log} ]; do sleep 0.2; done; pgrep -xf '{command}'").text)
 
 
 def _panic(host: Host, name: str) -> None:
@@ -94,77 +99,78 @@ def _vmas(directory: Path, pid: int) -> list[dict[str, Any]]:
             for vma in _entries(directory / f"mm-{pid}.img")[0]["vmas"]]
 
 
-@pytest.mark.parametrize("kernel", [ACTIVE_KERNEL, STANDBY_KERNEL])
-def test_images_from_dead_memory_match_criu_dump(prepared: Host, counter: bytes,
-                                                 kernel: str, tmp_path: Path) -> None:
-    name = f"t-gold-{kernel.split('.')[1]}"
-    lifecycle.up(prepared, name, kernel, memory_mib=512)
-    try:
-        agent = prepared.agent(prepared.machines.get(name))
-        pid = _start(agent, counter, "--pause")
-        golden = tmp_path / "golden"
-        golden.mkdir()
-        packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {pid} "
-                          "-D /tmp/golden --leave-running -o dump.log && "
-                          "tar -c -C /tmp/golden .", what="criu dump", timeout=120).stdout
-        with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
-            archive.extractall(golden)
-        _panic(prepared, name)
-        report = dump(prepared, name, [pid], tmp_path / "ours")
-        assert [v.verdict for v in report.processes] == ["dumped"], report
-        ours = tmp_path / "ours" / str(pid)
-
-        theirs_core = _entries(golden / f"core-{pid}.img")[0]
-        our_core = _entries(ours / f"core-{pid}.img")[0]
-        assert our_core["thread_info"]["gpregs"] == theirs_core["thread_info"]["gpregs"]
-        assert our_core["thread_info"]["fpregs"] == theirs_core["thread_info"]["fpregs"]
-        for key in ("blk_sigset", "comm", "personality", "sigactions", "rlimits"):
-            assert our_core["tc"][key] == theirs_core["tc"][key], key
-        for key in ("creds", "blk_sigset", "sas", "rseq_entry", "comm", "sched_nice"):
-            assert our_core["thread_core"].get(key) == theirs_core["thread_core"].get(key), key
-        assert _vmas(ours, pid) == _vmas(golden, pid)
-        theirs_mm = _entries(golden / f"mm-{pid}.img")[0]
-        our_mm = _entries(ours / f"mm-{pid}.img")[0]
-        for key in theirs_mm:
-            if key.startswith("mm_") and key != "mm_saved_auxv":
-                assert our_mm[key] == theirs_mm[key], key
-        assert our_mm["mm_saved_auxv"] == theirs_mm["mm_saved_auxv"]
-        assert _pages(ours, pid) == _pages(golden, pid)
-        assert _files(ours, pid) == _files(golden, pid)
-        assert _entries(ours / "pstree.img") == _entries(golden / "pstree.img")
-        for image in ours.glob("*.img"):
-            if not image.name.startswith("pages-"):
-                decoded = subprocess.run(["crit", "decode", "-i", str(image)],
-                                         capture_output=True, text=True, check=False)
-                assert decoded.returncode == 0, (image.name, decoded.stderr)
-    finally:
-        lifecycle.down(prepared, name)
+def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
+    theirs_core = _entries(golden / f"core-{pid}.img")[0]
+    our_core = _entries(ours / f"core-{pid}.img")[0]
+    assert our_core["thread_info"]["gpregs"] == theirs_core["thread_info"]["gpregs"]
+    assert our_core["thread_info"]["fpregs"] == theirs_core["thread_info"]["fpregs"]
+    assert our_core["thread_info"]["tls"] == theirs_core["thread_info"]["tls"]
+    for key in ("blk_sigset", "comm", "personality", "sigactions", "rlimits", "timers",
+                "loginuid", "oom_score_adj", "flags"):
+        assert our_core["tc"][key] == theirs_core["tc"][key], key
+    for key in ("creds", "sas", "rseq_entry", "comm", "sched_nice", "sched_policy",
+                "futex_rla", "futex_rla_len"):
+        assert our_core["thread_core"].get(key) == theirs_core["thread_core"].get(key), key
+    assert _vmas(ours, pid) == _vmas(golden, pid)
+    theirs_mm = _entries(golden / f"mm-{pid}.img")[0]
+    our_mm = _entries(ours / f"mm-{pid}.img")[0]
+    assert {k: v for k, v in our_mm.items() if k not in ("vmas", "exe_file_id")} == \
+        {k: v for k, v in theirs_mm.items() if k not in ("vmas", "exe_file_id")}
+    assert _pages(ours, pid) == _pages(golden, pid)
+    assert _files(ours, pid) == _files(golden, pid)
+    assert _entries(ours / "pstree.img") == _entries(golden / "pstree.img")
+    for image in ours.glob("*.img"):
+        if not image.name.startswith("pages-"):
+            decoded = subprocess.run(["crit", "decode", "-i", str(image)],
+                                     capture_output=True, text=True, check=False)
+            assert decoded.returncode == 0, (image.name, decoded.stderr)
 
 
-def _lines(agent: GuestAgent) -> list[str]:
-    return agent.run(["cat", LOG], what="reading the counter's log").text.splitlines()
+def _lines(agent: GuestAgent, log: str) -> list[str]:
+    return agent.run(["cat", log], what="reading the counter's log").text.splitlines()
 
 
 @pytest.mark.parametrize(("before", "after"), [(ACTIVE_KERNEL, STANDBY_KERNEL),
                                                (STANDBY_KERNEL, ACTIVE_KERNEL)])
-def test_counter_survives_its_kernel_panic(prepared: Host, counter: bytes, before: str,
-                                           after: str) -> None:
+def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: bytes,
+                                                      before: str, after: str,
+                                                      tmp_path: Path) -> None:
+    """One guest per direction: the golden program waits in pause() and the counter
+    counts; the kernel panics; the paused one's images match CRIU's own dump of it, and
+    the counter goes on in the new VM on the other kernel (6.12 -> 6.1 through the CLI)."""
     name = f"t-rec-{before.split('.')[1]}"
     lifecycle.up(prepared, name, before, memory_mib=512)
     try:
         agent = prepared.agent(prepared.machines.get(name))
-        pid = _start(agent, counter)
-        while len(_lines(agent)) < 5:
+        paused = _start(agent, counter, "/data/paused.log", "--pause")
+        counting = _start(agent, counter, "/data/counter.log")
+        packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {paused} "
+                          "-D /tmp/golden --leave-running -o dump.log && "
+                          "tar -c -C /tmp/golden .", what="criu dump", timeout=120).stdout
+        with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
+            archive.extractall(tmp_path / "golden")
+        while len(_lines(agent, "/data/counter.log")) < 5:
             time.sleep(0.5)
         _panic(prepared, name)
-        report = recover(prepared, name, after, pids=[pid])
-        assert [v.verdict for v in report.processes] == ["restored"], report
-        assert report.kernel_after.startswith(after)
+
+        checkpoint = dump(prepared, name, [paused], tmp_path / "ours")
+        assert [v.verdict for v in checkpoint.processes] == ["dumped"], checkpoint
+        _assert_same_images(tmp_path / "ours" / str(paused), tmp_path / "golden", paused)
+
+        if before == ACTIVE_KERNEL:
+            report = recover(prepared, name, after, pids=[counting]).as_dict()
+        else:
+            done = cli("recover", name, "--kernel", after, "--pid", str(counting), "--json")
+            assert done.returncode == 0, done.stderr
+            report = json.loads(done.stdout)
+        assert [v["verdict"] for v in report["processes"]] == ["restored"], report
+        assert report["kernel_after"].startswith(after)
+        assert report["stop_to_serving_seconds"] > 0
         assert prepared.machines.get(f"{name}-dead").status() == "guest-panicked"
         agent = prepared.agent(prepared.machines.get(name))
-        seen = len(_lines(agent))
+        seen = len(_lines(agent, "/data/counter.log"))
         deadline = time.monotonic() + 60
-        while len(lines := _lines(agent)) < seen + 5:
+        while len(lines := _lines(agent, "/data/counter.log")) < seen + 5:
             assert time.monotonic() < deadline, f"the counter stopped: {lines[-3:]}"
             time.sleep(0.5)
         numbers = [int(line.split()[0]) for line in lines]
@@ -175,3 +181,27 @@ def test_counter_survives_its_kernel_panic(prepared: Host, counter: bytes, befor
         for vm in (name, f"{name}-dead"):
             if any(m.name == vm for m in prepared.machines.all()):
                 lifecycle.down(prepared, vm)
+
+
+def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
+                                                 tmp_path: Path) -> None:
+    """A VM that does not exist, a pid that is gone, a kernel thread, a process with
+    children: one line each, a non-zero exit, and the VM runs on as before."""
+    out = str(tmp_path / "images")
+    for args, error in [
+            (["dump", "no-such-vm", "--pid", "1", "--out", out], "no VM named 'no-such-vm'"),
+            (["dump", old_vm, "--pid", "999999", "--out", out], "no process 999999"),
+            (["dump", old_vm, "--pid", "2", "--out", out], "2: refused: it is a kernel thread"),
+            (["recover", old_vm, "--pid", "1"], "nothing to recover: 1: it has child processes")]:
+        done = cli(*args)
+        assert done.returncode != 0, args
+        assert error in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()[-1]) < 200, done.stderr
+    assert prepared.machines.get(old_vm).status() == "running"
+    sleeper = int(prepared.agent(prepared.machines.get(old_vm)).sh(
+        "setsid -f sleep 600 </dev/null >/dev/null 2>&1; sleep 0.5; pgrep -nx sleep").text)
+    done = cli("dump", old_vm, "--pid", str(sleeper), "--out", out, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["processes"][0]["verdict"] == "dumped"
+    assert prepared.machines.get(old_vm).status() == "running", "a dump lets the VM run on"
+    assert (tmp_path / "images" / str(sleeper) / f"core-{sleeper}.img").exists()
