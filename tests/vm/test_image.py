@@ -30,10 +30,8 @@ def test_operator_packages_and_files_are_in_the_image(prepared: Host, tmp_path: 
     finally:
         lifecycle.down(prepared, "t-image")
     (files / "etc" / "myservice" / "config").write_text(f"answer = 43 {token}\n")
-    rebuilt = prepared.image(spec).ensure()
-    assert rebuilt.directory != image.directory, "a changed file rebuilds"
-    assert not image.directory.exists(), "the build it supersedes is gone"
-    shutil.rmtree(rebuilt.directory)
+    assert prepared.image(spec).directory != image.directory, "a changed file rebuilds"
+    shutil.rmtree(image.directory)  # which build a rebuild removes: the test below
 
 
 def test_only_unused_older_builds_of_the_same_request_are_superseded(tmp_path: Path) -> None:
