@@ -1,9 +1,10 @@
 /* Stage-1 recovery program: one thread, anonymous memory, an O_APPEND file, FPU state.
  *
- * counter LOG [--pause]
- * Fills 8 MiB of anonymous memory with a pseudo-random pattern and keeps its sum;
- * every 100 ms it checks the sum, counts on, and appends "N ok S" (or "N BAD ...") to
- * LOG with fsync, where S is a floating-point accumulator that must equal N/2. After a recovery the line numbers go
+ * counter LOG [--pause] [--mib N]
+ * Fills N MiB (default 8) of anonymous memory with a pseudo-random pattern and keeps its
+ * sum; every 100 ms it counts on and appends "N ok S" (or "N BAD ...") to LOG with fsync,
+ * where S is a floating-point accumulator that must equal N/2; the sum is checked on
+ * every line (every N/8th line for more than 8 MiB, and on the first line). After a recovery the line numbers go
  * on without a gap, and every line says ok. With --pause it writes "ready" and waits
  * in pause(), leaving memory unchanged (for the golden comparison with criu dump).
  */
@@ -16,7 +17,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define WORDS (8u << 20) / 8
 
 static volatile sig_atomic_t usr1;
 static void on_usr1(int sig) { (void)sig; usr1++; }
@@ -26,10 +26,18 @@ static uint64_t next(uint64_t *s) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) { fputs("usage: counter LOG [--pause]\n", stderr); return 2; }
+    if (argc < 2) { fputs("usage: counter LOG [--pause] [--mib N]\n", stderr); return 2; }
+    int pause_mode = 0;
+    size_t mib = 8;
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "--pause") == 0) pause_mode = 1;
+        else if (strcmp(argv[i], "--mib") == 0 && i + 1 < argc) mib = strtoul(argv[++i], 0, 10);
+    }
+    const size_t WORDS = mib << 17, every = mib > 8 ? mib / 8 : 1;
     int fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT, 0644);
     if (fd < 0) { perror(argv[1]); return 1; }
     uint64_t *words = malloc(WORDS * 8), seed = 0x9E3779B97F4A7C15ull, sum = 0;
+    if (!words) { perror("malloc"); return 1; }
     for (size_t i = 0; i < WORDS; i++) sum += (words[i] = next(&seed));
     struct sigaction sa = {.sa_handler = on_usr1};
     sigemptyset(&sa.sa_mask);
@@ -40,15 +48,18 @@ int main(int argc, char **argv) {
     sigaddset(&blocked, SIGUSR2);
     sigprocmask(SIG_BLOCK, &blocked, NULL);
     char line[128];
-    if (argc > 2 && strcmp(argv[2], "--pause") == 0) {
+    if (pause_mode) {
         write(fd, "ready\n", 6);
         fsync(fd);
         for (;;) pause();
     }
     double half = 0;
     for (uint64_t n = 1;; n++) {
-        uint64_t check = 0;
-        for (size_t i = 0; i < WORDS; i++) check += words[i];
+        uint64_t check = sum;
+        if (n == 1 || n % every == 0) {
+            check = 0;
+            for (size_t i = 0; i < WORDS; i++) check += words[i];
+        }
         half += 0.5;
         int ok = check == sum && half * 2 == (double)n;
         size_t at = next(&seed) % WORDS;

@@ -1,0 +1,149 @@
+"""Recovery from a dead kernel against the operator's alternative, in the same run.
+
+The program is the recover tests' counter (tests/recover/programs/counter.c) holding
+N MiB of anonymous memory and appending a line to a file on the data volume every
+100 ms. Its kernel panics (sysrq-c); then, per size:
+
+- recover: `recover` onto a new VM on the same kernel; the time from the VM's stop to
+  the restored process running, and to its next line in the file; and the host-side
+  read rate (process memory read from the dead RAM and written as CRIU images);
+- reboot (the baseline): the dead VM replaced by a fresh boot of the same kernel and the
+  program started again, from the panic to its first line (its memory is lost).
+
+Targets (issue 12): recover <= 0.5x reboot-and-restart; host read >= 200 MiB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from transmigrate.config import ACTIVE_KERNEL
+from transmigrate.guest.agent import GuestAgent
+from transmigrate.migrate.plan import GUEST_TOOLS
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.recover import recover
+
+VM = "bench-rec"
+LOG = "/data/counter.log"
+PROGRAM = Path(__file__).resolve().parent.parent / "tests/recover/programs/counter.c"
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _build() -> bytes:
+    with tempfile.TemporaryDirectory() as directory:
+        binary = Path(directory) / "counter"
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(PROGRAM)], check=True)
+        return binary.read_bytes()
+
+
+def _memory(mib: int) -> int:
+    return max(512, mib * 3 // 2 + 384)
+
+
+def _start(agent: GuestAgent, program: bytes, mib: int) -> int:
+    agent.sh(f"mountpoint -q /data || {GUEST_TOOLS}/tm-data mount; rm -f {LOG}; "
+             "cat > /data/counter && chmod +x /data/counter && sync", input=program)
+    return int(agent.sh(
+        f"setsid -f /data/counter {LOG} --mib {mib} </dev/null >/dev/null 2>&1; "
+        f"while ! [ -s {LOG} ]; do sleep 0.1; done; pgrep -nx counter", timeout=600).text)
+
+
+def _lines(agent: GuestAgent) -> int:
+    return len(agent.run(["cat", LOG]).text.splitlines())
+
+
+def _wait_line(agent: GuestAgent, after: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while _lines(agent) <= after:
+        if time.monotonic() > deadline:
+            raise SystemExit("the counter wrote no line")
+        time.sleep(0.05)
+
+
+def _panic(host: Host) -> float:
+    machine = host.machines.get(VM)
+    host.agent(machine).spawn(["sh", "-c", "echo c > /proc/sysrq-trigger"])
+    while machine.status() != "guest-panicked":
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def _recover(host: Host, program: bytes, mib: int) -> dict[str, Any]:
+    lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=_memory(mib), progress=_progress)
+    try:
+        agent = host.agent(host.machines.get(VM))
+        pid = _start(agent, program, mib)
+        _wait_line(agent, 3)
+        _panic(host)
+        stopped = time.monotonic()
+        report = recover(host, VM, pids=[pid], progress=_progress)
+        agent = host.agent(host.machines.get(VM))
+        _wait_line(agent, _lines(agent))
+        answered = time.monotonic() - stopped
+        verdict = report.processes[0]
+        read_s = report.steps[f"read {pid}"]
+        return {"rss_mib": round(verdict.pages * 4096 / 2**20, 1),
+                "stop_to_running_s": report.stop_to_serving_seconds,
+                "stop_to_next_line_s": round(answered, 3),
+                "host_read_mib_per_s": round(verdict.pages * 4096 / 2**20 / read_s, 1),
+                "steps": report.steps}
+    finally:
+        for name in (VM, f"{VM}-dead"):
+            if any(m.name == name for m in host.machines.all()):
+                lifecycle.down(host, name)
+
+
+def _reboot(host: Host, program: bytes, mib: int) -> dict[str, Any]:
+    lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=_memory(mib), progress=_progress)
+    try:
+        agent = host.agent(host.machines.get(VM))
+        _start(agent, program, mib)
+        _wait_line(agent, 3)
+        panicked = _panic(host)
+        host.machines.remove(host.machines.get(VM), keep_network=True)
+        lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=_memory(mib), progress=_progress)
+        _start(host.agent(host.machines.get(VM)), program, mib)
+        return {"panic_to_first_line_s": round(time.monotonic() - panicked, 3)}
+    finally:
+        lifecycle.down(host, VM)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="64,1024", help="MiB of memory, comma-separated")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    host = Host.from_environment()
+    program = _build()
+    results: dict[str, Any] = {}
+    for mib in (int(size) for size in args.sizes.split(",")):
+        reboot = _reboot(host, program, mib)
+        recovered = _recover(host, program, mib)
+        results[f"{mib} MiB"] = {
+            "reboot and restart": reboot, "recover": recovered,
+            "recover / reboot (target <= 0.5)": round(
+                recovered["stop_to_next_line_s"] / reboot["panic_to_first_line_s"], 3)}
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for size, result in results.items():
+        recovered = result["recover"]
+        print(f"{size}: recover {recovered['stop_to_next_line_s']} s to the next line "
+              f"({recovered['rss_mib']} MiB read at {recovered['host_read_mib_per_s']} MiB/s), "
+              f"reboot and restart {result['reboot and restart']['panic_to_first_line_s']} s "
+              f"(memory lost): ratio {result['recover / reboot (target <= 0.5)']}")
+
+
+if __name__ == "__main__":
+    main()
