@@ -43,7 +43,8 @@ def _progress(line: str) -> None:
 def _build() -> bytes:
     with tempfile.TemporaryDirectory() as directory:
         binary = Path(directory) / "counter"
-        subprocess.run(["gcc", "-O2", "-o", str(binary), str(PROGRAM)], check=True)
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(PROGRAM)],
+                       check=True)
         return binary.read_bytes()
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
+import struct
 import subprocess
 import tarfile
 import time
@@ -23,9 +25,13 @@ from typing import Any
 
 import pycriu.images  # type: ignore[import-untyped]
 import pytest
+from drgn.helpers.linux.mm import for_each_vma
+from drgn.helpers.linux.pid import find_task
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
+from transmigrate.errors import TransmigrateError
 from transmigrate.guest.agent import GuestAgent
+from transmigrate.introspect.kernel import attach
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
@@ -40,7 +46,8 @@ PROGRAM = Path(__file__).parent / "programs" / "counter.c"
 def counter(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The stage-1 program, built on the host (the guests run the same Debian release)."""
     binary = tmp_path_factory.mktemp("counter") / "counter"
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(PROGRAM)], check=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", str(binary), str(PROGRAM)],
+                   check=True)
     return binary.read_bytes()
 
 
@@ -100,17 +107,22 @@ def _vmas(directory: Path, pid: int) -> list[dict[str, Any]]:
 
 
 def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
+    threads = _entries(golden / "pstree.img")[0]["threads"]
+    assert len(threads) == 2, "the leader and its waiting thread"
+    for tid in threads:
+        theirs_core = _entries(golden / f"core-{tid}.img")[0]
+        our_core = _entries(ours / f"core-{tid}.img")[0]
+        for key in ("gpregs", "fpregs", "tls", "clear_tid_addr"):
+            assert our_core["thread_info"][key] == theirs_core["thread_info"][key], (tid, key)
+        for key in ("creds", "sas", "rseq_entry", "comm", "sched_nice", "sched_policy",
+                    "futex_rla", "futex_rla_len", "blk_sigset"):
+            assert our_core["thread_core"].get(key) == theirs_core["thread_core"].get(key), \
+                (tid, key)
     theirs_core = _entries(golden / f"core-{pid}.img")[0]
     our_core = _entries(ours / f"core-{pid}.img")[0]
-    assert our_core["thread_info"]["gpregs"] == theirs_core["thread_info"]["gpregs"]
-    assert our_core["thread_info"]["fpregs"] == theirs_core["thread_info"]["fpregs"]
-    assert our_core["thread_info"]["tls"] == theirs_core["thread_info"]["tls"]
     for key in ("blk_sigset", "comm", "personality", "sigactions", "rlimits", "timers",
                 "loginuid", "oom_score_adj", "flags"):
         assert our_core["tc"][key] == theirs_core["tc"][key], key
-    for key in ("creds", "sas", "rseq_entry", "comm", "sched_nice", "sched_policy",
-                "futex_rla", "futex_rla_len"):
-        assert our_core["thread_core"].get(key) == theirs_core["thread_core"].get(key), key
     assert _vmas(ours, pid) == _vmas(golden, pid)
     theirs_mm = _entries(golden / f"mm-{pid}.img")[0]
     our_mm = _entries(ours / f"mm-{pid}.img")[0]
@@ -135,15 +147,16 @@ def _lines(agent: GuestAgent, log: str) -> list[str]:
 def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: bytes,
                                                       before: str, after: str,
                                                       tmp_path: Path) -> None:
-    """One guest per direction: the golden program waits in pause() and the counter
-    counts; the kernel panics; the paused one's images match CRIU's own dump of it, and
+    """One guest per direction: the golden program waits in pause() (and its second
+    thread on a futex) and the counter counts with a waiting and a computing thread; the
+    kernel panics; the paused one's images match CRIU's own dump of it, and
     the counter goes on in the new VM on the other kernel (6.12 -> 6.1 through the CLI)."""
     name = f"t-rec-{before.split('.')[1]}"
     lifecycle.up(prepared, name, before, memory_mib=512)
     try:
         agent = prepared.agent(prepared.machines.get(name))
-        paused = _start(agent, counter, "/data/paused.log", "--pause")
-        counting = _start(agent, counter, "/data/counter.log")
+        paused = _start(agent, counter, "/data/paused.log", "--pause", "--threads")
+        counting = _start(agent, counter, "/data/counter.log", "--threads")
         packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {paused} "
                           "-D /tmp/golden --leave-running -o dump.log && "
                           "tar -c -C /tmp/golden .", what="criu dump", timeout=120).stdout
@@ -205,3 +218,47 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
     assert json.loads(done.stdout)["processes"][0]["verdict"] == "dumped"
     assert prepared.machines.get(old_vm).status() == "running", "a dump lets the VM run on"
     assert (tmp_path / "images" / str(sleeper) / f"core-{sleeper}.img").exists()
+
+
+def _overwrite(host: Host, vm: str, address: int, value: int) -> None:
+    """Write 8 bytes into a stopped guest's memory at a kernel address, as a wild write
+    in the guest's kernel would have."""
+    machine = host.machines.get(vm)
+    with attach(machine, catalog=host.catalog) as guest:
+        offset = guest.offset(address, 8)
+    with machine.ram_path.open("r+b") as ram, mmap.mmap(ram.fileno(), 0) as memory:
+        memory[offset:offset + 8] = struct.pack("<Q", value)
+
+
+def test_corrupt_kernel_state_is_refused_within_a_second(prepared: Host, counter: bytes,
+                                                         tmp_path: Path) -> None:
+    """A process whose memory map was overwritten, and one whose task points at garbage:
+    each refused in under a second with its reason, nothing restored, and the VM keeps
+    its name."""
+    name = "t-corrupt"
+    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=384)
+    try:
+        agent = prepared.agent(prepared.machines.get(name))
+        torn_map = _start(agent, counter, "/data/a.log", "--pause")
+        wild_mm = _start(agent, counter, "/data/b.log", "--pause")
+        machine = prepared.machines.get(name)
+        machine.qmp("stop")
+        with attach(machine, catalog=prepared.catalog) as guest:
+            first_vma = next(for_each_vma(find_task(guest.prog, torn_map).mm))
+            vm_start = first_vma.vm_start.address_
+            task_mm = find_task(guest.prog, wild_mm).mm.address_
+        assert vm_start is not None and task_mm is not None
+        _overwrite(prepared, name, vm_start, 0x7FFF_FFFF_F000)
+        _overwrite(prepared, name, task_mm, 0xDEAD_0000_0000_0000)
+        started = time.monotonic()
+        report = dump(prepared, name, [torn_map, wild_mm], tmp_path / "images")
+        assert time.monotonic() - started < 1 + report.steps["attach"]
+        reasons = {v.pid: v.reason for v in report.processes}
+        assert [v.verdict for v in report.processes] == ["refused", "refused"], reasons
+        assert "memory map is corrupt" in reasons[torn_map], reasons
+        assert "torn or corrupt" in reasons[wild_mm], reasons
+        with pytest.raises(TransmigrateError, match="nothing to recover"):
+            recover(prepared, name, pids=[torn_map, wild_mm])
+        assert [m.name for m in prepared.machines.all() if m.name.startswith(name)] == [name]
+    finally:
+        lifecycle.down(prepared, name)

@@ -74,6 +74,16 @@ def test_standby_writes_an_overlay_of_the_volume() -> None:
     assert "tm.data=standby" in cmdline and "tm.pidbase=110000" in cmdline
 
 
+def test_an_import_disk_is_attached_read_only_by_its_serial() -> None:
+    assert not [d for d in _values(qemu_command(RECORD, _Paths(), KERNEL, TCG, pid_base=1),
+                                   "-drive") if "id=import" in d]
+    recovering = dataclasses.replace(RECORD, import_disk="/var/lib/x/images.img")
+    argv = qemu_command(recovering, _Paths(), KERNEL, TCG, pid_base=1)
+    assert "if=none,id=import,file=/var/lib/x/images.img,format=raw,readonly=on" in \
+        _values(argv, "-drive")
+    assert "virtio-blk-pci,drive=import,serial=tm-import" in _values(argv, "-device")
+
+
 def test_accelerator_options_follow_the_choice() -> None:
     kvm = qemu_command(RECORD, _Paths(), KERNEL, KVM, pid_base=10_000)
     tcg = qemu_command(RECORD, _Paths(), KERNEL, TCG, pid_base=10_000)

@@ -23,15 +23,16 @@ import drgn
 from drgn.helpers.linux.fs import d_path, for_each_file, inode_for_each_page
 from drgn.helpers.linux.list import list_empty
 from drgn.helpers.linux.mm import PageDirty, PageWriteback, for_each_vma, page_to_phys
-from drgn.helpers.linux.pid import find_task
+from drgn.helpers.linux.pid import find_task, for_each_task_in_group
 from drgn.helpers.linux.sched import task_cpu, task_on_cpu
 
 from transmigrate.errors import IntrospectionError
 from transmigrate.introspect.kernel import Guest
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
+from transmigrate.vm.volume import DATA_MOUNT
 
-__all__ = ["DATA_MOUNT", "FileState", "Mapping", "ProcessState", "Refusal", "Registers",
-           "read_process"]
+__all__ = ["FileState", "Mapping", "ProcessState", "Refusal", "Registers",
+           "ThreadState", "read_process"]
 
 # Kernel ABI constants (include/linux/sched.h, mm.h, uapi): stable across 6.1 and 6.12.
 _PF_EXITING = 0x4
@@ -51,10 +52,8 @@ refuses more at restore: 6.12's auxv (with AT_RSEQ_*) loses its AT_NULL pair, as
 CRIU's own dumps."""
 _MAX_VMAS = 65536
 _MAX_FDS = 65536
+_MAX_THREADS = 4096
 _O_CLOEXEC = 0o2000000
-DATA_MOUNT = "/data"
-"""The service's data volume, which the new VM mounts: what a dead kernel had not yet
-written to files there is written back (see :attr:`FileState.dirty`)."""
 _PT_REGS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx",
             "dx", "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss")
 _USER_CS, _USER_SS = 0x33, 0x2B
@@ -105,8 +104,9 @@ class FileState:
     key: int
     """The ``struct file`` (or, for cwd/root, the dentry): one image entry per key."""
     dirty: tuple[tuple[int, int], ...] = ()
-    """For a file on the data volume: (page index, physical address) of each page-cache
-    page the kernel had not written to the volume yet."""
+    """For a file on the data volume (which the new VM mounts): (page index, physical
+    address) of each page-cache page the volume may not have yet (see
+    ``_Reader._dirty_pages``); with them, ``size`` is written back too."""
 
 
 @dataclass(frozen=True)
@@ -121,25 +121,38 @@ class Mapping:
     file: FileState | None
 
 
+@dataclass(frozen=True)
+class ThreadState:
+    """What each thread has of its own."""
+
+    tid: int
+    comm: str
+    registers: Registers
+    clear_tid_address: int
+    rseq: tuple[int, int, int] | None
+    """(abi pointer, abi size, signature), or None if the thread has not registered."""
+    blocked: int
+    credentials: dict[str, object]
+    nice: int
+    policy: int
+    rt_priority: int
+    sigaltstack: tuple[int, int, int]
+    pdeath_signal: int
+    robust_list: tuple[int, int]
+    """The robust futex list's head and length (set_robust_list)."""
+
+
 @dataclass
 class ProcessState:
     pid: int
     ppid: int
     pgid: int
     sid: int
-    comm: str
-    registers: Registers
-    clear_tid_address: int
-    rseq: tuple[int, int, int] | None
-    """(abi pointer, abi size, signature), or None if the task has not registered."""
-    blocked: int
+    threads: list[ThreadState]
+    """The leader first: its comm and blocked mask are the process's."""
     sigactions: list[tuple[int, int, int, int]]
     """Per signal 1..64 minus SIGKILL and SIGSTOP: (handler, flags, restorer, mask)."""
-    credentials: dict[str, object]
     personality: int
-    nice: int
-    policy: int
-    rt_priority: int
     rlimits: list[tuple[int, int]]
     mm: dict[str, object]
     mappings: list[Mapping]
@@ -151,16 +164,16 @@ class ProcessState:
     cwd: FileState
     root: FileState
     umask: int
-    sigaltstack: tuple[int, int, int]
-    pdeath_signal: int
     exit_signal: int
-    robust_list: tuple[int, int]
-    """The robust futex list's head and length (set_robust_list)."""
     task_flags: int
     """PF_RANDOMIZE, the one ``task_struct.flags`` bit CRIU keeps."""
     loginuid: int
     oom_score_adj: int
     child_subreaper: bool
+
+    @property
+    def leader(self) -> ThreadState:
+        return self.threads[0]
 
 
 def read_process(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = frozenset(),
@@ -199,26 +212,20 @@ class _Reader:
     def read(self) -> ProcessState:
         task = self.task
         self._check_task()
+        threads = [self._thread(thread) for thread in self._threads()]
         files = self._files()
         mm = task.mm
         mappings = list(self._mappings(mm))
         pgid, sid = self._group_ids()
         return ProcessState(
             pid=self.pid, ppid=int(task.real_parent.tgid), pgid=pgid, sid=sid,
-            comm=task.comm.string_().decode(errors="replace"),
-            registers=self._registers(), clear_tid_address=int(task.clear_child_tid),
-            rseq=self._rseq(), blocked=int(task.blocked.sig[0]),
-            sigactions=self._sigactions(), credentials=self._credentials(),
-            personality=int(task.personality), nice=int(task.static_prio) - 120,
-            policy=int(task.policy), rt_priority=int(task.rt_priority),
+            threads=threads, sigactions=self._sigactions(),
+            personality=int(task.personality),
             rlimits=[(int(r.rlim_cur), int(r.rlim_max)) for r in task.signal.rlim],
             mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
             files=files, exe=self._file(mm.exe_file, "the executable"),
             cwd=self._path(task.fs.pwd), root=self._path(task.fs.root),
-            umask=int(task.fs.umask),
-            sigaltstack=(int(task.sas_ss_sp), int(task.sas_ss_size), int(task.sas_ss_flags)),
-            pdeath_signal=int(task.pdeath_signal), exit_signal=int(task.exit_signal),
-            robust_list=(int(task.robust_list), 24 if task.robust_list else 0),
+            umask=int(task.fs.umask), exit_signal=int(task.exit_signal),
             task_flags=int(task.flags) & _PF_RANDOMIZE, loginuid=int(task.loginuid.val),
             oom_score_adj=int(task.signal.oom_score_adj),
             child_subreaper=bool(task.signal.is_child_subreaper))
@@ -240,29 +247,64 @@ class _Reader:
             raise self.refuse("it is being traced")
         if not task.mm:
             raise self.refuse("it has no memory (a kernel thread or a zombie)")
-        if int(task.signal.nr_threads) != 1:
-            raise self.refuse(f"it has {int(task.signal.nr_threads)} threads "
-                              "(multi-threaded recovery is not supported yet)")
         if not list_empty(task.children.address_of_()):
             raise self.refuse("it has child processes (process trees are not supported yet)")
-        if int(task.mm.mm_users.counter) != 1:
+        if int(task.mm.mm_users.counter) != int(task.signal.nr_threads):
             raise self.refuse("its memory is shared with another process (vfork or CLONE_VM)")
         if int(task.mm.mmap_lock.count.counter) & _RWSEM_WRITER_LOCKED:
             raise self.refuse("its memory map was being changed (mmap_lock held for writing)")
         if int(task.files.file_lock.rlock.raw_lock.val.counter):
             raise self.refuse("its file table was being changed (file_lock held)")
+        pending = int(task.signal.shared_pending.signal.sig[0])
+        if pending:
+            raise self.refuse(f"it has signals pending ({pending:#x})")
+
+    def _threads(self) -> list[drgn.Object]:
+        """The leader and its threads, each checked; the walk is bounded."""
+        count = int(self.task.signal.nr_threads)
+        if not 1 <= count <= _MAX_THREADS:
+            raise self.refuse(f"its thread count ({count}) is corrupt")
+        threads = [self.task]
+        for thread in for_each_task_in_group(self.task):
+            if thread.value_() != self.task.value_():
+                threads.append(thread)
+            if len(threads) > count:
+                raise self.refuse("its thread list is corrupt (longer than its count)")
+        if len(threads) != count:
+            raise self.refuse(f"its thread list is corrupt ({len(threads)} of {count})")
+        return threads
+
+    def _check_thread(self, task: drgn.Object, tid: int) -> None:
+        who = "it" if tid == self.pid else f"its thread {tid}"
+        if int(task.flags) & _PF_EXITING or int(task.exit_state):
+            raise self.refuse(f"{who} was exiting")
+        if task.mm.value_() != self.task.mm.value_():
+            raise self.refuse(f"{who} does not share its memory (corrupt thread list)")
         panicking = self.guest.variable("panic_cpu")
         if (panicking is not None and int(panicking.counter) >= 0
                 and task_on_cpu(task) and task_cpu(task) == int(panicking.counter)
                 and not self.allow_panicking):
-            raise self.refuse("it is the task that panicked the kernel (its syscall "
+            raise self.refuse(f"{who} is the task that panicked the kernel (its syscall "
                               "could crash the new one too)")
         if task_on_cpu(task) and task_cpu(task) in self.cpus_in_user_mode:
-            raise self.refuse(f"it was running user code on vCPU {task_cpu(task)} when "
+            raise self.refuse(f"{who} was running user code on vCPU {task_cpu(task)} when "
                               "the VM stopped (registers in the vCPU are not read yet)")
-        pending = int(task.pending.signal.sig[0]) | int(task.signal.shared_pending.signal.sig[0])
+        pending = int(task.pending.signal.sig[0])
         if pending:
-            raise self.refuse(f"it has signals pending ({pending:#x})")
+            raise self.refuse(f"{who} has signals pending ({pending:#x})")
+
+    def _thread(self, task: drgn.Object) -> ThreadState:
+        tid = int(task.pid)
+        self._check_thread(task, tid)
+        return ThreadState(
+            tid=tid, comm=task.comm.string_().decode(errors="replace"),
+            registers=self._registers(task), clear_tid_address=int(task.clear_child_tid),
+            rseq=self._rseq(task), blocked=int(task.blocked.sig[0]),
+            credentials=self._credentials(task), nice=int(task.static_prio) - 120,
+            policy=int(task.policy), rt_priority=int(task.rt_priority),
+            sigaltstack=(int(task.sas_ss_sp), int(task.sas_ss_size), int(task.sas_ss_flags)),
+            pdeath_signal=int(task.pdeath_signal),
+            robust_list=(int(task.robust_list), 24 if task.robust_list else 0))
 
     def _group_ids(self) -> tuple[int, int]:
         pids = self.task.signal.pids
@@ -274,8 +316,8 @@ class _Reader:
             ids.append(int(pid.numbers[0].nr))
         return ids[0], ids[1]
 
-    def _registers(self) -> Registers:
-        task, prog = self.task, self.prog
+    def _registers(self, task: drgn.Object) -> Registers:
+        prog = self.prog
         try:
             thread_size = int(prog["THREAD_SIZE"])
         except LookupError:
@@ -289,19 +331,19 @@ class _Reader:
                               f"(cs={general['cs']:#x}, ss={general['ss']:#x})")
         _restart_syscall(general)
         thread = task.thread
-        xsave, xfeatures, cpu_features, components = self._xsave()
+        xsave, xfeatures, cpu_features, components = self._xsave(task)
         return Registers(general=general, fs_base=int(thread.fsbase),
                          gs_base=int(thread.gsbase), fsindex=int(thread.fsindex),
                          gsindex=int(thread.gsindex), ds=int(thread.ds), es=int(thread.es),
                          xsave=xsave, xfeatures=xfeatures, cpu_features=cpu_features,
                          components=components)
 
-    def _xsave(self) -> tuple[bytes, int, int, dict[int, tuple[int, int]]]:
+    def _xsave(self, task: drgn.Object) -> tuple[bytes, int, int, dict[int, tuple[int, int]]]:
         """The task's FPU state as ptrace would give it (the kernel's
         copy_xstate_to_uabi_buf): standard layout, components in their init state
         zeroed, PKRU from the thread. Also XSTATE_BV, the CPU's user components, and
         each one's (offset, size)."""
-        fpstate = self.task.thread.fpu.fpstate
+        fpstate = task.thread.fpu.fpstate
         size = int(fpstate.user_size)
         user = int(fpstate.user_xfeatures)
         cpu = int(self.prog["fpu_user_cfg"].max_features)
@@ -331,15 +373,14 @@ class _Reader:
         if cpu >> _XFEATURE_PKRU & 1:
             xfeatures |= 1 << _XFEATURE_PKRU
             standard, _ = layout[_XFEATURE_PKRU]
-            struct.pack_into("<I", area, standard, int(self.task.thread.pkru))
+            struct.pack_into("<I", area, standard, int(task.thread.pkru))
         struct.pack_into("<QQ", area, 512, xfeatures, 0)
         return bytes(area), xfeatures, cpu, layout
 
     def _has_var(self, name: str) -> bool:
         return self.guest.variable(name) is not None
 
-    def _rseq(self) -> tuple[int, int, int] | None:
-        task = self.task
+    def _rseq(self, task: drgn.Object) -> tuple[int, int, int] | None:
         pointer = int(task.rseq)
         if not pointer:
             return None
@@ -357,8 +398,8 @@ class _Reader:
                            int(sa.sa_mask.sig[0])))
         return result
 
-    def _credentials(self) -> dict[str, object]:
-        cred = self.task.cred
+    def _credentials(self, task: drgn.Object) -> dict[str, object]:
+        cred = task.cred
         ids = {name: int(cred.member_(name).val) for name in
                ("uid", "gid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid")}
 
@@ -504,12 +545,19 @@ class _Reader:
                          size=int(inode.i_size), key=file.value_(), dirty=dirty)
 
     def _dirty_pages(self, inode: drgn.Object, what: str) -> tuple[tuple[int, int], ...]:
+        """Pages dirty or under writeback; and on ext4 every page from the size its
+        journal has (``i_disksize``) on, which an fsync cut short by the death may have
+        written without committing the size that makes them part of the file."""
         limit = int(inode.i_size) // PAGE + 1
+        committed = limit
+        if inode.i_sb.s_type.name.string_() == b"ext4":
+            ext4 = drgn.container_of(inode, "struct ext4_inode_info", "vfs_inode")
+            committed = int(ext4.i_disksize) // PAGE
         dirty = []
         for count, (index, page) in enumerate(inode_for_each_page(inode)):
             if count > limit or index > limit:
                 raise self.refuse(f"{what}: its page cache is corrupt")
-            if PageDirty(page) or PageWriteback(page):
+            if PageDirty(page) or PageWriteback(page) or index >= committed:
                 physical = int(page_to_phys(page))
                 if not self.guest.ram.covers(physical, PAGE):
                     raise self.refuse(f"{what}: a cached page is outside guest RAM")

@@ -48,12 +48,13 @@ def standby_pid_base(host: Host, machine: Machine) -> int:
 def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None = None,
        memory_mib: int = 1024, cpus: int = 1, standby_for: Machine | None = None,
        pid_base: int | None = None, accel: Accelerator | None = None,
-       progress: Progress = silent) -> BootReport:
+       import_disk: Path | None = None, progress: Progress = silent) -> BootReport:
     """Boot a VM on ``kernel_spec``; return once its guest agent answers.
 
     With ``standby_for``, the VM takes that VM's service identity and data
     volume but stays off the service network and leaves the volume unmounted;
     its pids start at ``pid_base`` (by default :func:`standby_pid_base`).
+    ``import_disk`` (a raw disk image) is attached read-only, serial ``tm-import``.
     ``accel`` defaults to the host's (:meth:`Host.accelerator`). A KVM guest
     that prints nothing is stopped and booted again under TCG, which is then
     the host's answer until it reboots (unless ``TRANSMIGRATE_ACCEL`` forces KVM).
@@ -78,7 +79,7 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
         return host.machines.create(
             name, kernel, image, under, memory_mib=memory_mib, cpus=cpus, data_volume=volume,
             identity=standby_for.record.identity if standby_for else None,
-            standby=standby_for is not None, pid_base=pid_base)
+            standby=standby_for is not None, pid_base=pid_base, import_disk=import_disk)
 
     accel = accel or host.accelerator()
     start = time.monotonic()

@@ -8,9 +8,6 @@ CRIU images on the host (:mod:`transmigrate.recover`); a standby restores them.
 from __future__ import annotations
 
 import contextlib
-import io
-import shlex
-import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,14 +26,21 @@ from transmigrate.orchestrate.lifecycle import STANDBY_PID_MARGIN, up
 from transmigrate.progress import Progress, silent
 from transmigrate.recover.images import WRITEBACK, write_images
 from transmigrate.vm.machine import Machine
+from transmigrate.vm.qemu_command import IMPORT_SERIAL
 from transmigrate.vm.registers import cpus_in_user_mode
+from transmigrate.vm.volume import directory_disk
 
 __all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dump", "recover"]
 
-GUEST_IMAGES = "/var/lib/transmigrate/recover"
-"""Where the standby keeps the images it restores from."""
-_CHUNK = 8 << 20
-"""Bytes per guest-agent write while the images are copied in."""
+GUEST_IMAGES = "/run/transmigrate-import"
+"""Where the new VM mounts the disk of images (read-only) it restores from."""
+RESTORE_WORK = "/var/lib/transmigrate/recover"
+"""CRIU's working directory (its logs) per restored process in the new VM."""
+_MOUNT_IMPORT = (
+    f"for d in /sys/block/vd*; do s=; read -r s 2>/dev/null < $d/serial; "
+    f"[ \"$s\" = {IMPORT_SERIAL} ] && dev=/dev/${{d##*/}}; done; "
+    f"mkdir -p {GUEST_IMAGES} && mount -o ro -t ext4 \"$dev\" {GUEST_IMAGES}")
+"""Find the images disk by its serial (device names do not matter) and mount it."""
 
 
 @dataclass
@@ -118,7 +122,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 verdict.reason = str(exc)
                 progress(f"refused {pid}: {exc}")
                 continue
-            verdict.comm = state.comm
+            verdict.comm = state.leader.comm
             verdict.binaries = {state.exe.path: state.exe.size, **{
                 m.file.path: m.file.size for m in state.mappings if m.file is not None}}
             directory = out / str(pid)
@@ -126,7 +130,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             verdict.verdict, verdict.pages, verdict.images = "dumped", len(state.pages), \
                 str(directory)
             steps[f"read {pid}"] = round(time.monotonic() - mark, 3)
-            progress(f"dumped {pid} ({state.comm}): {len(state.pages)} pages "
+            progress(f"dumped {pid} ({state.leader.comm}): {len(state.pages)} pages "
                      f"in {steps[f'read {pid}']:.2f} s")
     return report
 
@@ -221,42 +225,45 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
 
 def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[ProcessVerdict],
                         images: Path, steps: dict[str, float], progress: Progress) -> Machine:
-    """Boot the new VM with the old one's identity and volume; restore; hand over."""
+    """Boot the new VM with the old one's identity and volume, and the images on a disk
+    of their own; write back the dirty page cache; restore; hand the address over."""
     name = dead.name.removesuffix("-dead")
     mark = time.monotonic()
-    target = up(host, f"{name}-next", kernel, memory_mib=dead.record.memory_mib,
-                cpus=dead.record.cpus, standby_for=dead,
-                pid_base=max(v.pid for v in dumped) + STANDBY_PID_MARGIN,
-                progress=progress).machine
+    disk = directory_disk(images, images.with_suffix(".img"))
+    steps["images disk"] = round(time.monotonic() - mark, 3)
+    mark = time.monotonic()
+    try:
+        target = up(host, f"{name}-next", kernel, memory_mib=dead.record.memory_mib,
+                    cpus=dead.record.cpus, standby_for=dead, import_disk=disk,
+                    pid_base=max(v.pid for v in dumped) + STANDBY_PID_MARGIN,
+                    progress=progress).machine
+    finally:
+        disk.unlink()  # QEMU holds it open; the images stay in their directory
     steps["boot standby"] = round(time.monotonic() - mark, 3)
     agent = host.agent(target)
     mark = time.monotonic()
     progress(f"mounting the data volume in {target.name} (its journal replays)")
-    agent.run([f"{GUEST_TOOLS}/tm-data", "mount"], what="mounting the data volume",
-              timeout=120)
-    steps["mount volume"] = round(time.monotonic() - mark, 3)
-    for verdict in dumped:
-        mark = time.monotonic()
-        remote = f"{GUEST_IMAGES}/{verdict.pid}"
-        _push(agent, images / str(verdict.pid), remote)
-        if (images / str(verdict.pid) / WRITEBACK).exists():
-            progress(f"writing back what {verdict.comm} wrote and the dead kernel had not")
-            agent.run([f"{GUEST_TOOLS}/tm-writeback", f"{remote}/{WRITEBACK}"],
-                      what="writing back the dirty page cache", timeout=120)
-        steps[f"copy {verdict.pid}"] = round(time.monotonic() - mark, 3)
+    writebacks = " && ".join(
+        f"{GUEST_TOOLS}/tm-writeback {GUEST_IMAGES}/{v.pid}/{WRITEBACK}" for v in dumped
+        if (images / str(v.pid) / WRITEBACK).exists())
+    agent.sh(f"{GUEST_TOOLS}/tm-data mount && {_MOUNT_IMPORT}"
+             + (f" && {writebacks}" if writebacks else ""),
+             what="mounting the volume and the images, writing back", timeout=120)
+    steps["mount and write back"] = round(time.monotonic() - mark, 3)
     _check_binaries(agent, target.name, dumped)
     for verdict in dumped:
         mark = time.monotonic()
-        remote = f"{GUEST_IMAGES}/{verdict.pid}"
+        work = f"{RESTORE_WORK}/{verdict.pid}"
         progress(f"restoring {verdict.pid} ({verdict.comm}) on {target.record.kernel}")
-        restored = agent.exec(["criu", "restore", "-D", remote, "--restore-detached",
-                               "-o", "restore.log", "-v4"], timeout=300)
+        restored = agent.exec(["sh", "-c", f"mkdir -p {work} && exec criu restore -D "
+                               f"{GUEST_IMAGES}/{verdict.pid} -W {work} --restore-detached "
+                               "-o restore.log -v4"], timeout=300)
         if restored.exit_code != 0:
-            log = agent.exec(["sh", "-c", f"grep -E 'Error|error' {remote}/restore.log | "
+            log = agent.exec(["sh", "-c", f"grep -E 'Error|error' {work}/restore.log | "
                                           "head -1"]).text.strip()
             with contextlib.suppress(TransmigrateError, OSError):
                 (images / str(verdict.pid) / "restore.log").write_bytes(
-                    agent.exec(["cat", f"{remote}/restore.log"]).stdout)
+                    agent.exec(["cat", f"{work}/restore.log"]).stdout)
             raise TransmigrateError(f"criu restore of {verdict.pid} failed in "
                                     f"{target.name}: {log or f'exit {restored.exit_code}'}")
         verdict.verdict = "restored"
@@ -283,18 +290,3 @@ def _check_binaries(agent: GuestAgent, where: str, dumped: list[ProcessVerdict])
         if int(found[path]) != size:
             raise TransmigrateError(f"{path} differs on {where} ({found[path]} bytes, "
                                     f"{size} on the old VM)")
-
-
-def _push(agent: GuestAgent, directory: Path, remote: str) -> None:
-    """Copy an image directory into the guest, in chunks the guest agent carries."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        archive.add(directory, arcname=".")
-    data = buffer.getvalue()
-    quoted = shlex.quote(remote)
-    agent.sh(f"rm -rf {quoted} && mkdir -p {quoted}", what="preparing the images directory")
-    for offset in range(0, len(data), _CHUNK):
-        agent.sh(f"cat >> {quoted}.tar", input=data[offset:offset + _CHUNK],
-                 what="copying the images", timeout=120)
-    agent.sh(f"tar -x -f {quoted}.tar -C {quoted} && rm {quoted}.tar",
-             what="unpacking the images", timeout=120)

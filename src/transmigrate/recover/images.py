@@ -18,7 +18,13 @@ from typing import Any
 import pycriu.images  # type: ignore[import-untyped]
 
 from transmigrate.introspect.pagetable import PAGE
-from transmigrate.introspect.process import FileState, Mapping, ProcessState, Registers
+from transmigrate.introspect.process import (
+    FileState,
+    Mapping,
+    ProcessState,
+    Registers,
+    ThreadState,
+)
 from transmigrate.introspect.ram import GuestRam
 
 __all__ = ["WRITEBACK", "write_images"]
@@ -98,9 +104,10 @@ def write_images(process: ProcessState, ram: GuestRam, directory: Path) -> list[
             "lsmtype": "NO_LSM", "network_lock_method": 0}]),
         _dump(directory / "pstree.img", "PSTREE", [{
             "pid": pid, "ppid": 0, "pgid": process.pgid, "sid": process.sid,
-            "threads": [pid]}]),
+            "threads": [t.tid for t in process.threads]}]),
         _dump(directory / f"ids-{pid}.img", "IDS", [task_ids]),
-        _dump(directory / f"core-{pid}.img", "CORE", [_core(process)]),
+        *(_dump(directory / f"core-{t.tid}.img", "CORE", [_core(process, t)])
+          for t in process.threads),
         _dump(directory / f"mm-{pid}.img", "MM", [_mm(process, exe_id, vmas)]),
         _dump(directory / f"fs-{pid}.img", "FS", [fs]),
         _dump(directory / f"fdinfo-{task_ids['files_id']}.img", "FDINFO", fdinfo),
@@ -170,45 +177,48 @@ def _mm(process: ProcessState, exe_id: int, vmas: list[dict[str, Any]]) -> dict[
         "dumpable": mm["dumpable"], "thp_disabled": mm["thp_disabled"]}
 
 
-def _core(process: ProcessState) -> dict[str, Any]:
-    regs = process.registers
+def _core(process: ProcessState, thread: ThreadState) -> dict[str, Any]:
+    """A thread's core image; the leader's also holds what the process shares (tc)."""
+    regs = thread.registers
     gp: dict[str, Any] = dict(regs.general)
     gp.update(fs_base=regs.fs_base, gs_base=regs.gs_base, ds=regs.ds, es=regs.es,
               fs=regs.fsindex, gs=regs.gsindex, mode="NATIVE")
-    sigactions = [{"sigaction": handler, "flags": flags, "restorer": restorer, "mask": mask,
-                   "compat_sigaction": False} for handler, flags, restorer, mask in
-                  process.sigactions]
-    sp, size, flags = process.sigaltstack
+    sp, size, flags = thread.sigaltstack
     thread_core: dict[str, Any] = {
-        "futex_rla": process.robust_list[0], "futex_rla_len": process.robust_list[1],
-        "sched_nice": process.nice, "sched_policy": process.policy,
+        "futex_rla": thread.robust_list[0], "futex_rla_len": thread.robust_list[1],
+        "sched_nice": thread.nice, "sched_policy": thread.policy,
         "sas": {"ss_sp": sp, "ss_size": size, "ss_flags": flags if size else _SS_DISABLE},
-        "creds": process.credentials, "comm": process.comm, "signals_p": {}}
-    if process.pdeath_signal:
-        thread_core["pdeath_sig"] = process.pdeath_signal
-    if process.policy:
-        thread_core["sched_prio"] = process.rt_priority
-    if process.rseq is not None:
-        pointer, size, signature = process.rseq
+        "creds": thread.credentials, "comm": thread.comm, "signals_p": {}}
+    if thread.pdeath_signal:
+        thread_core["pdeath_sig"] = thread.pdeath_signal
+    if thread.policy:
+        thread_core["sched_prio"] = thread.rt_priority
+    if thread.rseq is not None:
+        pointer, size, signature = thread.rseq
         thread_core["rseq_entry"] = {"rseq_abi_pointer": pointer, "rseq_abi_size": size,
                                      "signature": signature}
-    no_timer = {"isec": 0, "iusec": 0, "vsec": 0, "vusec": 0}
-    return {
+    core: dict[str, Any] = {
         "mtype": "X86_64",
-        "thread_info": {"clear_tid_addr": process.clear_tid_address, "gpregs": gp,
+        "thread_info": {"clear_tid_addr": thread.clear_tid_address, "gpregs": gp,
                         "fpregs": _fpregs(regs), "tls": [_EMPTY_TLS | {"entry_number": n}
                                                          for n in _TLS_ENTRIES]},
-        "tc": {"task_state": _TASK_ALIVE, "exit_code": 0,
-               "personality": process.personality, "flags": process.task_flags,
-               "blk_sigset": process.blocked, "comm": process.comm,
-               "timers": {"real": no_timer, "virt": no_timer, "prof": no_timer},
-               "rlimits": {"rlimits": [{"cur": cur, "max": top}
-                                       for cur, top in process.rlimits]},
-               "signals_s": {}, "loginuid": process.loginuid,
-               "oom_score_adj": process.oom_score_adj, "sigactions": sigactions,
-               "child_subreaper": process.child_subreaper},
         "thread_core": thread_core,
     }
+    if thread is not process.leader:
+        thread_core["blk_sigset"] = thread.blocked
+        return core
+    no_timer = {"isec": 0, "iusec": 0, "vsec": 0, "vusec": 0}
+    core["tc"] = {
+        "task_state": _TASK_ALIVE, "exit_code": 0, "personality": process.personality,
+        "flags": process.task_flags, "blk_sigset": thread.blocked, "comm": thread.comm,
+        "timers": {"real": no_timer, "virt": no_timer, "prof": no_timer},
+        "rlimits": {"rlimits": [{"cur": cur, "max": top} for cur, top in process.rlimits]},
+        "signals_s": {}, "loginuid": process.loginuid, "oom_score_adj": process.oom_score_adj,
+        "sigactions": [{"sigaction": handler, "flags": flags, "restorer": restorer,
+                        "mask": mask, "compat_sigaction": False}
+                       for handler, flags, restorer, mask in process.sigactions],
+        "child_subreaper": process.child_subreaper}
+    return core
 
 
 _XSAVE_ARRAYS = {2: ("ymmh_space", 4), 4: ("bndcsr_state", 8), 5: ("opmask_reg", 8),

@@ -262,7 +262,7 @@ class MachineRegistry:
     def create(self, name: str, kernel: Kernel, image: Path, accel: Accelerator, *,
                memory_mib: int, cpus: int, data_volume: Path,
                pid_base: int, identity: ServiceIdentity | None = None,
-               standby: bool = False) -> Machine:
+               standby: bool = False, import_disk: Path | None = None) -> Machine:
         """Start QEMU for a new VM; on any failure leave nothing behind.
 
         A standby VM takes an existing service ``identity`` but stays off the
@@ -294,7 +294,8 @@ class MachineRegistry:
                 migration_mac=guest_mac(slot, 1), migration_address=migration_address(slot),
                 migration_tap=f"tm-{slot}-m", data_volume=str(data_volume),
                 ram_path=str(self.shm / f"{self.network.name}-{vm_id}.ram"),
-                started_at=time.time(), data_overlay="standby" if standby else "")
+                started_at=time.time(), data_overlay="standby" if standby else "",
+                import_disk=str(import_disk or ""))
             _write_record(directory, record)
             machine = Machine(directory, record)
             try:

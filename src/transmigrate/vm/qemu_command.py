@@ -15,12 +15,13 @@ from transmigrate.vm.initramfs import MODULES_SERIAL, ROOT_SERIAL
 from transmigrate.vm.kernels import Kernel
 from transmigrate.vm.record import MachineRecord
 
-__all__ = ["AGENT_PORT", "DATA_SERIAL", "QEMU", "MachinePaths", "kernel_cmdline",
+__all__ = ["AGENT_PORT", "DATA_SERIAL", "IMPORT_SERIAL", "QEMU", "MachinePaths", "kernel_cmdline",
            "qemu_command"]
 
 QEMU = "qemu-system-x86_64"
 AGENT_PORT = "org.qemu.guest_agent.0"
 DATA_SERIAL = "tm-data"
+IMPORT_SERIAL = "tm-import"
 
 
 class MachinePaths(Protocol):
@@ -83,6 +84,9 @@ def qemu_command(record: MachineRecord, paths: MachinePaths, kernel: Kernel,
         "-device", f"virtio-blk-pci,drive=modules,serial={MODULES_SERIAL}",
         "-drive", f"if=none,id=data,{_data_drive(record, paths)}",
         "-device", f"virtio-blk-pci,drive=data,serial={DATA_SERIAL}",
+        *(["-drive", f"if=none,id=import,file={record.import_disk},format=raw,readonly=on",
+           "-device", f"virtio-blk-pci,drive=import,serial={IMPORT_SERIAL}"]
+          if record.import_disk else []),
         "-netdev", f"tap,id=svc0,ifname={record.service_tap},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=svc0,mac={record.service_mac}",
         "-netdev", f"tap,id=mig0,ifname={record.migration_tap},script=no,downscript=no",

@@ -35,6 +35,9 @@ class MachineRecord:
     """"": the VM writes ``data_volume`` itself. "standby": its writes go to an
     overlay that is thrown away with it. "current": it has taken the service over,
     and the overlay holds the service's newest data until merged into the volume."""
+    import_disk: str = ""
+    """A read-only disk attached at boot (serial ``tm-import``): what the host hands the
+    guest in bulk, such as the images a recovery restores."""
 
     @property
     def identity(self) -> ServiceIdentity:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transmigrate.process import run
 
-__all__ = ["DATA_MOUNT", "create_volume"]
+__all__ = ["DATA_MOUNT", "create_volume", "directory_disk"]
 
 DATA_MOUNT = "/data"
 
@@ -28,3 +28,16 @@ def create_volume(path: Path, size_mib: int = 4096) -> None:
         handle.truncate(size_mib * 1024 * 1024)
     run(["mkfs.ext4", "-q", "-F", "-L", "tm-data", "-E", "root_owner=0:0", tmp])
     tmp.replace(path)
+
+
+def directory_disk(directory: Path, path: Path) -> Path:
+    """A raw ext4 disk at ``path`` holding a copy of ``directory``, built on the host
+    (mke2fs -d): how the host hands a guest many megabytes at disk speed."""
+    files = [f for f in directory.rglob("*") if f.is_file()]
+    used = sum(f.stat().st_size for f in files)
+    size_kib = (used * 11 // 10 + (len(files) + 64) * 8192) // 1024 + 8192
+    with open(path, "wb") as handle:
+        handle.truncate(size_kib * 1024)
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "tm-import",
+         "-N", str(len(files) + 256), "-E", "root_owner=0:0", "-d", directory, path])
+    return path

@@ -1,14 +1,18 @@
 /* Stage-1 recovery program: one thread, anonymous memory, an O_APPEND file, FPU state.
  *
- * counter LOG [--pause] [--mib N]
+ * counter LOG [--pause] [--mib N] [--threads]
  * Fills N MiB (default 8) of anonymous memory with a pseudo-random pattern and keeps its
  * sum; every 100 ms it counts on and appends "N ok S" (or "N BAD ...") to LOG with fsync,
  * where S is a floating-point accumulator that must equal N/2; the sum is checked on
- * every line (every N/8th line for more than 8 MiB, and on the first line). After a recovery the line numbers go
+ * every line (every N/8th line for more than 8 MiB, and on the first line). With
+ * --threads, a second thread waits on a condition variable (a futex) for each line's
+ * number, and a third computes in user code: a line is ok only if the waiter saw the
+ * previous number and the computing thread moved on. After a recovery the line numbers go
  * on without a gap, and every line says ok. With --pause it writes "ready" and waits
  * in pause(), leaving memory unchanged (for the golden comparison with criu dump).
  */
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -21,16 +25,42 @@
 static volatile sig_atomic_t usr1;
 static void on_usr1(int sig) { (void)sig; usr1++; }
 
+static pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t posted_changed = PTHREAD_COND_INITIALIZER;
+static uint64_t posted, seen;
+static volatile uint64_t spins;
+
+static void *waiter(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&mutex);
+    for (;;) {
+        while (seen == posted) pthread_cond_wait(&posted_changed, &mutex);
+        seen = posted;
+    }
+    return NULL;
+}
+
+static void *spinner(void *unused) {
+    (void)unused;
+    for (;;) {
+        for (int i = 0; i < 1000000; i++) spins++;
+        struct timespec rest = {0, 20 * 1000 * 1000};
+        nanosleep(&rest, NULL);
+    }
+    return NULL;
+}
+
 static uint64_t next(uint64_t *s) {
     *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17; return *s;
 }
 
 int main(int argc, char **argv) {
     if (argc < 2) { fputs("usage: counter LOG [--pause] [--mib N]\n", stderr); return 2; }
-    int pause_mode = 0;
+    int pause_mode = 0, threads = 0;
     size_t mib = 8;
     for (int i = 2; i < argc; i++) {
         if (strcmp(argv[i], "--pause") == 0) pause_mode = 1;
+        else if (strcmp(argv[i], "--threads") == 0) threads = 1;
         else if (strcmp(argv[i], "--mib") == 0 && i + 1 < argc) mib = strtoul(argv[++i], 0, 10);
     }
     const size_t WORDS = mib << 17, every = mib > 8 ? mib / 8 : 1;
@@ -48,12 +78,18 @@ int main(int argc, char **argv) {
     sigaddset(&blocked, SIGUSR2);
     sigprocmask(SIG_BLOCK, &blocked, NULL);
     char line[128];
+    pthread_t thread;
+    if (threads) {
+        pthread_create(&thread, NULL, waiter, NULL);
+        if (!pause_mode) pthread_create(&thread, NULL, spinner, NULL);
+    }
     if (pause_mode) {
         write(fd, "ready\n", 6);
         fsync(fd);
         for (;;) pause();
     }
     double half = 0;
+    uint64_t last_spins = 0;
     for (uint64_t n = 1;; n++) {
         uint64_t check = sum;
         if (n == 1 || n % every == 0) {
@@ -62,6 +98,14 @@ int main(int argc, char **argv) {
         }
         half += 0.5;
         int ok = check == sum && half * 2 == (double)n;
+        if (threads) {
+            pthread_mutex_lock(&mutex);
+            ok = ok && seen == n - 1 && (n == 1 || spins != last_spins);
+            last_spins = spins;
+            posted = n;
+            pthread_cond_signal(&posted_changed);
+            pthread_mutex_unlock(&mutex);
+        }
         size_t at = next(&seed) % WORDS;
         uint64_t value = next(&seed);
         sum += value - words[at];
