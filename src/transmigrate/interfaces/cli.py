@@ -50,6 +50,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="transmigrate.toml to use.")]
 PackageOption = Annotated[list[str] | None, typer.Option(
     "--package", "-p", help="Extra Debian package for the guest image (repeatable).")]
+PanickingOption = Annotated[bool, typer.Option(
+    "--include-panicking", help="Also the task that panicked the kernel (refused by default: "
+    "the call it was in is made again, and may crash the new kernel too).")]
 FilesOption = Annotated[Path | None, typer.Option(
     "--files", help="Directory copied over the guest image's root.")]
 
@@ -457,11 +460,11 @@ def dump_(name: Annotated[str, typer.Argument(help="VM to read the processes fro
           pid: Annotated[list[int], typer.Option(help="Process to dump (repeatable).")],
           images: Annotated[Path, typer.Option("--out", help="Directory for the images "
                                                 "(one directory per process).")],
-          json_: JsonOption = False) -> None:
+          panicking: PanickingOption = False, json_: JsonOption = False) -> None:
     """Checkpoint processes from outside: stop the VM, read them out of its memory as
     CRIU images on the host (`crit decode` reads them), and let it run on if it ran."""
     report = recover_job.dump(Host.from_environment(), name, pid, images,
-                              progress=_Progress())
+                              panicking=panicking, progress=_Progress())
     if json_:
         _emit_json(report.as_dict())
     else:
@@ -470,7 +473,7 @@ def dump_(name: Annotated[str, typer.Argument(help="VM to read the processes fro
                 err.print(f"{verdict.pid}: refused: {verdict.reason}", markup=False)
             else:
                 out.print(f"{verdict.pid} ({verdict.comm}): {verdict.pages} pages in "
-                                  f"{verdict.images}", markup=False)
+                          f"{verdict.images}", markup=False)
     if any(v.verdict == "refused" for v in report.processes):
         raise typer.Exit(1)
 
@@ -483,13 +486,14 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
                  help="Recover this process (repeatable).")] = None,
              process: Annotated[list[str] | None, typer.Option(
                  help="Recover the oldest process of this name (repeatable).")] = None,
-             json_: JsonOption = False) -> None:
+             panicking: PanickingOption = False, json_: JsonOption = False) -> None:
     """Rebuild processes of a dead, hung or running VM on a new VM from its memory.
 
     NAME is stopped and never resumed once a process is restored; it stays paused as
     NAME-dead, with its console log and a compressed memory dump, until `down`."""
     report = recover_job.recover(Host.from_environment(), name, kernel, pids=pid or (),
-                                 processes=process or (), progress=_Progress())
+                                 processes=process or (), panicking=panicking,
+                                 progress=_Progress())
     if json_:
         _emit_json(report.as_dict())
         return
@@ -499,7 +503,9 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
     out.print(f"{name} runs {report.kernel_after}; serving again "
               f"{report.stop_to_serving_seconds:.1f} s after the stop; the old VM is "
               f"{report.dead_vm} (paused)")
-    out.print(_steps_table(report.steps, {"stop to serving": report.stop_to_serving_seconds}))
+    steps = {step: seconds for step, seconds in report.steps.items() if step != "total"}
+    out.print(_steps_table(steps, {"stop to serving": report.stop_to_serving_seconds,
+                                   "total": report.steps["total"]}))
 
 
 @app.command()

@@ -38,7 +38,7 @@ __all__ = ["FileState", "Mapping", "ProcessState", "Refusal", "Registers",
 _PF_EXITING = 0x4
 _PF_KTHREAD = 0x0020_0000
 _PF_RANDOMIZE = 0x0040_0000
-_VM_READ, _VM_WRITE, _VM_EXEC, _VM_SHARED = 0x1, 0x2, 0x4, 0x8
+_VM_SHARED = 0x8
 _VM_GROWSDOWN = 0x100
 _VM_SPECIAL = 0x4000 | 0x400 | 0x400000 | 0x10000000  # IO, PFNMAP, HUGETLB, MIXEDMAP
 _RWSEM_WRITER_LOCKED = 1
@@ -46,6 +46,8 @@ _ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ENOSYS = 512, 513, 514, 38
 _ERESTART_RESTARTBLOCK, _EINTR = 516, 4
 _SIGKILL, _SIGSTOP = 9, 19
 _XFEATURE_PKRU = 9
+_TIF_NEED_FPU_LOAD = 14
+_MAX_XSAVE = 1 << 16
 _CRIU_AUXV_WORDS = 44
 """CRIU 3.17 reads at most this many words of /proc/PID/auxv (its AT_VECTOR_SIZE) and
 refuses more at restore: 6.12's auxv (with AT_RSEQ_*) loses its AT_NULL pair, as in
@@ -289,6 +291,9 @@ class _Reader:
         if task_on_cpu(task) and task_cpu(task) in self.cpus_in_user_mode:
             raise self.refuse(f"{who} was running user code on vCPU {task_cpu(task)} when "
                               "the VM stopped (registers in the vCPU are not read yet)")
+        if task_on_cpu(task) and not int(task.thread_info.flags) >> _TIF_NEED_FPU_LOAD & 1:
+            raise self.refuse(f"{who} was on vCPU {task_cpu(task)} with its FPU registers "
+                              "live there, not in memory (not read yet)")
         pending = int(task.pending.signal.sig[0])
         if pending:
             raise self.refuse(f"{who} has signals pending ({pending:#x})")
@@ -345,6 +350,8 @@ class _Reader:
         each one's (offset, size)."""
         fpstate = task.thread.fpu.fpstate
         size = int(fpstate.user_size)
+        if not 576 <= size <= int(fpstate.size) <= _MAX_XSAVE:
+            raise self.refuse(f"its FPU state is corrupt (sizes {size}, {int(fpstate.size)})")
         user = int(fpstate.user_xfeatures)
         cpu = int(self.prog["fpu_user_cfg"].max_features)
         raw = self.guest.read(int(fpstate.regs.xsave.address_of_()), int(fpstate.size))
@@ -376,9 +383,6 @@ class _Reader:
             struct.pack_into("<I", area, standard, int(task.thread.pkru))
         struct.pack_into("<QQ", area, 512, xfeatures, 0)
         return bytes(area), xfeatures, cpu, layout
-
-    def _has_var(self, name: str) -> bool:
-        return self.guest.variable(name) is not None
 
     def _rseq(self, task: drgn.Object) -> tuple[int, int, int] | None:
         pointer = int(task.rseq)

@@ -17,6 +17,7 @@ __all__ = [
     "HOLD_SCRIPT",
     "IMAGES_ROOT",
     "LAZY_PAGES_PORT",
+    "LOG_LEVEL",
     "PAGE_SERVER_PORT",
     "RESTORE_ROOT",
     "DumpStats",

@@ -20,6 +20,7 @@ from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.kernel import Guest, attach
 from transmigrate.introspect.process import Refusal, read_process
 from transmigrate.introspect.tasks import TaskReader
+from transmigrate.migrate.criu import LOG_LEVEL
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import STANDBY_PID_MARGIN, up
@@ -55,6 +56,8 @@ class ProcessVerdict:
     binaries: dict[str, int] = field(default_factory=dict)
     """The executable and mapped files, by path, with their sizes: the new VM must
     have the same ones."""
+    own_session: bool = True
+    """Whether it leads its session; if not, CRIU gives it the restoring one's."""
 
 
 @dataclass
@@ -79,10 +82,11 @@ def stop_vm(machine: Machine) -> str:
     return state
 
 
-def dump(host: Host, name: str, pids: list[int], out: Path, *, resume: bool = True,
+def dump(host: Host, name: str, pids: list[int], out: Path, *, panicking: bool = False,
          progress: Progress = silent) -> DumpReport:
     """Checkpoint ``pids`` of VM ``name`` from the host, into ``out/<pid>/``: the VM is
-    stopped while its memory is read; it runs on afterwards (if it ran, and ``resume``)."""
+    stopped while its memory is read, and runs on afterwards if it ran. ``panicking``
+    lets the task that panicked the kernel be read too."""
     if not pids:
         raise TransmigrateError("name at least one process to dump (--pid)")
     machine = host.machines.get(name)
@@ -91,9 +95,10 @@ def dump(host: Host, name: str, pids: list[int], out: Path, *, resume: bool = Tr
     before = stop_vm(machine)
     progress(f"{name} stopped (it was {before})")
     try:
-        report = _checkpoint(host, machine, pids, out, steps, progress)
+        report = _checkpoint(host, machine, pids, out, steps, progress,
+                             panicking=panicking)
     finally:
-        if before == "running" and resume:
+        if before == "running":
             machine.qmp("cont")
     steps["total"] = round(time.monotonic() - start, 3)
     return report
@@ -101,7 +106,7 @@ def dump(host: Host, name: str, pids: list[int], out: Path, *, resume: bool = Tr
 
 def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 steps: dict[str, float], progress: Progress,
-                processes: Sequence[str] = ()) -> DumpReport:
+                processes: Sequence[str] = (), panicking: bool = False) -> DumpReport:
     mark = time.monotonic()
     user_cpus = cpus_in_user_mode(machine, machine.record.cpus)
     progress(f"reading {machine.name}'s kernel ({machine.record.kernel})")
@@ -113,7 +118,8 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             verdict = ProcessVerdict(pid)
             report.processes.append(verdict)
             try:
-                state = read_process(guest, pid, cpus_in_user_mode=user_cpus)
+                state = read_process(guest, pid, cpus_in_user_mode=user_cpus,
+                                     allow_panicking=panicking)
             except Refusal as exc:
                 verdict.reason = exc.reason
                 progress(f"refused {pid}: {exc.reason}")
@@ -123,6 +129,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 progress(f"refused {pid}: {exc}")
                 continue
             verdict.comm = state.leader.comm
+            verdict.own_session = state.sid == state.pid
             verdict.binaries = {state.exe.path: state.exe.size, **{
                 m.file.path: m.file.size for m in state.mappings if m.file is not None}}
             directory = out / str(pid)
@@ -170,12 +177,13 @@ class RecoverReport:
 
 def recover(host: Host, name: str, kernel_spec: str | None = None, *,
             pids: Sequence[int] = (), processes: Sequence[str] = (),
-            progress: Progress = silent) -> RecoverReport:
+            panicking: bool = False, progress: Progress = silent) -> RecoverReport:
     """Recover processes of VM ``name`` (dead, hung or running) onto a new VM on
     ``kernel_spec`` (default: the same kernel), which takes the name, the service
     address and the data volume. The old VM is never resumed after a restore; it stays
     paused as NAME-dead. If nothing was restored, it keeps its name (and runs on, if it
-    ran), and the new VM is removed."""
+    ran), and the new VM is removed. ``panicking``: the task that panicked the kernel
+    too (its interrupted call is made again: it may crash the new kernel as well)."""
     if not (pids or processes):
         raise TransmigrateError("name the processes to recover (--pid or --process)")
     machine = host.machines.get(name)
@@ -185,7 +193,8 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     progress(f"{name} stopped (it was {before})")
     images = paths.data_dir() / "recover" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        checkpoint = _checkpoint(host, machine, pids, images, steps, progress, processes)
+        checkpoint = _checkpoint(host, machine, pids, images, steps, progress, processes,
+                                 panicking)
     except BaseException:
         if before == "running":
             machine.qmp("cont")
@@ -255,9 +264,10 @@ def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[Pro
         mark = time.monotonic()
         work = f"{RESTORE_WORK}/{verdict.pid}"
         progress(f"restoring {verdict.pid} ({verdict.comm}) on {target.record.kernel}")
+        shell_job = "" if verdict.own_session else " --shell-job"
         restored = agent.exec(["sh", "-c", f"mkdir -p {work} && exec criu restore -D "
-                               f"{GUEST_IMAGES}/{verdict.pid} -W {work} --restore-detached "
-                               "-o restore.log -v4"], timeout=300)
+                               f"{GUEST_IMAGES}/{verdict.pid} -W {work} --restore-detached"
+                               f"{shell_job} -o restore.log {LOG_LEVEL}"], timeout=300)
         if restored.exit_code != 0:
             log = agent.exec(["sh", "-c", f"grep -E 'Error|error' {work}/restore.log | "
                                           "head -1"]).text.strip()
