@@ -33,7 +33,6 @@ WRITEBACK = "writeback.bin"
 """Not a CRIU image: the dead kernel's unwritten file data, for tm-writeback."""
 
 _PE_PRESENT = 4
-_FD_REG = 1
 _TASK_ALIVE = 1
 _SS_DISABLE = 2
 _TLS_ENTRIES = (12, 13, 14)
