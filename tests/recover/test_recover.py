@@ -205,7 +205,9 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
             (["dump", "no-such-vm", "--pid", "1", "--out", out], "no VM named 'no-such-vm'"),
             (["dump", old_vm, "--pid", "999999", "--out", out], "no process 999999"),
             (["dump", old_vm, "--pid", "2", "--out", out], "2: refused: it is a kernel thread"),
-            (["recover", old_vm, "--pid", "1"], "nothing to recover: 1: it has child processes")]:
+            (["recover", old_vm, "--pid", "1"], "nothing to recover: 1: it has child processes"),
+            (["recover", old_vm, "--process", "no-such-daemon"],
+             "no process named no-such-daemon in the guest's memory")]:
         done = cli(*args)
         assert done.returncode != 0, args
         assert error in done.stderr, (args, done.stderr)
