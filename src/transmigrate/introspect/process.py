@@ -29,6 +29,7 @@ from drgn.helpers.linux.sched import task_cpu, task_on_cpu
 from transmigrate.errors import IntrospectionError
 from transmigrate.introspect.kernel import Guest
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
+from transmigrate.introspect.panic import PanicReader
 from transmigrate.vm.volume import DATA_MOUNT
 
 __all__ = ["FileState", "Mapping", "ProcessState", "Refusal", "Registers",
@@ -88,10 +89,9 @@ class Registers:
     then each enabled component at its standard offset."""
     xfeatures: int
     """The components this thread's area holds (its XSTATE_BV)."""
-    cpu_features: int
-    """The user components this CPU has (what CRIU sizes its image arrays by)."""
     components: dict[int, tuple[int, int]]
-    """(standard offset, size) in ``xsave`` of each extended component the CPU has."""
+    """(standard offset, size) in ``xsave`` of each extended user component the CPU has
+    (what CRIU sizes its image arrays by)."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,6 @@ class ProcessState:
     cwd: FileState
     root: FileState
     umask: int
-    exit_signal: int
     task_flags: int
     """PF_RANDOMIZE, the one ``task_struct.flags`` bit CRIU keeps."""
     loginuid: int
@@ -207,6 +206,19 @@ class _Reader:
         self.pid = pid
         self.cpus_in_user_mode = cpus_in_user_mode
         self.allow_panicking = allow_panicking
+        # What every thread needs from the kernel, looked up once.
+        self.panic_cpu = PanicReader(guest).sample().panic_cpu
+        try:
+            thread_size = int(self.prog["THREAD_SIZE"])
+        except LookupError:
+            thread_size = 16384
+        self.regs_type = self.prog.type("struct pt_regs")
+        self.regs_offset = thread_size - self.regs_type.size
+        self.cpu_xfeatures = int(self.prog["fpu_user_cfg"].max_features)
+        self.xstate_offsets = [int(x) for x in self.prog["xstate_offsets"]]
+        self.xstate_sizes = [int(x) for x in self.prog["xstate_sizes"]]
+        flags = guest.variable("xstate_flags")
+        self.xstate_aligned = [bool(int(f) & 2) for f in flags] if flags is not None else None
 
     def refuse(self, reason: str) -> Refusal:
         return Refusal(self.pid, reason)
@@ -227,7 +239,7 @@ class _Reader:
             mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
             files=files, exe=self._file(mm.exe_file, "the executable"),
             cwd=self._path(task.fs.pwd), root=self._path(task.fs.root),
-            umask=int(task.fs.umask), exit_signal=int(task.exit_signal),
+            umask=int(task.fs.umask),
             task_flags=int(task.flags) & _PF_RANDOMIZE, loginuid=int(task.loginuid.val),
             oom_score_adj=int(task.signal.oom_score_adj),
             child_subreaper=bool(task.signal.is_child_subreaper))
@@ -282,9 +294,7 @@ class _Reader:
             raise self.refuse(f"{who} was exiting")
         if task.mm.value_() != self.task.mm.value_():
             raise self.refuse(f"{who} does not share its memory (corrupt thread list)")
-        panicking = self.guest.variable("panic_cpu")
-        if (panicking is not None and int(panicking.counter) >= 0
-                and task_on_cpu(task) and task_cpu(task) == int(panicking.counter)
+        if (self.panic_cpu >= 0 and task_on_cpu(task) and task_cpu(task) == self.panic_cpu
                 and not self.allow_panicking):
             raise self.refuse(f"{who} is the task that panicked the kernel (its syscall "
                               "could crash the new one too)")
@@ -322,51 +332,42 @@ class _Reader:
         return ids[0], ids[1]
 
     def _registers(self, task: drgn.Object) -> Registers:
-        prog = self.prog
-        try:
-            thread_size = int(prog["THREAD_SIZE"])
-        except LookupError:
-            thread_size = 16384
-        regs_type = prog.type("struct pt_regs")
-        regs = drgn.Object(prog, regs_type,
-                           address=int(task.stack.value_()) + thread_size - regs_type.size)
+        regs = drgn.Object(self.prog, self.regs_type,
+                           address=int(task.stack.value_()) + self.regs_offset)
         general = {name: int(regs.member_(name)) & 0xFFFF_FFFF_FFFF_FFFF for name in _PT_REGS}
         if general["cs"] & 0xFFFF != _USER_CS or general["ss"] & 0xFFFF != _USER_SS:
             raise self.refuse(f"its saved user registers are not user-mode ones "
                               f"(cs={general['cs']:#x}, ss={general['ss']:#x})")
         _restart_syscall(general)
         thread = task.thread
-        xsave, xfeatures, cpu_features, components = self._xsave(task)
+        xsave, xfeatures, components = self._xsave(task)
         return Registers(general=general, fs_base=int(thread.fsbase),
                          gs_base=int(thread.gsbase), fsindex=int(thread.fsindex),
                          gsindex=int(thread.gsindex), ds=int(thread.ds), es=int(thread.es),
-                         xsave=xsave, xfeatures=xfeatures, cpu_features=cpu_features,
-                         components=components)
+                         xsave=xsave, xfeatures=xfeatures, components=components)
 
-    def _xsave(self, task: drgn.Object) -> tuple[bytes, int, int, dict[int, tuple[int, int]]]:
+    def _xsave(self, task: drgn.Object) -> tuple[bytes, int, dict[int, tuple[int, int]]]:
         """The task's FPU state as ptrace would give it (the kernel's
         copy_xstate_to_uabi_buf): standard layout, components in their init state
-        zeroed, PKRU from the thread. Also XSTATE_BV, the CPU's user components, and
-        each one's (offset, size)."""
+        zeroed, PKRU from the thread. Also XSTATE_BV, and the (offset, size) of each
+        extended component the CPU has."""
         fpstate = task.thread.fpu.fpstate
         size = int(fpstate.user_size)
         if not 576 <= size <= int(fpstate.size) <= _MAX_XSAVE:
             raise self.refuse(f"its FPU state is corrupt (sizes {size}, {int(fpstate.size)})")
         user = int(fpstate.user_xfeatures)
-        cpu = int(self.prog["fpu_user_cfg"].max_features)
+        cpu = self.cpu_xfeatures
         raw = self.guest.read(int(fpstate.regs.xsave.address_of_()), int(fpstate.size))
         xfeatures, xcomp_bv = struct.unpack_from("<QQ", raw, 512)
         xfeatures &= user
-        offsets = [int(x) for x in self.prog["xstate_offsets"]]
-        sizes = [int(x) for x in self.prog["xstate_sizes"]]
-        flags = self.guest.variable("xstate_flags")
+        offsets, sizes, aligned = self.xstate_offsets, self.xstate_sizes, self.xstate_aligned
         compacted = 576
         area = bytearray(size)
         area[:512] = raw[:512]
         layout = {}
         for feature in range(2, min(len(offsets), len(sizes))):
             held = xcomp_bv >> feature & 1 if xcomp_bv >> 63 else 1
-            if flags is not None and xcomp_bv >> 63 and held and int(flags[feature]) & 2:
+            if aligned is not None and xcomp_bv >> 63 and held and aligned[feature]:
                 compacted = (compacted + 63) & ~63  # XSTATE_FLAG_ALIGNED64
             here = compacted if xcomp_bv >> 63 else offsets[feature]
             if cpu >> feature & 1:
@@ -382,7 +383,7 @@ class _Reader:
             standard, _ = layout[_XFEATURE_PKRU]
             struct.pack_into("<I", area, standard, int(task.thread.pkru))
         struct.pack_into("<QQ", area, 512, xfeatures, 0)
-        return bytes(area), xfeatures, cpu, layout
+        return bytes(area), xfeatures, layout
 
     def _rseq(self, task: drgn.Object) -> tuple[int, int, int] | None:
         pointer = int(task.rseq)

@@ -15,8 +15,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import pycriu.images  # type: ignore[import-untyped]
-
 from transmigrate.introspect.pagetable import PAGE
 from transmigrate.introspect.process import (
     FileState,
@@ -135,6 +133,10 @@ def _writeback(files: list[FileState], ram: GuestRam, path: Path) -> Path:
 
 
 def _dump(path: Path, magic: str, entries: list[dict[str, Any]]) -> Path:
+    # Here, not at the top: pycriu loads ~80 protobuf modules (about 50 ms), which
+    # every other transmigrate command would pay at start-up.
+    import pycriu.images  # type: ignore[import-untyped]
+
     buffer = io.BytesIO()
     pycriu.images.dump({"magic": magic, "entries": [_no_empty(e) for e in entries]}, buffer)
     path.write_bytes(buffer.getvalue())
@@ -242,7 +244,7 @@ def _fpregs(regs: Registers) -> dict[str, Any]:
         "cwd": number(0, 2), "swd": number(2, 2), "twd": number(4, 2), "fop": number(6, 2),
         "rip": number(8, 8), "rdp": number(16, 8), "mxcsr": number(24, 4),
         "mxcsr_mask": number(28, 4), "st_space": words(32, 32), "xmm_space": words(160, 64)}
-    if regs.cpu_features >> 2:
+    if regs.components:
         extended: dict[str, Any] = {"xstate_bv": regs.xfeatures}
         for feature, (offset, size) in sorted(regs.components.items()):
             if feature in _XSAVE_ARRAYS:
