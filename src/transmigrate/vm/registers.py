@@ -20,15 +20,19 @@ _RIP = re.compile(r"\bRIP=([0-9a-f]{16})\b")
 _CPL = re.compile(r"\bCPL=(\d)\b")
 
 
+def _info_registers(machine: Machine, cpu: int, timeout: float) -> str:
+    return str(machine.qmp("human-monitor-command",
+                           {"command-line": "info registers", "cpu-index": cpu},
+                           timeout=timeout))
+
+
 def instruction_pointer(machine: Machine, cpu: int, timeout: float = 2.0) -> int | None:
     """CPU ``cpu``'s RIP now, or None if QEMU does not answer or has no such CPU."""
     try:
-        text = machine.qmp("human-monitor-command",
-                           {"command-line": "info registers", "cpu-index": cpu},
-                           timeout=timeout)
+        text = _info_registers(machine, cpu, timeout)
     except MachineError:
         return None
-    found = _RIP.search(str(text))
+    found = _RIP.search(text)
     return int(found.group(1), 16) if found else None
 
 
@@ -36,10 +40,7 @@ def cpus_in_user_mode(machine: Machine, cpus: int, timeout: float = 5.0) -> froz
     """The vCPUs of a stopped VM that were running user code (CPL 3)."""
     found = set()
     for cpu in range(cpus):
-        text = machine.qmp("human-monitor-command",
-                           {"command-line": "info registers", "cpu-index": cpu},
-                           timeout=timeout)
-        level = _CPL.search(str(text))
+        level = _CPL.search(_info_registers(machine, cpu, timeout))
         if level is None:
             raise MachineError(f"QEMU did not show CPU {cpu}'s privilege level")
         if level.group(1) == "3":
