@@ -68,5 +68,9 @@ class IntrospectionError(TransmigrateError):
     """The guest's memory does not hold what we looked for."""
 
 
+class Unrecoverable(IntrospectionError):
+    """Kernel state that cannot be trusted or rebuilt; the message says why in a few words."""
+
+
 class FaultError(TransmigrateError):
     """A fault could not be built, injected or cleared."""

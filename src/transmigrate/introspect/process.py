@@ -26,13 +26,16 @@ from drgn.helpers.linux.mm import PageDirty, PageWriteback, for_each_vma, page_t
 from drgn.helpers.linux.pid import find_task, for_each_task_in_group
 from drgn.helpers.linux.sched import task_cpu, task_on_cpu
 
-from transmigrate.errors import IntrospectionError
+from transmigrate.errors import IntrospectionError, Unrecoverable
+from transmigrate.introspect.epoll import EpollState, read_epoll
 from transmigrate.introspect.kernel import Guest
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
+from transmigrate.introspect.pipes import PipeState, read_pipe
+from transmigrate.introspect.sockets import SocketState, read_socket
 from transmigrate.vm.volume import DATA_MOUNT
 
-__all__ = ["FileState", "Mapping", "ProcessState", "Refusal", "Registers",
+__all__ = ["FileState", "Mapping", "OpenFile", "ProcessState", "Refusal", "Registers",
            "ThreadState", "read_process"]
 
 # Kernel ABI constants (include/linux/sched.h, mm.h, uapi): stable across 6.1 and 6.12.
@@ -56,6 +59,7 @@ CRIU's own dumps."""
 _MAX_VMAS = 65536
 _MAX_FDS = 65536
 _MAX_THREADS = 4096
+_PIPEFS_MAGIC = 0x50495045
 _O_CLOEXEC = 0o2000000
 _PT_REGS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx",
             "dx", "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss")
@@ -111,6 +115,10 @@ class FileState:
     ``_Reader._dirty_pages``); with them, ``size`` is written back too."""
 
 
+OpenFile = FileState | PipeState | EpollState | SocketState
+"""What a descriptor can be that recovery rebuilds."""
+
+
 @dataclass(frozen=True)
 class Mapping:
     start: int
@@ -160,7 +168,7 @@ class ProcessState:
     mappings: list[Mapping]
     pages: list[tuple[int, int]] = field(repr=False)
     """(virtual, physical) of every page CRIU would dump, in address order."""
-    files: dict[int, tuple[FileState, bool]]
+    files: dict[int, tuple[OpenFile, bool]]
     """By descriptor: the file, and whether it is close-on-exec."""
     exe: FileState
     cwd: FileState
@@ -171,6 +179,8 @@ class ProcessState:
     loginuid: int
     oom_score_adj: int
     child_subreaper: bool
+    losses: list[str] = field(default_factory=list)
+    """What the restored process will not have, in a few words each."""
 
     @property
     def leader(self) -> ThreadState:
@@ -219,6 +229,9 @@ class _Reader:
         self.xstate_sizes = [int(x) for x in self.prog["xstate_sizes"]]
         flags = guest.variable("xstate_flags")
         self.xstate_aligned = [bool(int(f) & 2) for f in flags] if flags is not None else None
+        self.file_operations = {
+            self.prog.object(name).address_of_().value_(): name
+            for name in ("pipefifo_fops", "eventpoll_fops", "socket_file_ops")}
 
     def refuse(self, reason: str) -> Refusal:
         return Refusal(self.pid, reason)
@@ -237,7 +250,9 @@ class _Reader:
             personality=int(task.personality),
             rlimits=[(int(r.rlim_cur), int(r.rlim_max)) for r in task.signal.rlim],
             mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
-            files=files, exe=self._file(mm.exe_file, "the executable"),
+            files=files, losses=[loss for state, _ in files.values()
+                                 if isinstance(state, SocketState) for loss in state.losses],
+            exe=self._file(mm.exe_file, "the executable"),
             cwd=self._path(task.fs.pwd), root=self._path(task.fs.root),
             umask=int(task.fs.umask),
             task_flags=int(task.flags) & _PF_RANDOMIZE, loginuid=int(task.loginuid.val),
@@ -511,18 +526,38 @@ class _Reader:
 
     # -- files -----------------------------------------------------------------------
 
-    def _files(self) -> dict[int, tuple[FileState, bool]]:
+    def _files(self) -> dict[int, tuple[OpenFile, bool]]:
         fdt = self.task.files.fdt
         if int(fdt.max_fds) > 1 << 20:
             raise self.refuse("its file table is corrupt")
         cloexec = fdt.close_on_exec
-        result = {}
+        open_files = {}
         for count, (fd, file) in enumerate(for_each_file(self.task)):
             if count >= _MAX_FDS:
                 raise self.refuse("its file table is corrupt (too many files)")
+            open_files[fd] = file
+        by_fd = {fd: file.value_() for fd, file in open_files.items()}
+        result = {}
+        for fd, file in open_files.items():
             word = int(cloexec[fd // 64])
-            result[fd] = (self._file(file, f"fd {fd}"), bool(word >> (fd % 64) & 1))
+            result[fd] = (self._open_file(file, fd, by_fd), bool(word >> (fd % 64) & 1))
         return result
+
+    def _open_file(self, file: drgn.Object, fd: int, by_fd: dict[int, int]) -> OpenFile:
+        kind = self.file_operations.get(file.f_op.value_())
+        try:
+            if kind == "pipefifo_fops":
+                if int(file.f_inode.i_sb.s_magic) != _PIPEFS_MAGIC:
+                    raise Unrecoverable(f"is the FIFO {self._name(file.f_path)} "
+                                        "(not supported yet)")
+                return read_pipe(self.guest, file)
+            if kind == "eventpoll_fops":
+                return read_epoll(file, by_fd)
+            if kind == "socket_file_ops":
+                return read_socket(self.guest, file)
+        except (Unrecoverable, IntrospectionError) as exc:
+            raise self.refuse(f"fd {fd} {exc}") from exc
+        return self._file(file, f"fd {fd}")
 
     def _file(self, file: drgn.Object, what: str) -> FileState:
         if int(file.f_count.counter) <= 0:
@@ -530,9 +565,7 @@ class _Reader:
         inode = file.f_inode
         mode = int(inode.i_mode)
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISCHR(mode)):
-            kind = {stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}.get(
-                stat.S_IFMT(mode), f"a file of mode {mode:o}")
-            raise self.refuse(f"{what} is {kind} (not supported yet)")
+            raise self.refuse(f"{what} is {self._name(file.f_path)} (not supported yet)")
         if stat.S_ISCHR(mode):
             major = int(inode.i_rdev) >> 20
             if major != 1:  # /dev/null, /dev/zero, /dev/urandom ... (mem devices)

@@ -19,6 +19,7 @@ from transmigrate.errors import IntrospectionError, MachineError, TransmigrateEr
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.kernel import Guest, attach
 from transmigrate.introspect.process import Refusal, read_process
+from transmigrate.introspect.sockets import SocketState
 from transmigrate.introspect.tasks import TaskReader
 from transmigrate.migrate.criu import LOG_LEVEL
 from transmigrate.migrate.plan import GUEST_TOOLS
@@ -49,8 +50,11 @@ class ProcessVerdict:
     pid: int
     comm: str = ""
     verdict: str = "refused"
-    """"dumped", "restored", or "refused"."""
+    """"dumped", "restored", "restored with losses" (naming them), or "refused"."""
     reason: str = ""
+    losses: list[str] = field(default_factory=list)
+    connections: int = 0
+    """Established TCP connections, rebuilt in repair mode (``--tcp-established``)."""
     pages: int = 0
     images: str = ""
     binaries: dict[str, int] = field(default_factory=dict)
@@ -130,6 +134,10 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 continue
             verdict.comm = state.leader.comm
             verdict.own_session = state.sid == state.pid
+            verdict.losses = state.losses
+            verdict.connections = sum(
+                1 for file, _ in state.files.values()
+                if isinstance(file, SocketState) and file.stream is not None)
             verdict.binaries = {state.exe.path: state.exe.size, **{
                 m.file.path: m.file.size for m in state.mappings if m.file is not None}}
             directory = out / str(pid)
@@ -264,10 +272,11 @@ def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[Pro
         mark = time.monotonic()
         work = f"{RESTORE_WORK}/{verdict.pid}"
         progress(f"restoring {verdict.pid} ({verdict.comm}) on {target.record.kernel}")
-        shell_job = "" if verdict.own_session else " --shell-job"
+        options = ("" if verdict.own_session else " --shell-job") + (
+            " --tcp-established" if verdict.connections else "")
         restored = agent.exec(["sh", "-c", f"mkdir -p {work} && exec criu restore -D "
                                f"{GUEST_IMAGES}/{verdict.pid} -W {work} --restore-detached"
-                               f"{shell_job} -o restore.log {LOG_LEVEL}"], timeout=300)
+                               f"{options} -o restore.log {LOG_LEVEL}"], timeout=300)
         if restored.exit_code != 0:
             log = agent.exec(["sh", "-c", f"grep -E 'Error|error' {work}/restore.log | "
                                           "head -1"]).text.strip()
@@ -276,7 +285,7 @@ def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[Pro
                     agent.exec(["cat", f"{work}/restore.log"]).stdout)
             raise TransmigrateError(f"criu restore of {verdict.pid} failed in "
                                     f"{target.name}: {log or f'exit {restored.exit_code}'}")
-        verdict.verdict = "restored"
+        verdict.verdict = "restored with losses" if verdict.losses else "restored"
         steps[f"restore {verdict.pid}"] = round(time.monotonic() - mark, 3)
     alive = agent.exec(["sh", "-c", " && ".join(f"kill -0 {v.pid}" for v in dumped)])
     if alive.exit_code != 0:

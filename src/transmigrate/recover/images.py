@@ -9,21 +9,26 @@ golden test compares the two field by field); ids are ours.
 
 from __future__ import annotations
 
+import base64
 import io
 import stat
 import struct
 from pathlib import Path
 from typing import Any
 
+from transmigrate.introspect.epoll import EpollState
 from transmigrate.introspect.pagetable import PAGE
+from transmigrate.introspect.pipes import PipeState
 from transmigrate.introspect.process import (
     FileState,
     Mapping,
+    OpenFile,
     ProcessState,
     Registers,
     ThreadState,
 )
 from transmigrate.introspect.ram import GuestRam
+from transmigrate.introspect.sockets import SocketState
 
 __all__ = ["WRITEBACK", "write_images"]
 
@@ -51,6 +56,12 @@ DONTFORK, DONTDUMP, HUGEPAGE, NOHUGEPAGE, MERGEABLE."""
 _NAMESPACES = ("pid_ns_id", "net_ns_id", "ipc_ns_id", "uts_ns_id", "time_ns_id",
                "mnt_ns_id", "user_ns_id", "cgroup_ns_id")
 """In the order CRIU numbers the root namespaces; every process shares the VM's."""
+_NETWORK_LOCK_NFTABLES = 1
+"""How ``criu restore --tcp-established`` keeps packets off a connection it rebuilds:
+with nftables, which the guest image has (CRIU's default would be iptables)."""
+_FOWN = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
+_FDINFO_TYPES = {FileState: "REG", PipeState: "PIPE", EpollState: "EVENTPOLL",
+                 SocketState: "INETSK"}
 
 
 class _Ids:
@@ -81,15 +92,22 @@ def write_images(process: ProcessState, ram: GuestRam, directory: Path) -> list[
         if number not in files:
             entry: dict[str, Any] = {
                 "id": number, "flags": 0 if mapped else state.flags,
-                "pos": 0 if mapped else state.pos,
-                "fown": {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0},
+                "pos": 0 if mapped else state.pos, "fown": _FOWN,
                 "name": state.path, "mode": state.mode}
             if mapped and stat.S_ISREG(state.mode):
                 entry["size"] = state.size
             files[number] = {"type": "REG", "id": number, "reg": entry}
         return number
 
-    fdinfo = [{"id": file_id(state), "flags": int(cloexec), "type": "REG", "fd": fd}
+    def open_file_id(state: OpenFile) -> int:
+        if isinstance(state, FileState):
+            return file_id(state)
+        number = ids(state.key)
+        files.setdefault(number, _file_entry(state, number))
+        return number
+
+    fdinfo = [{"id": open_file_id(state), "flags": int(cloexec),
+               "type": _FDINFO_TYPES[type(state)], "fd": fd}
               for fd, (state, cloexec) in sorted(process.files.items())]
     exe_id = file_id(process.exe, mapped=True)
     vmas = [_vma(mapping, file_id) for mapping in process.mappings]
@@ -98,7 +116,7 @@ def write_images(process: ProcessState, ram: GuestRam, directory: Path) -> list[
     written = [
         _dump(directory / "inventory.img", "INVENTORY", [{
             "img_version": 2, "fdinfo_per_id": True, "root_ids": root_ids, "ns_per_id": True,
-            "lsmtype": "NO_LSM", "network_lock_method": 0}]),
+            "lsmtype": "NO_LSM", "network_lock_method": _NETWORK_LOCK_NFTABLES}]),
         _dump(directory / "pstree.img", "PSTREE", [{
             "pid": pid, "ppid": 0, "pgid": process.pgid, "sid": process.sid,
             "threads": [t.tid for t in process.threads]}]),
@@ -111,12 +129,59 @@ def write_images(process: ProcessState, ram: GuestRam, directory: Path) -> list[
         _dump(directory / "files.img", "FILES", [files[n] for n in sorted(files)]),
     ]
     written += _pages(process, ram, directory)
-    referenced = [*(state for state, _ in process.files.values()), process.exe,
+    written += _streams(process, directory)
+    referenced = [*(state for state, _ in process.files.values()
+                    if isinstance(state, FileState)), process.exe,
                   *(m.file for m in process.mappings if m.file is not None)]
     dirty = {state.path: state for state in referenced if state.dirty}
     if dirty:
         written.append(_writeback(list(dirty.values()), ram, directory / WRITEBACK))
     return written
+
+
+def _file_entry(state: OpenFile, number: int) -> dict[str, Any]:
+    """files.img's entry for a descriptor that is not a regular file."""
+    if isinstance(state, PipeState):
+        return {"type": "PIPE", "id": number, "pipe": {
+            "id": number, "pipe_id": state.pipe_id, "flags": state.flags, "fown": _FOWN}}
+    if isinstance(state, EpollState):
+        return {"type": "EVENTPOLL", "id": number, "epfd": {
+            "id": number, "flags": state.flags, "fown": _FOWN,
+            "tfd": [{"id": 0, "tfd": t.fd, "events": t.events, "data": t.data,
+                     "dev": t.dev, "inode": t.inode, "pos": t.pos} for t in state.targets]}}
+    assert isinstance(state, SocketState)
+    return {"type": "INETSK", "id": number, "isk": {
+        "id": number, "ino": state.ino, "family": state.family, "type": "STREAM",
+        "proto": "TCP", "state": state.state, "src_port": state.src_port,
+        "dst_port": state.dst_port, "flags": state.flags, "backlog": state.backlog,
+        "src_addr": [state.src_addr], "dst_addr": [state.dst_addr], "fown": _FOWN,
+        "opts": state.options, "ip_opts": {}, "ns_id": 2,
+        **({"v6only": state.v6only} if state.family == "INET6" else {}),
+        **({"shutdown": state.shutdown} if state.shutdown else {})}}
+
+
+def _streams(process: ProcessState, directory: Path) -> list[Path]:
+    """The bytes in flight: each pipe's (once, though both ends are open) in
+    pipes-data.img, and each connection's queues in tcp-stream-<inode>.img."""
+    open_files = [state for state, _ in process.files.values()]
+    pipes = {p.pipe_id: p for p in open_files if isinstance(p, PipeState)}
+    written = []
+    if pipes:
+        written.append(_dump(directory / "pipes-data.img", "PIPES_DATA", [
+            {"pipe_id": p.pipe_id, "bytes": len(p.data), "size": p.size,
+             "extra": _base64(p.data)} for p in pipes.values()]))
+    for state in open_files:
+        if isinstance(state, SocketState) and state.stream is not None:
+            stream = state.stream
+            written.append(_dump(directory / f"tcp-stream-{state.ino:x}.img", "TCP_STREAM", [
+                {**stream.fields,
+                 "extra": {"inq": _base64(stream.inq), "outq": _base64(stream.outq)}}]))
+    return written
+
+
+def _base64(data: bytes) -> str:
+    """pycriu carries the raw bytes after an entry as base64 text."""
+    return base64.encodebytes(data).decode()
 
 
 def _writeback(files: list[FileState], ram: GuestRam, path: Path) -> Path:

@@ -1,0 +1,269 @@
+"""TCP sockets as a stopped kernel holds them: addresses, options, and for an
+established connection its sequence numbers, windows and the bytes in both queues.
+
+This is what CRIU's socket dump asks the kernel for (``sock_diag``, getsockopt,
+``TCP_REPAIR``), read from ``struct tcp_sock`` instead. With it ``criu restore
+--tcp-established`` rebuilds the connection in repair mode on the new kernel, and
+the peer, which never saw the old kernel die, goes on talking: the bytes it had
+sent and the old kernel acknowledged are in the receive queue, the bytes it has
+not acknowledged yet are in the send queue and are sent again.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import drgn
+from drgn.helpers.linux.mm import page_to_phys
+from drgn.helpers.linux.net import skb_shinfo
+from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
+
+from transmigrate.errors import Unrecoverable
+from transmigrate.introspect.kernel import Guest
+
+__all__ = ["SocketState", "TcpStream", "read_socket"]
+
+# include/net/tcp_states.h, uapi; the same in 6.1 and 6.12.
+_TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
+_TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
+               5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
+               10: "LISTEN", 11: "CLOSING"}
+_FAMILIES: dict[int, str] = {socket.AF_INET: "INET", socket.AF_INET6: "INET6"}
+_TCP_NAGLE_OFF, _TCP_NAGLE_CORK = 1, 2
+_TCPI_OPT_TIMESTAMPS, _TCPI_OPT_SACK, _TCPI_OPT_WSCALE = 1, 2, 4
+_TCPHDR_FIN = 0x01
+_SOCK_BUF_LOCKS = 0x3
+"""SOCK_SNDBUF_LOCK | SOCK_RCVBUF_LOCK: what SO_BUF_LOCK reports."""
+_MAX_SCHEDULE_TIMEOUT = (1 << 63) - 1
+_MAX_QUEUED = 64 << 20
+"""More queued bytes than any socket buffer holds: the queue is corrupt."""
+
+
+@dataclass(frozen=True)
+class TcpStream:
+    """An established connection's state (CRIU's tcp_stream_entry) and queued bytes."""
+
+    fields: dict[str, int | bool]
+    inq: bytes
+    """Received and acknowledged, not yet read by the process."""
+    outq: bytes
+    """Written by the process, not yet acknowledged by the peer (sent or not)."""
+
+
+@dataclass(frozen=True)
+class SocketState:
+    """A TCP socket (CRIU's inet_sk_entry), and its stream if it is connected."""
+
+    key: int
+    """The ``struct file``."""
+    ino: int
+    flags: int
+    family: str
+    state: str
+    src_port: int
+    dst_port: int
+    src_addr: str
+    dst_addr: str
+    backlog: int
+    v6only: bool
+    shutdown: int
+    options: dict[str, int | bool]
+    """CRIU's sk_opts_entry, as getsockopt would give each."""
+    stream: TcpStream | None
+    losses: tuple[str, ...] = ()
+    """What the restore will not have, in a few words each (connections a listening
+    socket had accepted and the process had not taken yet)."""
+
+
+def read_socket(guest: Guest, file: drgn.Object) -> SocketState:
+    """Read the socket open as ``file``; raise :class:`Unrecoverable` for a kind not
+    rebuilt yet, or one caught mid-update."""
+    sock = drgn.cast("struct socket *", file.private_data)
+    sk = sock.sk
+    if not sk:
+        raise Unrecoverable("is a socket without a sock (being closed)")
+    common = sk.__sk_common
+    family = int(common.skc_family)
+    if family not in _FAMILIES:
+        kinds: dict[int, str] = {socket.AF_UNIX: "a UNIX", socket.AF_NETLINK: "a netlink",
+                                 socket.AF_PACKET: "a packet"}
+        kind = kinds.get(family, f"a family-{family}")
+        raise Unrecoverable(f"is {kind} socket (not supported yet)")
+    if int(sock.type) != socket.SOCK_STREAM or int(sk.sk_protocol) != socket.IPPROTO_TCP:
+        raise Unrecoverable(f"is a non-TCP internet socket (type {int(sock.type)}, "
+                            f"protocol {int(sk.sk_protocol)}; not supported yet)")
+    if int(sk.sk_lock.owned) or int(sk.sk_lock.slock.rlock.raw_lock.val.counter):
+        raise Unrecoverable("is a socket caught mid-update (its lock held)")
+    state = int(common.skc_state)
+    if state not in (_TCP_ESTABLISHED, _TCP_LISTEN):
+        raise Unrecoverable(f"is a TCP socket in state {_TCP_STATES.get(state, state)} "
+                            "(not supported yet)")
+    tcp = drgn.cast("struct tcp_sock *", sk)
+    if int(tcp.repair):
+        raise Unrecoverable("is a TCP socket already in repair mode")
+    source, destination = _addresses(common, family)
+    losses: tuple[str, ...] = ()
+    if state == _TCP_LISTEN:
+        pending = int(drgn.cast("struct inet_connection_sock *", sk)
+                      .icsk_accept_queue.qlen.counter)
+        if pending:
+            losses = (f"{pending} connection(s) not yet accepted on port "
+                      f"{int(common.skc_num)}",)
+    hz = round(1e9 / int(guest.prog["tick_nsec"]))
+    return SocketState(
+        key=file.value_(), ino=int(file.f_inode.i_ino), flags=int(file.f_flags),
+        family=_FAMILIES[family], state=_TCP_STATES[state],
+        src_port=int(common.skc_num),
+        dst_port=int.from_bytes(common.skc_dport.to_bytes_(), "big"),
+        src_addr=source, dst_addr=destination,
+        backlog=int(sk.sk_max_ack_backlog) if state == _TCP_LISTEN else 0,
+        v6only=bool(common.skc_ipv6only), shutdown=int(sk.sk_shutdown),
+        options=_options(guest, sk, tcp, hz),
+        stream=_stream(guest, sk, tcp) if state == _TCP_ESTABLISHED else None,
+        losses=losses)
+
+
+def _addresses(common: drgn.Object, family: int) -> tuple[str, str]:
+    """Local and remote address, from their bytes (network order)."""
+    if family == socket.AF_INET:
+        pair = (common.skc_rcv_saddr, common.skc_daddr)
+    else:
+        pair = (common.skc_v6_rcv_saddr, common.skc_v6_daddr)
+    local, remote = (socket.inet_ntop(family, address.to_bytes_()) for address in pair)
+    return local, remote
+
+
+def _options(guest: Guest, sk: drgn.Object, tcp: drgn.Object, hz: int) -> dict[str, int | bool]:
+    """What CRIU's dump_socket_opts reads with getsockopt."""
+    prog = guest.prog
+    flags = int(sk.__sk_common.skc_flags)
+
+    def flag(name: str) -> bool:
+        return bool(flags >> prog[name].value_() & 1)
+
+    def timeout(jiffies: int) -> tuple[int, int]:
+        if jiffies >= _MAX_SCHEDULE_TIMEOUT:
+            return 0, 0
+        return jiffies // hz, jiffies % hz * 1_000_000 // hz
+
+    net = sk.__sk_common.skc_net.net.ipv4
+    snd_sec, snd_usec = timeout(int(sk.sk_sndtimeo))
+    rcv_sec, rcv_usec = timeout(int(sk.sk_rcvtimeo))
+    options: dict[str, int | bool] = {
+        "so_sndbuf": int(sk.sk_sndbuf), "so_rcvbuf": int(sk.sk_rcvbuf),
+        "so_snd_tmo_sec": snd_sec, "so_snd_tmo_usec": snd_usec,
+        "so_rcv_tmo_sec": rcv_sec, "so_rcv_tmo_usec": rcv_usec,
+        "reuseaddr": bool(sk.__sk_common.skc_reuse), "so_priority": int(sk.sk_priority),
+        "so_rcvlowat": int(sk.sk_rcvlowat), "so_mark": int(sk.sk_mark),
+        "so_passcred": False, "so_passsec": False,
+        "so_dontroute": flag("SOCK_LOCALROUTE"), "so_no_check": bool(sk.sk_no_check_tx),
+        "so_reuseport": bool(sk.__sk_common.skc_reuseport),
+        "so_broadcast": flag("SOCK_BROADCAST"), "so_keepalive": flag("SOCK_KEEPOPEN"),
+        "tcp_keepcnt": int(tcp.keepalive_probes) or int(net.sysctl_tcp_keepalive_probes),
+        "tcp_keepidle": (int(tcp.keepalive_time) or int(net.sysctl_tcp_keepalive_time)) // hz,
+        "tcp_keepintvl": (int(tcp.keepalive_intvl)
+                          or int(net.sysctl_tcp_keepalive_intvl)) // hz,
+        "so_oobinline": int(flag("SOCK_URGINLINE")),
+        "so_buf_lock": int(sk.sk_userlocks) & _SOCK_BUF_LOCKS}
+    if flag("SOCK_LINGER"):
+        options["so_linger"] = int(sk.sk_lingertime) // hz
+    return options
+
+
+def _stream(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> TcpStream:
+    """What soccr (CRIU's TCP library) reads in repair mode, and the queued bytes: the
+    receive queue from ``copied_seq`` to ``rcv_nxt``, the send queue from ``snd_una``
+    to ``write_seq`` (the retransmit tree, then the unsent list). The out-of-order queue
+    is dropped, as CRIU does: the peer sends it again."""
+    seq = {name: int(tcp.member_(name)) for name in (
+        "snd_una", "snd_nxt", "write_seq", "rcv_nxt", "copied_seq", "snd_wl1", "snd_wnd",
+        "max_window", "rcv_wnd", "rcv_wup", "tsoffset", "tcp_mstamp")}
+    options = tcp.rx_opt
+    inq = _queued(guest, _skb_list(sk.sk_receive_queue), seq["copied_seq"], seq["rcv_nxt"],
+                  "receive")
+    outq = _queued(guest, [*rbtree_inorder_for_each_entry(
+        "struct sk_buff", sk.tcp_rtx_queue.address_of_(), "rbnode"),
+        *_skb_list(sk.sk_write_queue)], seq["snd_una"], seq["write_seq"], "send")
+    mask = ((_TCPI_OPT_TIMESTAMPS if int(options.tstamp_ok) else 0)
+            | (_TCPI_OPT_SACK if int(options.sack_ok) else 0)
+            | (_TCPI_OPT_WSCALE if int(options.wscale_ok) else 0))
+    nagle = int(tcp.nonagle)
+    fields: dict[str, int | bool] = {
+        "inq_len": len(inq), "inq_seq": seq["rcv_nxt"],
+        "outq_len": len(outq), "outq_seq": seq["write_seq"],
+        "opt_mask": mask, "snd_wscale": int(options.snd_wscale),
+        "mss_clamp": int(options.mss_clamp), "rcv_wscale": int(options.rcv_wscale),
+        # TCP_TIMESTAMP: the clock the peer last saw from us (tcp_time_stamp_ts).
+        "timestamp": (seq["tcp_mstamp"] // 1000 + seq["tsoffset"]) & 0xFFFF_FFFF,
+        "nodelay": bool(nagle & _TCP_NAGLE_OFF),
+        "unsq_len": (seq["write_seq"] - seq["snd_nxt"]) & 0xFFFF_FFFF,
+        **{name: seq[name] for name in ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd",
+                                        "rcv_wup")}}
+    if nagle & _TCP_NAGLE_CORK:  # CRIU writes it only when set
+        fields["cork"] = True
+    return TcpStream(fields=fields, inq=inq, outq=outq)
+
+
+def _skb_list(head: drgn.Object) -> Iterator[drgn.Object]:
+    """The buffers of an ``sk_buff_head``, bounded by its count."""
+    end = head.address_of_().value_()
+    skb = head.next
+    for _ in range(int(head.qlen)):
+        if skb.value_() == end:
+            raise Unrecoverable("has a socket queue shorter than its count")
+        yield skb
+        skb = skb.next
+    if skb.value_() != end:
+        raise Unrecoverable("has a socket queue longer than its count")
+
+
+def _queued(guest: Guest, buffers: Iterator[drgn.Object] | list[drgn.Object], start: int,
+            end: int, which: str) -> bytes:
+    """The bytes from sequence number ``start`` to ``end``, gathered from ``buffers``
+    in order; they must cover that span without a gap."""
+    wanted = (end - start) & 0xFFFF_FFFF
+    if wanted > _MAX_QUEUED:
+        raise Unrecoverable(f"has a corrupt {which} queue ({wanted} bytes)")
+    data = bytearray()
+    for skb in buffers:
+        if len(data) == wanted:
+            break
+        control = drgn.cast("struct tcp_skb_cb *", skb.cb.address_of_())
+        first = int(control.seq)
+        skip = (start + len(data) - first) & 0xFFFF_FFFF
+        payload = _payload(guest, skb)
+        if skip >= 1 << 31:  # a gap before this buffer
+            raise Unrecoverable(f"has a {which} queue with a gap")
+        data += payload[skip:skip + wanted - len(data)]
+    if len(data) != wanted:
+        raise Unrecoverable(f"has a {which} queue that does not hold its bytes "
+                            f"({len(data)} of {wanted})")
+    return bytes(data)
+
+
+def _payload(guest: Guest, skb: drgn.Object) -> bytes:
+    """A buffer's data: its linear part, then its page fragments."""
+    length, paged = int(skb.len), int(skb.data_len)
+    if not 0 <= paged <= length <= _MAX_QUEUED:
+        raise Unrecoverable("has a corrupt socket buffer")
+    info = skb_shinfo(skb)
+    if info.frag_list:
+        raise Unrecoverable("has a socket buffer with a fragment list (not supported)")
+    parts = [guest.read(int(skb.data), length - paged)] if length > paged else []
+    for index in range(int(info.nr_frags)):
+        frag = info.frags[index]
+        if guest.has("skb_frag_t", "bv_page"):  # 6.1: a bio_vec
+            page, offset, size = frag.bv_page, int(frag.bv_offset), int(frag.bv_len)
+        else:  # 6.12: a netmem reference, a page unless its low bit says otherwise
+            netmem = int(frag.netmem)
+            if netmem & 1:
+                raise Unrecoverable("has a socket buffer in device memory")
+            page = drgn.Object(guest.prog, "struct page *", netmem)
+            offset, size = int(frag.offset), int(frag.len)
+        parts.append(bytes(guest.ram.read(int(page_to_phys(page)) + offset, size)))
+    data = b"".join(parts)
+    if len(data) != length:
+        raise Unrecoverable("has a socket buffer whose fragments do not add up")
+    return data
