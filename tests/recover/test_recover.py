@@ -35,7 +35,7 @@ from transmigrate.introspect.kernel import attach
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.recover import dump, recover
+from transmigrate.orchestrate.recover import dump, prepare_standby, recover
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
 
 from ..conftest import cli
@@ -213,8 +213,9 @@ def _non_regular_files(directory: Path) -> dict[int, tuple[str, dict[str, Any]]]
 def test_redis_under_load_survives_the_death_of_its_kernel(prepared: Host,
                                                            tmp_path: Path) -> None:
     """redis with keys on the data volume (AOF, appendfsync everysec), an idle client
-    and one under load; the 6.1 kernel panics; redis is rebuilt on 6.12 from the dead
-    RAM with its pipe, epoll set, listening socket and both connections. The pipe, the
+    and one under load, and a warm standby on 6.12; the 6.1 kernel panics; redis is
+    rebuilt on the standby from the dead RAM with its pipe, epoll set, listening socket
+    and both connections. The pipe, the
     epoll set and the idle connection match CRIU's own dump of them; both clients go on
     on their connections with no reply lost or repeated; the AOF holds every
     acknowledged write (redis restarted from it has them all)."""
@@ -239,6 +240,7 @@ def test_redis_under_load_survives_the_death_of_its_kernel(prepared: Host,
                           what="criu dump", timeout=120).stdout
         with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
             archive.extractall(tmp_path / "golden")
+        prepare_standby(prepared, name, STANDBY_KERNEL)
         load = LoadClient(prepared, address)
         time.sleep(2)
         _panic(prepared, name)
@@ -267,6 +269,7 @@ def test_redis_under_load_survives_the_death_of_its_kernel(prepared: Host,
         report = recover(prepared, name, STANDBY_KERNEL, processes=["redis-server"])
         verdict = report.processes[0]
         assert verdict.verdict == "restored" and verdict.connections == 2, verdict
+        assert report.warm_standby and "boot standby" not in report.steps, report
         idle.stdin.write(b"GET idle\n")
         idle.stdin.flush()
         assert idle.stdout.readline() == b"before\n", "the idle connection answers"
@@ -288,7 +291,7 @@ def test_redis_under_load_survives_the_death_of_its_kernel(prepared: Host,
             if client is not None:
                 client.kill()
                 client.wait()
-        for vm in (name, f"{name}-dead"):
+        for vm in (name, f"{name}-dead", f"{name}-standby"):
             if any(m.name == vm for m in prepared.machines.all()):
                 lifecycle.down(prepared, vm)
 

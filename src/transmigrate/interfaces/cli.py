@@ -509,6 +509,23 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
 
 
 @app.command()
+def standby(name: Annotated[str, typer.Argument(help="VM to keep a warm standby for.")],
+            kernel: Annotated[str | None, typer.Option(
+                "--kernel", "-k", help="Kernel of the standby (default: the same).")] = None,
+            json_: JsonOption = False) -> None:
+    """Boot NAME-standby: NAME's identity and data volume, off the network, ready for
+    `recover` to restore onto without waiting for a boot."""
+    machine = recover_job.prepare_standby(Host.from_environment(), name, kernel,
+                                          progress=_Progress())
+    if json_:
+        _emit_json({"name": machine.name, "kernel": machine.record.kernel,
+                    "standby_for": name})
+        return
+    out.print(f"{machine.name} is ready on {machine.record.kernel}: `recover {name}` "
+              "restores onto it", markup=False)
+
+
+@app.command()
 def demo(json_: JsonOption = False) -> None:
     """Live-update redis under load from Linux 6.1 to 6.12, and show the proof."""
     report = demo_job.run(Host.from_environment(), progress=_Progress())

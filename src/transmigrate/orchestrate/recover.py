@@ -41,8 +41,12 @@ RESTORE_WORK = "/var/lib/transmigrate/recover"
 _MOUNT_IMPORT = (
     f"for d in /sys/block/vd*; do s=; read -r s 2>/dev/null < $d/serial; "
     f"[ \"$s\" = {IMPORT_SERIAL} ] && dev=/dev/${{d##*/}}; done; "
-    f"mkdir -p {GUEST_IMAGES} && mount -o ro -t ext4 \"$dev\" {GUEST_IMAGES}")
-"""Find the images disk by its serial (device names do not matter) and mount it."""
+    f"mkdir -p {GUEST_IMAGES} && blockdev --flushbufs \"$dev\" && "
+    f"mount -o ro -t ext4 \"$dev\" {GUEST_IMAGES}")
+"""Find the images disk by its serial (device names do not matter) and mount it; a warm
+standby's was empty when it booted, so what its kernel cached of it is dropped first."""
+STANDBY_SUFFIX = "-standby"
+"""A warm standby for VM NAME is NAME-standby."""
 
 
 @dataclass
@@ -175,6 +179,8 @@ class RecoverReport:
     steps: dict[str, float]
     stop_to_serving_seconds: float
     """From the VM's stop to every recovered process running on the new kernel."""
+    warm_standby: bool
+    """Whether a warm standby (``prepare_standby``) took over, or a new VM was booted."""
     dead_vm: str
     """The old VM, kept paused for diagnosis until ``down``."""
     memory_dump: str
@@ -219,15 +225,17 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
                                      images, steps, progress)
     except BaseException:
         progress(f"recovery failed: {name} keeps its name, the new VM is removed")
-        with contextlib.suppress(TransmigrateError):
-            standby = host.machines.get(f"{name}-next")
-            host.machines.remove(standby, keep_network=True)
+        for standby in (f"{name}-next", f"{name}{STANDBY_SUFFIX}"):
+            with contextlib.suppress(TransmigrateError):
+                host.machines.remove(host.machines.get(standby), keep_network=True)
         host.machines.rename(dead, name)
         if before == "running":
             dead.qmp("cont")
         raise
     serving = time.monotonic() - start
     host.machines.take_over(target, name)
+    if target.record.import_disk:  # QEMU holds it open; the images stay in their directory
+        Path(target.record.import_disk).unlink(missing_ok=True)
     dump_path = dead.directory / "memory.kdump"
     with contextlib.suppress(MachineError):  # for diagnosis; the service does not wait
         dead.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{dump_path}",
@@ -236,27 +244,37 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     return RecoverReport(
         vm=name, kernel_before=checkpoint.kernel, kernel_after=target.record.kernel,
         state_before=before, processes=checkpoint.processes, steps=steps,
-        stop_to_serving_seconds=round(serving, 3), dead_vm=dead.name,
+        stop_to_serving_seconds=round(serving, 3), warm_standby="boot standby" not in steps,
+        dead_vm=dead.name,
         memory_dump=str(dump_path))
 
 
 def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[ProcessVerdict],
                         images: Path, steps: dict[str, float], progress: Progress) -> Machine:
-    """Boot the new VM with the old one's identity and volume, and the images on a disk
-    of their own; write back the dirty page cache; restore; hand the address over."""
+    """Take NAME's warm standby on ``kernel`` and write the images onto its empty disk,
+    or boot a new VM with the old one's identity and volume and the images on a disk of
+    their own; write back the dirty page cache; restore; hand the address over."""
     name = dead.name.removesuffix("-dead")
     mark = time.monotonic()
-    disk = directory_disk(images, images.with_suffix(".img"))
-    steps["images disk"] = round(time.monotonic() - mark, 3)
-    mark = time.monotonic()
-    try:
-        target = up(host, f"{name}-next", kernel, memory_mib=dead.record.memory_mib,
-                    cpus=dead.record.cpus, standby_for=dead, import_disk=disk,
-                    pid_base=max(v.pid for v in dumped) + STANDBY_PID_MARGIN,
-                    progress=progress).machine
-    finally:
-        disk.unlink()  # QEMU holds it open; the images stay in their directory
-    steps["boot standby"] = round(time.monotonic() - mark, 3)
+    warm = _warm_standby(host, name, kernel)
+    if warm is not None:
+        progress(f"writing the images onto {warm.name}'s disk (a warm standby on "
+                 f"{warm.record.kernel})")
+        directory_disk(images, Path(warm.record.import_disk), fill=True)
+        steps["images disk"] = round(time.monotonic() - mark, 3)
+        target = warm
+    else:
+        disk = directory_disk(images, images.with_suffix(".img"))
+        steps["images disk"] = round(time.monotonic() - mark, 3)
+        mark = time.monotonic()
+        try:
+            target = up(host, f"{name}-next", kernel, memory_mib=dead.record.memory_mib,
+                        cpus=dead.record.cpus, standby_for=dead, import_disk=disk,
+                        pid_base=max(v.pid for v in dumped) + STANDBY_PID_MARGIN,
+                        progress=progress).machine
+        finally:
+            disk.unlink()  # QEMU holds it open; the images stay in their directory
+        steps["boot standby"] = round(time.monotonic() - mark, 3)
     agent = host.agent(target)
     mark = time.monotonic()
     progress(f"mounting the data volume in {target.name} (its journal replays)")
@@ -293,6 +311,40 @@ def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[Pro
     host.network.detach(dead.record.service_tap)
     host.network.attach(target.record.service_tap)
     return target
+
+
+def prepare_standby(host: Host, name: str, kernel_spec: str | None = None, *,
+                    progress: Progress = silent) -> Machine:
+    """Boot a warm standby for VM ``name`` on ``kernel_spec`` (default: the same kernel):
+    NAME-standby, with NAME's identity and volume (off the network, unmounted) and an
+    empty disk that `recover` fills with the images, so a recovery does not wait for a
+    boot. Its pids start far above NAME's."""
+    active = host.machines.get(name)
+    standby = f"{name}{STANDBY_SUFFIX}"
+    if any(m.name == standby for m in host.machines.all()):
+        raise TransmigrateError(f"{name} has a standby already ({standby})")
+    disk = paths.data_dir() / "recover" / f"{standby}.import"
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    with open(disk, "wb") as handle:  # sparse: the images of all of its memory fit
+        handle.truncate((active.record.memory_mib * 5 // 4 + 256) << 20)
+    try:
+        return up(host, standby, kernel_spec or active.record.kernel,
+                  memory_mib=active.record.memory_mib, cpus=active.record.cpus,
+                  standby_for=active, import_disk=disk, progress=progress).machine
+    except BaseException:
+        disk.unlink(missing_ok=True)
+        raise
+
+
+def _warm_standby(host: Host, name: str, kernel: str) -> Machine | None:
+    """NAME's warm standby, if it runs on ``kernel``."""
+    standby = next((m for m in host.machines.all() if m.name == f"{name}{STANDBY_SUFFIX}"),
+                   None)
+    if standby is None or standby.status() != "running" or not standby.record.import_disk:
+        return None
+    if host.catalog.resolve(kernel) != standby.record.kernel:
+        return None
+    return standby
 
 
 def _check_binaries(agent: GuestAgent, where: str, dumped: list[ProcessVerdict]) -> None:

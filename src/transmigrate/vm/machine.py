@@ -197,6 +197,8 @@ class Machine:
                         os.kill(pid, signal.SIGKILL)
                 self._wait_gone(_KILLED_EXIT_SECONDS)
         self.ram_path.unlink(missing_ok=True)
+        if self.record.import_disk:  # a warm standby's, never filled
+            Path(self.record.import_disk).unlink(missing_ok=True)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transmigrate.errors import TransmigrateError
 from transmigrate.process import run
 
 __all__ = ["DATA_MOUNT", "create_volume", "directory_disk"]
@@ -30,14 +31,21 @@ def create_volume(path: Path, size_mib: int = 4096) -> None:
     tmp.replace(path)
 
 
-def directory_disk(directory: Path, path: Path) -> Path:
+def directory_disk(directory: Path, path: Path, *, fill: bool = False) -> Path:
     """A raw ext4 disk at ``path`` holding a copy of ``directory``, built on the host
-    (mke2fs -d): how the host hands a guest many megabytes at disk speed."""
+    (mke2fs -d): how the host hands a guest many megabytes at disk speed. With ``fill``,
+    ``path`` is an existing disk (a warm standby's, attached already) kept at its size."""
     files = [f for f in directory.rglob("*") if f.is_file()]
     used = sum(f.stat().st_size for f in files)
     size_kib = (used * 11 // 10 + (len(files) + 64) * 8192) // 1024 + 8192
-    with open(path, "wb") as handle:
-        handle.truncate(size_kib * 1024)
+    if fill:
+        if path.stat().st_size < size_kib * 1024:
+            raise TransmigrateError(
+                f"the images need {size_kib >> 10} MiB; the standby's disk {path} holds "
+                f"{path.stat().st_size >> 20} MiB")
+    else:
+        with open(path, "wb") as handle:
+            handle.truncate(size_kib * 1024)
     run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "tm-import",
          "-N", str(len(files) + 256), "-E", "root_owner=0:0", "-d", directory, path])
     return path
