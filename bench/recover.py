@@ -6,7 +6,8 @@ every 100 ms, or redis (``--program redis``) holding N MiB of keys in its AOF on
 data volume, with a client INCRementing on one connection. Its kernel panics
 (sysrq-c); then, per size:
 
-- recover: `recover` onto a new VM on the same kernel; the time from the VM's stop to
+- recover: `recover` onto a new VM on the same kernel (for redis also onto a warm
+  standby booted beforehand, as a guard keeps one); the time from the VM's stop to
   the restored process running, and to its answering (the counter's next line; redis
   answering a new client); for redis the longest silence the client's connection saw;
   and the host-side read rate (process memory read from the dead RAM and written as
@@ -35,7 +36,7 @@ from transmigrate.guest.agent import GuestAgent
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.recover import recover
+from transmigrate.orchestrate.recover import prepare_standby, recover
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
 
 VM = "bench-rec"
@@ -88,10 +89,10 @@ def _panic(host: Host) -> float:
 
 
 def _fill_redis(host: Host, mib: int) -> None:
-    """N MiB of 1000-byte values, written from the client's side through redis-cli
+    """N MiB of 8000-byte values, written from the client's side through redis-cli
     --pipe, and in the AOF before the kernel dies (appendfsync everysec)."""
-    count = mib * 2**20 // 1100
-    commands = "".join(f"SET key:{i} {'x' * 1000}\r\n" for i in range(count)).encode()
+    count = mib * 2**20 // 8192
+    commands = "".join(f"SET key:{i} {'x' * 8000}\r\n" for i in range(count)).encode()
     address = host.machines.get(VM).record.ip
     subprocess.run([*host.network.prefix(), "redis-cli", "-h", address, "--pipe"],
                    input=commands, check=True, capture_output=True, timeout=1800)
@@ -113,11 +114,13 @@ def _wait_redis(host: Host, timeout: float = 600) -> None:
         time.sleep(0.05)
 
 
-def _recover_redis(host: Host, mib: int) -> dict[str, Any]:
+def _recover_redis(host: Host, mib: int, *, warm: bool) -> dict[str, Any]:
     lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=_memory(mib), progress=_progress)
     try:
         start_redis(host, VM)
         _fill_redis(host, mib)
+        if warm:
+            prepare_standby(host, VM, progress=_progress)
         client = LoadClient(host, host.machines.get(VM).record.ip)
         time.sleep(2)
         _panic(host)
@@ -140,7 +143,7 @@ def _recover_redis(host: Host, mib: int) -> dict[str, Any]:
                 "host_read_mib_per_s": round(verdict.pages * 4096 / 2**20 / read_s, 1),
                 "steps": report.steps}
     finally:
-        for name in (VM, f"{VM}-dead"):
+        for name in (VM, f"{VM}-dead", f"{VM}-standby"):
             if any(m.name == name for m in host.machines.all()):
                 lifecycle.down(host, name)
 
@@ -210,22 +213,28 @@ def main() -> None:
     results: dict[str, Any] = {}
     for mib in (int(size) for size in args.sizes.split(",")):
         if args.program == "redis":
-            reboot, recovered = _reboot_redis(host, mib), _recover_redis(host, mib)
+            reboot = _reboot_redis(host, mib)
+            runs = {"recover": _recover_redis(host, mib, warm=False),
+                    "recover onto a warm standby": _recover_redis(host, mib, warm=True)}
         else:
-            reboot, recovered = _reboot(host, program, mib), _recover(host, program, mib)
+            reboot, runs = _reboot(host, program, mib), {"recover": _recover(host, program, mib)}
         results[f"{args.program} {mib} MiB"] = {
-            "reboot and restart": reboot, "recover": recovered,
-            "recover / reboot (target <= 0.5)": round(
-                recovered["stop_to_answer_s"] / reboot["panic_to_answer_s"], 3)}
+            "reboot and restart": reboot, **runs,
+            **{f"{way} / reboot (target <= 0.5)": round(
+                run["stop_to_answer_s"] / reboot["panic_to_answer_s"], 3)
+               for way, run in runs.items()}}
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for size, result in results.items():
-        recovered = result["recover"]
-        print(f"{size}: recover {recovered['stop_to_answer_s']} s to answering "
-              f"({recovered['rss_mib']} MiB read at {recovered['host_read_mib_per_s']} MiB/s), "
-              f"reboot and restart {result['reboot and restart']['panic_to_answer_s']} s: "
-              f"ratio {result['recover / reboot (target <= 0.5)']}")
+        baseline = result["reboot and restart"]["panic_to_answer_s"]
+        for way in ("recover", "recover onto a warm standby"):
+            if way in result:
+                run = result[way]
+                print(f"{size}: {way} {run['stop_to_answer_s']} s to answering "
+                      f"({run['rss_mib']} MiB read at {run['host_read_mib_per_s']} MiB/s), "
+                      f"reboot and restart {baseline} s: ratio "
+                      f"{result[f'{way} / reboot (target <= 0.5)']}")
 
 
 if __name__ == "__main__":

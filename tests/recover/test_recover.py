@@ -41,6 +41,7 @@ from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
 from ..conftest import cli
 
 PROGRAM = Path(__file__).parent / "programs" / "counter.c"
+STREAMS = Path(__file__).parent / "programs" / "streams.py"
 
 
 @pytest.fixture(scope="session")
@@ -150,15 +151,19 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
                                                       before: str, after: str,
                                                       tmp_path: Path) -> None:
     """One guest per direction: the golden program waits in pause() (and its second
-    thread on a futex) and the counter counts with a waiting and a computing thread; the
-    kernel panics; the paused one's images match CRIU's own dump of it, and
-    the counter goes on in the new VM on the other kernel (6.12 -> 6.1 through the CLI)."""
+    thread on a futex) and the counter counts with a waiting and a computing thread,
+    under a shell waiting for it; the kernel panics; the paused one's images match
+    CRIU's own dump of it, and the shell and its counter (a process tree) go on in the
+    new VM on the other kernel (6.12 -> 6.1 through the CLI)."""
     name = f"t-rec-{before.split('.')[1]}"
     lifecycle.up(prepared, name, before, memory_mib=512)
     try:
         agent = prepared.agent(prepared.machines.get(name))
         paused = _start(agent, counter, "/data/paused.log", "--pause", "--threads")
-        counting = _start(agent, counter, "/data/counter.log", "--threads")
+        holder = int(agent.sh(
+            "setsid -f sh -c '/data/counter /data/counter.log --threads & wait' "
+            "</dev/null >/dev/null 2>&1; while ! [ -s /data/counter.log ]; do sleep 0.2; "
+            "done; pgrep -of '^sh -c /data/counter'").text)
         packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {paused} "
                           "-D /tmp/golden --leave-running -o dump.log && "
                           "tar -c -C /tmp/golden .", what="criu dump", timeout=120).stdout
@@ -173,12 +178,13 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
         _assert_same_images(tmp_path / "ours" / str(paused), tmp_path / "golden", paused)
 
         if before == ACTIVE_KERNEL:
-            report = recover(prepared, name, after, pids=[counting]).as_dict()
+            report = recover(prepared, name, after, pids=[holder]).as_dict()
         else:
-            done = cli("recover", name, "--kernel", after, "--pid", str(counting), "--json")
+            done = cli("recover", name, "--kernel", after, "--pid", str(holder), "--json")
             assert done.returncode == 0, done.stderr
             report = json.loads(done.stdout)
         assert [v["verdict"] for v in report["processes"]] == ["restored"], report
+        assert len(report["processes"][0]["processes"]) == 2, "the shell and its counter"
         assert report["kernel_after"].startswith(after)
         assert report["stop_to_serving_seconds"] > 0
         assert prepared.machines.get(f"{name}-dead").status() == "guest-panicked"
@@ -198,16 +204,73 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
                 lifecycle.down(prepared, vm)
 
 
-def _non_regular_files(directory: Path) -> dict[int, tuple[str, dict[str, Any]]]:
+def _non_regular_files(directory: Path, pid: int) -> dict[int, tuple[str, dict[str, Any]]]:
     """Per descriptor: pipes, epoll instances and sockets as files.img has them."""
     files = {f["id"]: f for f in _entries(directory / "files.img")}
+    ids = _entries(directory / f"ids-{pid}.img")[0]
     result = {}
-    for fd in _entries(directory / "fdinfo-2.img"):
+    for fd in _entries(directory / f"fdinfo-{ids['files_id']}.img"):
         entry = files[fd["id"]]
         if entry["type"] != "REG":
             body = next(v for k, v in entry.items() if k not in ("type", "id"))
             result[fd["fd"]] = (entry["type"], {k: v for k, v in body.items() if k != "id"})
     return result
+
+
+def _assert_same_stream(ours: Path, golden: Path, inode: int) -> None:
+    """A connection's state and queued bytes, ours against CRIU's."""
+    stream = f"tcp-stream-{inode:x}.img"
+    theirs_stream, our_stream = (_entries(d / stream)[0] for d in (golden, ours))
+    # Time goes on; and snd_wl1 is the number of the last segment that updated the
+    # window: a probe since (keepalive or zero-window, numbered one below the next
+    # byte) moves it up to rcv_nxt - 1, never back beyond where CRIU saw it.
+    assert our_stream["timestamp"] >= theirs_stream["timestamp"]
+    rcv_nxt = our_stream["inq_seq"]
+    assert (rcv_nxt - our_stream["snd_wl1"]) % 2**32 <= max(
+        (rcv_nxt - theirs_stream["snd_wl1"]) % 2**32, 1)
+    moving = {"timestamp": 0, "snd_wl1": 0}
+    assert {**our_stream, **moving} == {**theirs_stream, **moving}, inode
+
+
+@pytest.mark.parametrize("vm", ["old_vm", "new_vm"])
+def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
+        prepared: Host, vm: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """On each kernel: a pipe holding 5000 bytes, a listener, and a loopback connection
+    with bytes waiting in the receive queue one way and in the send queue the other
+    (megabytes, in page fragments), all watched by an epoll set. Our images of them
+    from the stopped VM equal a real `criu dump` taken just before, byte for byte."""
+    name = request.getfixturevalue(vm)
+    agent = prepared.agent(prepared.machines.get(name))
+    agent.sh("cat > /tmp/streams.py", input=STREAMS.read_bytes())
+    pid = int(agent.sh(
+        "setsid -f python3 /tmp/streams.py 7000 </dev/null >/tmp/streams.out 2>&1; "
+        "while ! grep -q ready /tmp/streams.out; do sleep 0.2; done; "
+        "pgrep -nf 'streams.py 7000'").text)
+    try:
+        packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {pid} "
+                          "-D /tmp/golden --leave-running --tcp-established --network-lock "
+                          "nftables -o dump.log && tar -c -C /tmp/golden .",
+                          what="criu dump", timeout=180).stdout
+        with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
+            archive.extractall(tmp_path / "golden")
+        report = dump(prepared, name, [pid], tmp_path / "ours")
+        assert [v.verdict for v in report.processes] == ["dumped"], report
+        ours_dir, golden_dir = tmp_path / "ours" / str(pid), tmp_path / "golden"
+        golden = _non_regular_files(golden_dir, pid)
+        assert _non_regular_files(ours_dir, pid) == golden
+        assert sorted(kind for kind, _ in golden.values()) == [
+            "EVENTPOLL", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE"]
+        assert _entries(ours_dir / "pipes-data.img") == _entries(golden_dir / "pipes-data.img")
+        connected = [body["ino"] for kind, body in golden.values()
+                     if kind == "INETSK" and body["state"] == 1]  # ESTABLISHED
+        queued = 0
+        for inode in connected:
+            _assert_same_stream(ours_dir, golden_dir, inode)
+            stream = _entries(ours_dir / f"tcp-stream-{inode:x}.img")[0]
+            queued += stream["inq_len"] + stream["outq_len"]
+        assert queued > 1 << 20, "megabytes wait in the queues"
+    finally:
+        agent.sh(f"kill {pid}")
 
 
 def test_redis_under_load_survives_the_death_of_its_kernel(prepared: Host,
@@ -247,8 +310,8 @@ def test_redis_under_load_survives_the_death_of_its_kernel(prepared: Host,
 
         checkpoint = dump(prepared, name, [pid], tmp_path / "ours")
         assert [v.verdict for v in checkpoint.processes] == ["dumped"], checkpoint
-        golden, ours = (_non_regular_files(d) for d in (tmp_path / "golden",
-                                                        tmp_path / "ours" / str(pid)))
+        golden, ours = (_non_regular_files(d, pid) for d in (tmp_path / "golden",
+                                                             tmp_path / "ours" / str(pid)))
         for fd, (kind, theirs) in golden.items():
             if kind == "EVENTPOLL":  # ours also watches the load's connection
                 assert [t for t in ours[fd][1]["tfd"] if t in theirs["tfd"]] == theirs["tfd"]
@@ -256,20 +319,15 @@ def test_redis_under_load_survives_the_death_of_its_kernel(prepared: Host,
                 assert ours[fd] == (kind, theirs), fd
         idle_socket = next(body["ino"] for kind, body in golden.values()
                            if kind == "INETSK" and body["state"] == 1)  # ESTABLISHED
-        stream = f"tcp-stream-{idle_socket:x}.img"
-        theirs_stream, our_stream = (_entries(d / stream)[0] for d in (
-            tmp_path / "golden", tmp_path / "ours" / str(pid)))
-        # Time goes on, and redis-cli's keepalive probe (sent from one below the next
-        # byte) may have updated the window since: snd_wl1 is that probe's number then.
-        assert our_stream["timestamp"] >= theirs_stream["timestamp"]
-        assert 0 <= theirs_stream["snd_wl1"] - our_stream["snd_wl1"] <= 1
-        moving = {"timestamp": 0, "snd_wl1": 0}
-        assert {**our_stream, **moving} == {**theirs_stream, **moving}
+        _assert_same_stream(tmp_path / "ours" / str(pid), tmp_path / "golden", idle_socket)
 
         report = recover(prepared, name, STANDBY_KERNEL, processes=["redis-server"])
         verdict = report.processes[0]
         assert verdict.verdict == "restored" and verdict.connections == 2, verdict
+        assert verdict.listening == [6379], verdict
         assert report.warm_standby and "boot standby" not in report.steps, report
+        assert report.stop_to_accepting_seconds is not None
+        assert report.stop_to_accepting_seconds >= report.stop_to_serving_seconds
         idle.stdin.write(b"GET idle\n")
         idle.stdin.flush()
         assert idle.stdout.readline() == b"before\n", "the idle connection answers"
@@ -298,14 +356,14 @@ def test_redis_under_load_survives_the_death_of_its_kernel(prepared: Host,
 
 def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
-    """A VM that does not exist, a pid that is gone, a kernel thread, a process with
-    children: one line each, a non-zero exit, and the VM runs on as before."""
+    """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init:
+    one line each, a non-zero exit, and the VM runs on as before."""
     out = str(tmp_path / "images")
     for args, error in [
             (["dump", "no-such-vm", "--pid", "1", "--out", out], "no VM named 'no-such-vm'"),
             (["dump", old_vm, "--pid", "999999", "--out", out], "no process 999999"),
             (["dump", old_vm, "--pid", "2", "--out", out], "2: refused: it is a kernel thread"),
-            (["recover", old_vm, "--pid", "1"], "nothing to recover: 1: it has child processes"),
+            (["recover", old_vm, "--pid", "1"], "nothing to recover: 1: it is the guest's init"),
             (["recover", old_vm, "--process", "no-such-daemon"],
              "no process named no-such-daemon in the guest's memory")]:
         done = cli(*args)

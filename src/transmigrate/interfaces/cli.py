@@ -500,11 +500,14 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
     for verdict in report.processes:
         line = f"{verdict.pid} ({verdict.comm or '?'}): {verdict.verdict}"
         out.print(line + (f": {verdict.reason}" if verdict.reason else ""), markup=False)
-    out.print(f"{name} runs {report.kernel_after}; serving again "
-              f"{report.stop_to_serving_seconds:.1f} s after the stop; the old VM is "
-              f"{report.dead_vm} (paused)")
+    accepting = report.stop_to_accepting_seconds
+    out.print(f"{name} runs {report.kernel_after}; running again "
+              f"{report.stop_to_serving_seconds:.1f} s after the stop"
+              + (f", accepting connections after {accepting:.1f} s" if accepting else "")
+              + f"; the old VM is {report.dead_vm} (paused)")
     steps = {step: seconds for step, seconds in report.steps.items() if step != "total"}
-    out.print(_steps_table(steps, {"stop to serving": report.stop_to_serving_seconds,
+    out.print(_steps_table(steps, {"stop to running": report.stop_to_serving_seconds,
+                                   **({"stop to accepting": accepting} if accepting else {}),
                                    "total": report.steps["total"]}))
 
 

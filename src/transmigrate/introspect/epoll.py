@@ -7,6 +7,7 @@ user's data word. CRIU re-adds them with ``epoll_ctl`` by descriptor number.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import drgn
@@ -59,4 +60,5 @@ def read_epoll(file: drgn.Object, open_files: dict[int, int]) -> EpollState:
         targets.append(EpollTarget(fd=fd, events=int(item.event.events),
                                    data=int(item.event.data), dev=int(inode.i_sb.s_dev),
                                    inode=int(inode.i_ino), pos=int(watched.f_pos)))
-    return EpollState(key=file.value_(), flags=int(file.f_flags), targets=tuple(targets))
+    return EpollState(key=file.value_(), flags=int(file.f_flags) & ~os.O_CLOEXEC,
+                      targets=tuple(targets))

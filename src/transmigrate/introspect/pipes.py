@@ -7,6 +7,7 @@ number is the pipe's identity in CRIU's images.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import drgn
@@ -59,5 +60,5 @@ def read_pipe(guest: Guest, file: drgn.Object) -> PipeState:
             chunks.append(bytes(guest.ram.read(physical + offset, length)))
         index = (index + 1) & 0xFFFF_FFFF
     return PipeState(key=file.value_(), pipe_id=int(file.f_inode.i_ino),
-                     flags=int(file.f_flags), data=b"".join(chunks),
+                     flags=int(file.f_flags) & ~os.O_CLOEXEC, data=b"".join(chunks),
                      size=int(pipe.max_usage) * PAGE)

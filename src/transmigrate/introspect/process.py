@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import drgn
 from drgn.helpers.linux.fs import d_path, for_each_file, inode_for_each_page
-from drgn.helpers.linux.list import list_empty
+from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.mm import PageDirty, PageWriteback, for_each_vma, page_to_phys
 from drgn.helpers.linux.pid import find_task, for_each_task_in_group
 from drgn.helpers.linux.sched import task_cpu, task_on_cpu
@@ -36,7 +36,7 @@ from transmigrate.introspect.sockets import SocketState, read_socket
 from transmigrate.vm.volume import DATA_MOUNT
 
 __all__ = ["FileState", "Mapping", "OpenFile", "ProcessState", "Refusal", "Registers",
-           "ThreadState", "read_process"]
+           "ThreadState", "read_process", "read_tree"]
 
 # Kernel ABI constants (include/linux/sched.h, mm.h, uapi): stable across 6.1 and 6.12.
 _PF_EXITING = 0x4
@@ -59,6 +59,7 @@ CRIU's own dumps."""
 _MAX_VMAS = 65536
 _MAX_FDS = 65536
 _MAX_THREADS = 4096
+_MAX_PROCESSES = 4096
 _PIPEFS_MAGIC = 0x50495045
 _O_CLOEXEC = 0o2000000
 _PT_REGS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx",
@@ -181,6 +182,8 @@ class ProcessState:
     child_subreaper: bool
     losses: list[str] = field(default_factory=list)
     """What the restored process will not have, in a few words each."""
+    children: list[int] = field(default_factory=list)
+    """Its child processes (forked by any of its threads)."""
 
     @property
     def leader(self) -> ThreadState:
@@ -194,6 +197,8 @@ def read_process(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = 
     ``cpus_in_user_mode`` are the vCPUs that were running user code when the VM
     stopped: a task current there has its registers in the vCPU, not in memory.
     """
+    if pid == 1:
+        raise Refusal(pid, "it is the guest's init, which a restore cannot replace")
     prog = guest.prog
     try:
         task = find_task(prog, pid)
@@ -205,6 +210,25 @@ def read_process(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = 
         return _Reader(guest, task, pid, cpus_in_user_mode, allow_panicking).read()
     except (drgn.FaultError, drgn.ObjectAbsentError, OverflowError) as exc:
         raise Refusal(pid, f"its kernel state is torn or corrupt ({exc})") from exc
+
+
+def read_tree(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = frozenset(),
+              allow_panicking: bool = False) -> list[ProcessState]:
+    """Process ``pid`` and every process below it (what ``criu dump -t PID`` takes),
+    each parent before its children. A refusal of any of them refuses the tree."""
+    tree = [read_process(guest, pid, cpus_in_user_mode=cpus_in_user_mode,
+                         allow_panicking=allow_panicking)]
+    for process in tree:  # grows as it goes: breadth first
+        for child in process.children:
+            if len(tree) >= _MAX_PROCESSES:
+                raise Refusal(pid, "its process tree is corrupt (too many processes)")
+            try:
+                tree.append(read_process(guest, child, cpus_in_user_mode=cpus_in_user_mode,
+                                         allow_panicking=allow_panicking))
+            except IntrospectionError as exc:
+                reason = exc.reason if isinstance(exc, Refusal) else str(exc)
+                raise Refusal(pid, f"its child {child}: {reason}") from exc
+    return tree
 
 
 class _Reader:
@@ -239,18 +263,20 @@ class _Reader:
     def read(self) -> ProcessState:
         task = self.task
         self._check_task()
-        threads = [self._thread(thread) for thread in self._threads()]
+        tasks = self._threads()
+        threads = [self._thread(thread) for thread in tasks]
         files = self._files()
         mm = task.mm
         mappings = list(self._mappings(mm))
         pgid, sid = self._group_ids()
+        children = self._children(tasks)
         return ProcessState(
             pid=self.pid, ppid=int(task.real_parent.tgid), pgid=pgid, sid=sid,
             threads=threads, sigactions=self._sigactions(),
             personality=int(task.personality),
             rlimits=[(int(r.rlim_cur), int(r.rlim_max)) for r in task.signal.rlim],
             mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
-            files=files, losses=[loss for state, _ in files.values()
+            children=children, files=files, losses=[loss for state, _ in files.values()
                                  if isinstance(state, SocketState) for loss in state.losses],
             exe=self._file(mm.exe_file, "the executable"),
             cwd=self._path(task.fs.pwd), root=self._path(task.fs.root),
@@ -276,8 +302,6 @@ class _Reader:
             raise self.refuse("it is being traced")
         if not task.mm:
             raise self.refuse("it has no memory (a kernel thread or a zombie)")
-        if not list_empty(task.children.address_of_()):
-            raise self.refuse("it has child processes (process trees are not supported yet)")
         if int(task.mm.mm_users.counter) != int(task.signal.nr_threads):
             raise self.refuse("its memory is shared with another process (vfork or CLONE_VM)")
         if int(task.mm.mmap_lock.count.counter) & _RWSEM_WRITER_LOCKED:
@@ -302,6 +326,20 @@ class _Reader:
         if len(threads) != count:
             raise self.refuse(f"its thread list is corrupt ({len(threads)} of {count})")
         return threads
+
+    def _children(self, threads: list[drgn.Object]) -> list[int]:
+        """The processes its threads forked; a child that exited unreaped is refused."""
+        children: list[int] = []
+        for thread in threads:
+            for child in list_for_each_entry("struct task_struct",
+                                             thread.children.address_of_(), "sibling"):
+                if len(children) >= _MAX_PROCESSES:
+                    raise self.refuse("its child list is corrupt (too long)")
+                if int(child.exit_state):
+                    raise self.refuse(f"its child {int(child.pid)} has exited unreaped "
+                                      "(a zombie; not supported yet)")
+                children.append(int(child.tgid))
+        return children
 
     def _check_thread(self, task: drgn.Object, tid: int) -> None:
         who = "it" if tid == self.pid else f"its thread {tid}"

@@ -11,6 +11,7 @@ not acknowledged yet are in the send queue and are sent again.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,16 +113,19 @@ def read_socket(guest: Guest, file: drgn.Object) -> SocketState:
             losses = (f"{pending} connection(s) not yet accepted on port "
                       f"{int(common.skc_num)}",)
     hz = round(1e9 / int(guest.prog["tick_nsec"]))
+    stream = _stream(guest, sk, tcp) if state == _TCP_ESTABLISHED else None
     return SocketState(
-        key=file.value_(), ino=int(file.f_inode.i_ino), flags=int(file.f_flags),
+        key=file.value_(), ino=int(file.f_inode.i_ino),
+        flags=int(file.f_flags) & ~os.O_CLOEXEC,
         family=_FAMILIES[family], state=_TCP_STATES[state],
         src_port=int(common.skc_num),
         dst_port=int.from_bytes(common.skc_dport.to_bytes_(), "big"),
         src_addr=source, dst_addr=destination,
-        backlog=int(sk.sk_max_ack_backlog) if state == _TCP_LISTEN else 0,
+        # sock_diag's write-queue figure, which CRIU keeps as the backlog: the listen
+        # backlog, or the bytes not yet acknowledged.
+        backlog=len(stream.outq) if stream else int(sk.sk_max_ack_backlog),
         v6only=bool(common.skc_ipv6only), shutdown=int(sk.sk_shutdown),
-        options=_options(guest, sk, tcp, hz),
-        stream=_stream(guest, sk, tcp) if state == _TCP_ESTABLISHED else None,
+        options=_options(guest, sk, tcp, hz), stream=stream,
         losses=losses)
 
 
@@ -197,12 +201,12 @@ def _stream(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> TcpStream:
         "mss_clamp": int(options.mss_clamp), "rcv_wscale": int(options.rcv_wscale),
         # TCP_TIMESTAMP: the clock the peer last saw from us (tcp_time_stamp_ts).
         "timestamp": (seq["tcp_mstamp"] // 1000 + seq["tsoffset"]) & 0xFFFF_FFFF,
-        "nodelay": bool(nagle & _TCP_NAGLE_OFF),
         "unsq_len": (seq["write_seq"] - seq["snd_nxt"]) & 0xFFFF_FFFF,
         **{name: seq[name] for name in ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd",
                                         "rcv_wup")}}
-    if nagle & _TCP_NAGLE_CORK:  # CRIU writes it only when set
-        fields["cork"] = True
+    for name, bit in (("cork", _TCP_NAGLE_CORK), ("nodelay", _TCP_NAGLE_OFF)):
+        if nagle & bit:  # CRIU writes them only when set
+            fields[name] = True
     return TcpStream(fields=fields, inq=inq, outq=outq)
 
 

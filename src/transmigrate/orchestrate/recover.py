@@ -8,6 +8,7 @@ CRIU images on the host (:mod:`transmigrate.recover`); a standby restores them.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from transmigrate import paths
 from transmigrate.errors import IntrospectionError, MachineError, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.kernel import Guest, attach
-from transmigrate.introspect.process import Refusal, read_process
+from transmigrate.introspect.process import Refusal, read_tree
 from transmigrate.introspect.sockets import SocketState
 from transmigrate.introspect.tasks import TaskReader
 from transmigrate.migrate.criu import LOG_LEVEL
@@ -59,11 +60,15 @@ class ProcessVerdict:
     losses: list[str] = field(default_factory=list)
     connections: int = 0
     """Established TCP connections, rebuilt in repair mode (``--tcp-established``)."""
+    listening: list[int] = field(default_factory=list)
+    """TCP ports it listens on (for all addresses, or the service's)."""
     pages: int = 0
     images: str = ""
     binaries: dict[str, int] = field(default_factory=dict)
     """The executable and mapped files, by path, with their sizes: the new VM must
     have the same ones."""
+    processes: list[int] = field(default_factory=list)
+    """Every process of the tree rooted at ``pid``, parents first."""
     own_session: bool = True
     """Whether it leads its session; if not, CRIU gives it the restoring one's."""
 
@@ -126,8 +131,8 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             verdict = ProcessVerdict(pid)
             report.processes.append(verdict)
             try:
-                state = read_process(guest, pid, cpus_in_user_mode=user_cpus,
-                                     allow_panicking=panicking)
+                tree = read_tree(guest, pid, cpus_in_user_mode=user_cpus,
+                                 allow_panicking=panicking)
             except Refusal as exc:
                 verdict.reason = exc.reason
                 progress(f"refused {pid}: {exc.reason}")
@@ -136,21 +141,28 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 verdict.reason = str(exc)
                 progress(f"refused {pid}: {exc}")
                 continue
-            verdict.comm = state.leader.comm
-            verdict.own_session = state.sid == state.pid
-            verdict.losses = state.losses
-            verdict.connections = sum(
-                1 for file, _ in state.files.values()
-                if isinstance(file, SocketState) and file.stream is not None)
-            verdict.binaries = {state.exe.path: state.exe.size, **{
-                m.file.path: m.file.size for m in state.mappings if m.file is not None}}
+            root = tree[0]
+            verdict.comm = root.leader.comm
+            verdict.processes = [p.pid for p in tree]
+            verdict.own_session = root.sid == root.pid
+            verdict.losses = [loss for p in tree for loss in p.losses]
+            verdict.binaries = {path: size for p in tree for path, size in (
+                (p.exe.path, p.exe.size),
+                *((m.file.path, m.file.size) for m in p.mappings if m.file is not None))}
+            sockets = list({f.key: f for p in tree for f, _ in p.files.values()
+                            if isinstance(f, SocketState)}.values())
+            verdict.connections = sum(1 for s in sockets if s.stream is not None)
+            service = machine.record.ip
+            verdict.listening = sorted({s.src_port for s in sockets if s.state == "LISTEN"
+                                        and s.src_addr in ("0.0.0.0", "::", service)})
             directory = out / str(pid)
-            write_images(state, guest.ram, directory)
-            verdict.verdict, verdict.pages, verdict.images = "dumped", len(state.pages), \
-                str(directory)
+            write_images(tree, guest.ram, directory)
+            verdict.verdict, verdict.images = "dumped", str(directory)
+            verdict.pages = sum(len(p.pages) for p in tree)
             steps[f"read {pid}"] = round(time.monotonic() - mark, 3)
-            progress(f"dumped {pid} ({state.leader.comm}): {len(state.pages)} pages "
-                     f"in {steps[f'read {pid}']:.2f} s")
+            progress(f"dumped {pid} ({verdict.comm}"
+                     + (f" and {len(tree) - 1} below it" if len(tree) > 1 else "")
+                     + f"): {verdict.pages} pages in {steps[f'read {pid}']:.2f} s")
     return report
 
 
@@ -179,6 +191,9 @@ class RecoverReport:
     steps: dict[str, float]
     stop_to_serving_seconds: float
     """From the VM's stop to every recovered process running on the new kernel."""
+    stop_to_accepting_seconds: float | None
+    """From the VM's stop to every port the processes listen on accepting a connection
+    on the service address (None if none listens)."""
     warm_standby: bool
     """Whether a warm standby (``prepare_standby``) took over, or a new VM was booted."""
     dead_vm: str
@@ -223,16 +238,25 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     try:
         target = _restore_on_standby(host, dead, kernel_spec or dead.record.kernel, dumped,
                                      images, steps, progress)
+        serving = time.monotonic() - start
+        ports = sorted({port for v in dumped for port in v.listening})
+        accepting = None
+        if ports:
+            progress(f"waiting for port(s) {', '.join(map(str, ports))} on "
+                     f"{target.record.ip}")
+            _wait_accepting(host, target.record.ip, ports)
+            accepting = round(time.monotonic() - start, 3)
     except BaseException:
         progress(f"recovery failed: {name} keeps its name, the new VM is removed")
         for standby in (f"{name}-next", f"{name}{STANDBY_SUFFIX}"):
             with contextlib.suppress(TransmigrateError):
                 host.machines.remove(host.machines.get(standby), keep_network=True)
         host.machines.rename(dead, name)
+        with contextlib.suppress(TransmigrateError):  # if the handover was made
+            host.network.attach(dead.record.service_tap)
         if before == "running":
             dead.qmp("cont")
         raise
-    serving = time.monotonic() - start
     host.machines.take_over(target, name)
     if target.record.import_disk:  # QEMU holds it open; the images stay in their directory
         Path(target.record.import_disk).unlink(missing_ok=True)
@@ -244,7 +268,8 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     return RecoverReport(
         vm=name, kernel_before=checkpoint.kernel, kernel_after=target.record.kernel,
         state_before=before, processes=checkpoint.processes, steps=steps,
-        stop_to_serving_seconds=round(serving, 3), warm_standby="boot standby" not in steps,
+        stop_to_serving_seconds=round(serving, 3), stop_to_accepting_seconds=accepting,
+        warm_standby="boot standby" not in steps,
         dead_vm=dead.name,
         memory_dump=str(dump_path))
 
@@ -270,7 +295,7 @@ def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[Pro
         try:
             target = up(host, f"{name}-next", kernel, memory_mib=dead.record.memory_mib,
                         cpus=dead.record.cpus, standby_for=dead, import_disk=disk,
-                        pid_base=max(v.pid for v in dumped) + STANDBY_PID_MARGIN,
+                        pid_base=max(p for v in dumped for p in v.processes) + STANDBY_PID_MARGIN,
                         progress=progress).machine
         finally:
             disk.unlink()  # QEMU holds it open; the images stay in their directory
@@ -311,6 +336,15 @@ def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[Pro
     host.network.detach(dead.record.service_tap)
     host.network.attach(target.record.service_tap)
     return target
+
+
+def _wait_accepting(host: Host, address: str, ports: list[int]) -> None:
+    """Until each port accepts a connection from the service network, as a client's."""
+    done = host.network.run([sys.executable, "-m", "transmigrate.orchestrate.probe", address,
+                             *map(str, ports), "--timeout", "60"], capture=True, timeout=90)
+    if done.returncode != 0:
+        raise TransmigrateError(f"the restored service does not accept connections: "
+                                f"{done.stderr.decode(errors='replace').strip()}")
 
 
 def prepare_standby(host: Host, name: str, kernel_spec: str | None = None, *,

@@ -74,15 +74,14 @@ class _Ids:
         return self._by_key.setdefault(key, len(self._by_key) + 1)
 
 
-def write_images(process: ProcessState, ram: GuestRam, directory: Path) -> list[Path]:
-    """Write the CRIU image set of ``process`` into ``directory`` (created); the files."""
+def write_images(processes: list[ProcessState], ram: GuestRam, directory: Path) -> list[Path]:
+    """Write the CRIU image set of a process tree (its root first, each parent before its
+    children) into ``directory`` (created); the files. A file open in several processes
+    (inherited) is one entry, as the kernel has one ``struct file``."""
     directory.mkdir(parents=True, exist_ok=True)
     ids = _Ids()
-    pid = process.pid
     namespace_ids = {name: number for number, name in enumerate(_NAMESPACES, start=1)}
     root_ids = {"vm_id": 1, "files_id": 1, "fs_id": 1, "sighand_id": 1, **namespace_ids}
-    task_ids = {"vm_id": 2, "files_id": 2, "fs_id": 2, "sighand_id": 2, **namespace_ids}
-
     files: dict[int, dict[str, Any]] = {}
 
     def file_id(state: FileState, mapped: bool = False) -> int:
@@ -106,33 +105,38 @@ def write_images(process: ProcessState, ram: GuestRam, directory: Path) -> list[
         files.setdefault(number, _file_entry(state, number))
         return number
 
-    fdinfo = [{"id": open_file_id(state), "flags": int(cloexec),
-               "type": _FDINFO_TYPES[type(state)], "fd": fd}
-              for fd, (state, cloexec) in sorted(process.files.items())]
-    exe_id = file_id(process.exe, mapped=True)
-    vmas = [_vma(mapping, file_id) for mapping in process.mappings]
-    fs = {"cwd_id": file_id(process.cwd), "root_id": file_id(process.root),
-          "umask": process.umask}
-    written = [
-        _dump(directory / "inventory.img", "INVENTORY", [{
-            "img_version": 2, "fdinfo_per_id": True, "root_ids": root_ids, "ns_per_id": True,
-            "lsmtype": "NO_LSM", "network_lock_method": _NETWORK_LOCK_NFTABLES}]),
-        _dump(directory / "pstree.img", "PSTREE", [{
-            "pid": pid, "ppid": 0, "pgid": process.pgid, "sid": process.sid,
-            "threads": [t.tid for t in process.threads]}]),
-        _dump(directory / f"ids-{pid}.img", "IDS", [task_ids]),
-        *(_dump(directory / f"core-{t.tid}.img", "CORE", [_core(process, t)])
-          for t in process.threads),
-        _dump(directory / f"mm-{pid}.img", "MM", [_mm(process, exe_id, vmas)]),
-        _dump(directory / f"fs-{pid}.img", "FS", [fs]),
-        _dump(directory / f"fdinfo-{task_ids['files_id']}.img", "FDINFO", fdinfo),
-        _dump(directory / "files.img", "FILES", [files[n] for n in sorted(files)]),
-    ]
-    written += _pages(process, ram, directory)
-    written += _streams(process, directory)
-    referenced = [*(state for state, _ in process.files.values()
-                    if isinstance(state, FileState)), process.exe,
-                  *(m.file for m in process.mappings if m.file is not None)]
+    written = [_dump(directory / "inventory.img", "INVENTORY", [{
+        "img_version": 2, "fdinfo_per_id": True, "root_ids": root_ids, "ns_per_id": True,
+        "lsmtype": "NO_LSM", "network_lock_method": _NETWORK_LOCK_NFTABLES}])]
+    tree = []
+    for number, process in enumerate(processes, start=2):
+        pid = process.pid
+        task_ids = {"vm_id": number, "files_id": number, "fs_id": number,
+                    "sighand_id": number, **namespace_ids}
+        fdinfo = [{"id": open_file_id(state), "flags": int(cloexec),
+                   "type": _FDINFO_TYPES[type(state)], "fd": fd}
+                  for fd, (state, cloexec) in sorted(process.files.items())]
+        exe_id = file_id(process.exe, mapped=True)
+        vmas = [_vma(mapping, file_id) for mapping in process.mappings]
+        fs = {"cwd_id": file_id(process.cwd), "root_id": file_id(process.root),
+              "umask": process.umask}
+        tree.append({"pid": pid, "ppid": 0 if process is processes[0] else process.ppid,
+                     "pgid": process.pgid, "sid": process.sid,
+                     "threads": [t.tid for t in process.threads]})
+        written += [
+            _dump(directory / f"ids-{pid}.img", "IDS", [task_ids]),
+            *(_dump(directory / f"core-{t.tid}.img", "CORE", [_core(process, t)])
+              for t in process.threads),
+            _dump(directory / f"mm-{pid}.img", "MM", [_mm(process, exe_id, vmas)]),
+            _dump(directory / f"fs-{pid}.img", "FS", [fs]),
+            _dump(directory / f"fdinfo-{number}.img", "FDINFO", fdinfo),
+            *_pages(process, number - 1, ram, directory)]
+    written += [_dump(directory / "pstree.img", "PSTREE", tree),
+                _dump(directory / "files.img", "FILES", [files[n] for n in sorted(files)]),
+                *_streams(processes, directory)]
+    referenced = [state for process in processes for state in (
+        *(state for state, _ in process.files.values() if isinstance(state, FileState)),
+        process.exe, *(m.file for m in process.mappings if m.file is not None))]
     dirty = {state.path: state for state in referenced if state.dirty}
     if dirty:
         written.append(_writeback(list(dirty.values()), ram, directory / WRITEBACK))
@@ -160,10 +164,12 @@ def _file_entry(state: OpenFile, number: int) -> dict[str, Any]:
         **({"shutdown": state.shutdown} if state.shutdown else {})}}
 
 
-def _streams(process: ProcessState, directory: Path) -> list[Path]:
+def _streams(processes: list[ProcessState], directory: Path) -> list[Path]:
     """The bytes in flight: each pipe's (once, though both ends are open) in
-    pipes-data.img, and each connection's queues in tcp-stream-<inode>.img."""
-    open_files = [state for state, _ in process.files.values()]
+    pipes-data.img, and each connection's queues in tcp-stream-<inode>.img (once,
+    though several processes have it open)."""
+    open_files = list({state.key: state for process in processes
+                       for state, _ in process.files.values()}.values())
     pipes = {p.pipe_id: p for p in open_files if isinstance(p, PipeState)}
     written = []
     if pipes:
@@ -319,10 +325,11 @@ def _fpregs(regs: Registers) -> dict[str, Any]:
     return fpregs
 
 
-def _pages(process: ProcessState, ram: GuestRam, directory: Path) -> list[Path]:
-    """pagemap-PID.img (runs of consecutive pages) and pages-1.img (their bytes)."""
+def _pages(process: ProcessState, number: int, ram: GuestRam, directory: Path) -> list[Path]:
+    """pagemap-PID.img (runs of consecutive pages) and pages-NUMBER.img (their bytes)."""
     runs: list[dict[str, Any]] = []
-    with (directory / "pages-1.img").open("wb") as out:
+    pages = directory / f"pages-{number}.img"
+    with pages.open("wb") as out:
         for virtual, physical in process.pages:
             if runs and runs[-1]["vaddr"] + runs[-1]["nr_pages"] * PAGE == virtual:
                 runs[-1]["nr_pages"] += 1
@@ -331,4 +338,4 @@ def _pages(process: ProcessState, ram: GuestRam, directory: Path) -> list[Path]:
             start = ram.offset(physical, PAGE)
             out.write(ram.buffer[start:start + PAGE])
     return [_dump(directory / f"pagemap-{process.pid}.img", "PAGEMAP",
-                  [{"pages_id": 1}, *runs]), directory / "pages-1.img"]
+                  [{"pages_id": number}, *runs]), pages]

@@ -1,0 +1,63 @@
+"""Stage 2-3 recovery program: bytes in flight in a pipe and in both directions of a
+TCP connection, an epoll set watching them, and a listening socket.
+
+streams.py PORT
+Listens on 127.0.0.1:PORT, connects to itself and accepts; the client end sends
+1000 bytes the server end never reads; the server end sends until its send buffer
+is full and the client end reads nothing (so bytes wait in the client's receive
+queue and in the server's send queue), until nothing moves; 5000 bytes wait in a
+pipe. An epoll set
+watches the pipe, the listener and both ends. It prints "ready" and waits in
+pause(), leaving everything as it is (for the golden comparison with criu dump).
+"""
+
+import fcntl
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import termios
+import time
+
+port = int(sys.argv[1])
+listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", port))
+listener.listen(8)
+client = socket.create_connection(("127.0.0.1", port))
+client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+server, _ = listener.accept()
+server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+client.sendall(bytes(range(256)) * 3 + b"x" * 232)
+server.setblocking(False)
+chunk = bytes(i * 7 % 251 for i in range(65536))
+try:
+    while True:
+        server.send(chunk)
+except BlockingIOError:
+    pass
+
+def queued() -> tuple[int, int]:
+    """Bytes waiting: in the client's receive queue, in the server's send queue."""
+    def ask(sock: socket.socket, request: int) -> int:
+        return int(struct.unpack("i", fcntl.ioctl(sock, request, b"\0" * 4))[0])
+    return ask(client, termios.FIONREAD), ask(server, termios.TIOCOUTQ)
+
+
+# Until the client's window has closed and nothing moves any more.
+still, last = 0, queued()
+while still < 10:
+    time.sleep(0.1)
+    now = queued()
+    still, last = (still + 1 if now == last else 0), now
+reader, writer = os.pipe()
+os.write(writer, b"pipe " * 1000)
+poll = select.epoll()
+for fd, events in ((reader, select.EPOLLIN), (listener.fileno(), select.EPOLLIN),
+                   (client.fileno(), select.EPOLLIN | select.EPOLLET),
+                   (server.fileno(), select.EPOLLOUT)):
+    poll.register(fd, events)
+print("ready", flush=True)
+signal.pause()
