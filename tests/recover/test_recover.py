@@ -235,17 +235,19 @@ def _assert_same_stream(ours: Path, golden: Path, inode: int) -> None:
 @pytest.mark.parametrize("vm", ["old_vm", "new_vm"])
 def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         prepared: Host, vm: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """On each kernel: a pipe holding 5000 bytes, a listener, and a loopback connection
-    with bytes waiting in the receive queue one way and in the send queue the other
-    (megabytes, in page fragments), all watched by an epoll set. Our images of them
-    from the stopped VM equal a real `criu dump` taken just before, byte for byte."""
+    """On each kernel: a pipe holding 5000 bytes, an eventfd, a signalfd, a listener,
+    and a loopback connection with bytes waiting in the receive queue one way and in the
+    send queue the other (megabytes, in page fragments), all watched by an epoll set.
+    Our images of them from the stopped VM equal a real `criu dump` taken just before,
+    byte for byte."""
     name = request.getfixturevalue(vm)
     agent = prepared.agent(prepared.machines.get(name))
     agent.sh("cat > /tmp/streams.py", input=STREAMS.read_bytes())
     pid = int(agent.sh(
         "setsid -f python3 /tmp/streams.py 7000 </dev/null >/tmp/streams.out 2>&1; "
-        "while ! grep -q ready /tmp/streams.out; do sleep 0.2; done; "
-        "pgrep -nf 'streams.py 7000'").text)
+        "timeout 60 sh -c 'until grep -q ready /tmp/streams.out; do sleep 0.2; done' "
+        "|| { cat /tmp/streams.out >&2; exit 1; }; pgrep -nf '^python3 /tmp/streams.py'",
+        what="starting streams.py").text)
     try:
         packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {pid} "
                           "-D /tmp/golden --leave-running --tcp-established --network-lock "
@@ -259,7 +261,7 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         golden = _non_regular_files(golden_dir, pid)
         assert _non_regular_files(ours_dir, pid) == golden
         assert sorted(kind for kind, _ in golden.values()) == [
-            "EVENTPOLL", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE"]
+            "EVENTFD", "EVENTPOLL", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE", "SIGNALFD"]
         assert _entries(ours_dir / "pipes-data.img") == _entries(golden_dir / "pipes-data.img")
         connected = [body["ino"] for kind, body in golden.values()
                      if kind == "INETSK" and body["state"] == 1]  # ESTABLISHED

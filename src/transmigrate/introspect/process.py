@@ -28,6 +28,12 @@ from drgn.helpers.linux.sched import task_cpu, task_on_cpu
 
 from transmigrate.errors import IntrospectionError, Unrecoverable
 from transmigrate.introspect.epoll import EpollState, read_epoll
+from transmigrate.introspect.eventfds import (
+    EventfdState,
+    SignalfdState,
+    read_eventfd,
+    read_signalfd,
+)
 from transmigrate.introspect.kernel import Guest
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
@@ -116,7 +122,7 @@ class FileState:
     ``_Reader._dirty_pages``); with them, ``size`` is written back too."""
 
 
-OpenFile = FileState | PipeState | EpollState | SocketState
+OpenFile = FileState | PipeState | EpollState | SocketState | EventfdState | SignalfdState
 """What a descriptor can be that recovery rebuilds."""
 
 
@@ -255,7 +261,8 @@ class _Reader:
         self.xstate_aligned = [bool(int(f) & 2) for f in flags] if flags is not None else None
         self.file_operations = {
             self.prog.object(name).address_of_().value_(): name
-            for name in ("pipefifo_fops", "eventpoll_fops", "socket_file_ops")}
+            for name in ("pipefifo_fops", "eventpoll_fops", "socket_file_ops", "eventfd_fops",
+                         "signalfd_fops")}
 
     def refuse(self, reason: str) -> Refusal:
         return Refusal(self.pid, reason)
@@ -593,6 +600,10 @@ class _Reader:
                 return read_epoll(file, by_fd)
             if kind == "socket_file_ops":
                 return read_socket(self.guest, file)
+            if kind == "eventfd_fops":
+                return read_eventfd(file)
+            if kind == "signalfd_fops":
+                return read_signalfd(file)
         except (Unrecoverable, IntrospectionError) as exc:
             raise self.refuse(f"fd {fd} {exc}") from exc
         return self._file(file, f"fd {fd}")

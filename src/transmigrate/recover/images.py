@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from transmigrate.introspect.epoll import EpollState
+from transmigrate.introspect.eventfds import EventfdState, SignalfdState
 from transmigrate.introspect.pagetable import PAGE
 from transmigrate.introspect.pipes import PipeState
 from transmigrate.introspect.process import (
@@ -61,7 +62,7 @@ _NETWORK_LOCK_NFTABLES = 1
 with nftables, which the guest image has (CRIU's default would be iptables)."""
 _FOWN = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
 _FDINFO_TYPES = {FileState: "REG", PipeState: "PIPE", EpollState: "EVENTPOLL",
-                 SocketState: "INETSK"}
+                 SocketState: "INETSK", EventfdState: "EVENTFD", SignalfdState: "SIGNALFD"}
 
 
 class _Ids:
@@ -153,6 +154,12 @@ def _file_entry(state: OpenFile, number: int) -> dict[str, Any]:
             "id": number, "flags": state.flags, "fown": _FOWN,
             "tfd": [{"id": 0, "tfd": t.fd, "events": t.events, "data": t.data,
                      "dev": t.dev, "inode": t.inode, "pos": t.pos} for t in state.targets]}}
+    if isinstance(state, EventfdState):
+        return {"type": "EVENTFD", "id": number, "efd": {
+            "id": number, "flags": state.flags, "fown": _FOWN, "counter": state.counter}}
+    if isinstance(state, SignalfdState):
+        return {"type": "SIGNALFD", "id": number, "sgfd": {
+            "id": number, "flags": state.flags, "fown": _FOWN, "sigmask": state.sigmask}}
     assert isinstance(state, SocketState)
     return {"type": "INETSK", "id": number, "isk": {
         "id": number, "ino": state.ino, "family": state.family, "type": "STREAM",
@@ -326,16 +333,22 @@ def _fpregs(regs: Registers) -> dict[str, Any]:
 
 
 def _pages(process: ProcessState, number: int, ram: GuestRam, directory: Path) -> list[Path]:
-    """pagemap-PID.img (runs of consecutive pages) and pages-NUMBER.img (their bytes)."""
+    """pagemap-PID.img (runs of consecutive pages) and pages-NUMBER.img (their bytes),
+    written in as few pieces as the RAM file's layout allows."""
     runs: list[dict[str, Any]] = []
     pages = directory / f"pages-{number}.img"
-    with pages.open("wb") as out:
+    pending_start = pending_end = 0
+    with pages.open("wb") as out, memoryview(ram.buffer) as memory:
         for virtual, physical in process.pages:
             if runs and runs[-1]["vaddr"] + runs[-1]["nr_pages"] * PAGE == virtual:
                 runs[-1]["nr_pages"] += 1
             else:
                 runs.append({"vaddr": virtual, "nr_pages": 1, "flags": _PE_PRESENT})
             start = ram.offset(physical, PAGE)
-            out.write(ram.buffer[start:start + PAGE])
+            if start != pending_end:
+                out.write(memory[pending_start:pending_end])
+                pending_start = start
+            pending_end = start + PAGE
+        out.write(memory[pending_start:pending_end])
     return [_dump(directory / f"pagemap-{process.pid}.img", "PAGEMAP",
                   [{"pages_id": number}, *runs]), pages]

@@ -6,11 +6,12 @@ Listens on 127.0.0.1:PORT, connects to itself and accepts; the client end sends
 1000 bytes the server end never reads; the server end sends until its send buffer
 is full and the client end reads nothing (so bytes wait in the client's receive
 queue and in the server's send queue), until nothing moves; 5000 bytes wait in a
-pipe. An epoll set
-watches the pipe, the listener and both ends. It prints "ready" and waits in
+pipe; an eventfd counts 42; a signalfd reads SIGUSR1 and SIGUSR2. An epoll set
+watches them all. It prints "ready" and waits in
 pause(), leaving everything as it is (for the golden comparison with criu dump).
 """
 
+import ctypes
 import fcntl
 import os
 import select
@@ -54,8 +55,16 @@ while still < 10:
     still, last = (still + 1 if now == last else 0), now
 reader, writer = os.pipe()
 os.write(writer, b"pipe " * 1000)
+counter = os.eventfd(5, os.EFD_NONBLOCK)
+os.eventfd_write(counter, 37)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+mask = ctypes.c_uint64(1 << (signal.SIGUSR1 - 1) | 1 << (signal.SIGUSR2 - 1))
+signals = ctypes.CDLL(None, use_errno=True).signalfd(-1, ctypes.byref(mask),
+                                                      os.O_NONBLOCK | os.O_CLOEXEC)
+assert signals >= 0, ctypes.get_errno()
 poll = select.epoll()
-for fd, events in ((reader, select.EPOLLIN), (listener.fileno(), select.EPOLLIN),
+for fd, events in ((reader, select.EPOLLIN), (counter, select.EPOLLIN),
+                   (signals, select.EPOLLIN), (listener.fileno(), select.EPOLLIN),
                    (client.fileno(), select.EPOLLIN | select.EPOLLET),
                    (server.fileno(), select.EPOLLOUT)):
     poll.register(fd, events)
