@@ -486,14 +486,17 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
                  help="Recover this process (repeatable).")] = None,
              process: Annotated[list[str] | None, typer.Option(
                  help="Recover the oldest process of this name (repeatable).")] = None,
-             panicking: PanickingOption = False, json_: JsonOption = False) -> None:
+             panicking: PanickingOption = False, config: ConfigOption = None,
+             json_: JsonOption = False) -> None:
     """Rebuild processes of a dead, hung or running VM on a new VM from its memory.
 
-    NAME is stopped and never resumed once a process is restored; it stays paused as
-    NAME-dead, with its console log and a compressed memory dump, until `down`."""
+    Without --pid or --process: the services declared for NAME. NAME is stopped and
+    never resumed once a process is restored; it stays paused as NAME-dead, with its
+    console log and a compressed memory dump, until `down`."""
+    declared = () if pid or process else load_config(config).services_of(name)
     report = recover_job.recover(Host.from_environment(), name, kernel, pids=pid or (),
-                                 processes=process or (), panicking=panicking,
-                                 progress=_Progress())
+                                 processes=process or (), services=declared,
+                                 panicking=panicking, progress=_Progress())
     if json_:
         _emit_json(report.as_dict())
         return

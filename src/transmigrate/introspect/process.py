@@ -35,6 +35,7 @@ from transmigrate.introspect.eventfds import (
     read_signalfd,
 )
 from transmigrate.introspect.kernel import Guest
+from transmigrate.introspect.namespaces import IpcNamespaceState, read_ipc_namespace
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.pipes import PipeState, read_pipe
@@ -42,7 +43,7 @@ from transmigrate.introspect.sockets import SocketState, read_socket
 from transmigrate.vm.volume import DATA_MOUNT
 
 __all__ = ["FileState", "Mapping", "OpenFile", "ProcessState", "Refusal", "Registers",
-           "ThreadState", "read_process", "read_tree"]
+           "ThreadState", "read_cmdline", "read_process", "read_tree"]
 
 # Kernel ABI constants (include/linux/sched.h, mm.h, uapi): stable across 6.1 and 6.12.
 _PF_EXITING = 0x4
@@ -190,6 +191,8 @@ class ProcessState:
     """What the restored process will not have, in a few words each."""
     children: list[int] = field(default_factory=list)
     """Its child processes (forked by any of its threads)."""
+    ipc_namespace: IpcNamespaceState | None = None
+    """Its IPC namespace, if it is not the VM's."""
 
     @property
     def leader(self) -> ThreadState:
@@ -237,6 +240,29 @@ def read_tree(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = fro
     return tree
 
 
+def read_cmdline(guest: Guest, pid: int) -> list[str]:
+    """Process ``pid``'s arguments, from its own memory (what /proc/PID/cmdline shows);
+    empty if they cannot be read (a kernel thread, pages not present)."""
+    try:
+        task = find_task(guest.prog, pid)
+        mm = task.mm
+        if not task or not mm:
+            return []
+        start, end = int(mm.arg_start), int(mm.arg_end)
+        if not 0 < end - start <= 1 << 17:
+            return []
+        first = start & ~(PAGE - 1)
+        pages = dict(PageTables.of(guest, int(mm.pgd)).pages(first, end))
+        data = b"".join(bytes(guest.ram.read(pages[page], PAGE)) if page in pages
+                        else b"" for page in range(first, end, PAGE))
+    except (drgn.FaultError, IntrospectionError, ValueError):
+        return []
+    if len(data) < end - first:
+        return []
+    return [arg.decode(errors="replace") for arg in
+            data[start - first:end - first].rstrip(b"\0").split(b"\0")]
+
+
 class _Reader:
     def __init__(self, guest: Guest, task: drgn.Object, pid: int,
                  cpus_in_user_mode: frozenset[int], allow_panicking: bool) -> None:
@@ -277,14 +303,19 @@ class _Reader:
         mappings = list(self._mappings(mm))
         pgid, sid = self._group_ids()
         children = self._children(tasks)
+        try:
+            ipc_namespace = read_ipc_namespace(self.prog, task)
+        except Unrecoverable as exc:
+            raise self.refuse(f"it {exc}") from exc
         return ProcessState(
             pid=self.pid, ppid=int(task.real_parent.tgid), pgid=pgid, sid=sid,
             threads=threads, sigactions=self._sigactions(),
             personality=int(task.personality),
             rlimits=[(int(r.rlim_cur), int(r.rlim_max)) for r in task.signal.rlim],
             mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
-            children=children, files=files, losses=[loss for state, _ in files.values()
-                                 if isinstance(state, SocketState) for loss in state.losses],
+            children=children, ipc_namespace=ipc_namespace, files=files,
+            losses=[loss for state, _ in files.values()
+                    if isinstance(state, SocketState) for loss in state.losses],
             exe=self._file(mm.exe_file, "the executable"),
             cwd=self._path(task.fs.pwd), root=self._path(task.fs.root),
             umask=int(task.fs.umask),

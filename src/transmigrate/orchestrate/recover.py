@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from transmigrate import paths
+from transmigrate.config import Service
 from transmigrate.errors import IntrospectionError, MachineError, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.kernel import Guest, attach
-from transmigrate.introspect.process import Refusal, read_tree
+from transmigrate.introspect.process import Refusal, read_cmdline, read_tree
 from transmigrate.introspect.sockets import SocketState
 from transmigrate.introspect.tasks import TaskReader
 from transmigrate.migrate.criu import LOG_LEVEL
@@ -119,14 +120,15 @@ def dump(host: Host, name: str, pids: list[int], out: Path, *, panicking: bool =
 
 def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 steps: dict[str, float], progress: Progress,
-                processes: Sequence[str] = (), panicking: bool = False) -> DumpReport:
+                processes: Sequence[str] = (), panicking: bool = False,
+                services: Sequence[Service] = ()) -> DumpReport:
     mark = time.monotonic()
     user_cpus = cpus_in_user_mode(machine, machine.record.cpus)
     progress(f"reading {machine.name}'s kernel ({machine.record.kernel})")
     with attach(machine, catalog=host.catalog) as guest:
         steps["attach"] = round(time.monotonic() - mark, 3)
         report = DumpReport(machine.name, guest.release, [], steps)
-        for pid in [*pids, *_find_processes(guest, processes)]:
+        for pid in [*pids, *_find_processes(guest, processes, services)]:
             mark = time.monotonic()
             verdict = ProcessVerdict(pid)
             report.processes.append(verdict)
@@ -166,17 +168,32 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
     return report
 
 
-def _find_processes(guest: Guest, names: Sequence[str]) -> list[int]:
-    """The oldest process of each name, from the kernel's task list."""
-    if not names:
+def _find_processes(guest: Guest, names: Sequence[str],
+                    services: Sequence[Service] = ()) -> list[int]:
+    """The oldest process of each name, and the root of each declared service (its
+    tm-service holder, else its oldest process), from the kernel's task list."""
+    if not names and not services:
         return []
     tasks = TaskReader(guest).sample(threads=False).tasks
     found = []
-    for name in names:
+
+    def oldest(name: str) -> int | None:
         matches = sorted(t.pid for t in tasks if t.comm == name[:15] and not t.kernel_thread)
-        if not matches:
+        return matches[0] if matches else None
+
+    for name in names:
+        pid = oldest(name)
+        if pid is None:
             raise TransmigrateError(f"no process named {name} in the guest's memory")
-        found.append(matches[0])
+        found.append(pid)
+    for service in services:
+        holders = [t.pid for t in tasks if t.comm == "tm-service"
+                   and read_cmdline(guest, t.pid)[2:3] == [service.name]]
+        pid = min(holders) if holders else oldest(service.process)
+        if pid is None:
+            raise TransmigrateError(f"service {service.name} does not run in the guest's "
+                                    f"memory (no holder, no process {service.process})")
+        found.append(pid)
     return found
 
 
@@ -206,15 +223,17 @@ class RecoverReport:
 
 def recover(host: Host, name: str, kernel_spec: str | None = None, *,
             pids: Sequence[int] = (), processes: Sequence[str] = (),
-            panicking: bool = False, progress: Progress = silent) -> RecoverReport:
+            services: Sequence[Service] = (), panicking: bool = False,
+            progress: Progress = silent) -> RecoverReport:
     """Recover processes of VM ``name`` (dead, hung or running) onto a new VM on
     ``kernel_spec`` (default: the same kernel), which takes the name, the service
     address and the data volume. The old VM is never resumed after a restore; it stays
     paused as NAME-dead. If nothing was restored, it keeps its name (and runs on, if it
     ran), and the new VM is removed. ``panicking``: the task that panicked the kernel
     too (its interrupted call is made again: it may crash the new kernel as well)."""
-    if not (pids or processes):
-        raise TransmigrateError("name the processes to recover (--pid or --process)")
+    if not (pids or processes or services):
+        raise TransmigrateError(f"name the processes to recover (--pid or --process), or "
+                                f"declare services for {name} in transmigrate.toml")
     machine = host.machines.get(name)
     start = time.monotonic()
     before = stop_vm(machine)
@@ -223,7 +242,7 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     images = paths.data_dir() / "recover" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         checkpoint = _checkpoint(host, machine, pids, images, steps, progress, processes,
-                                 panicking)
+                                 panicking, services)
     except BaseException:
         if before == "running":
             machine.qmp("cont")

@@ -110,10 +110,19 @@ def write_images(processes: list[ProcessState], ram: GuestRam, directory: Path) 
         "img_version": 2, "fdinfo_per_id": True, "root_ids": root_ids, "ns_per_id": True,
         "lsmtype": "NO_LSM", "network_lock_method": _NETWORK_LOCK_NFTABLES}])]
     tree = []
+    ipc_namespaces: dict[int, int] = {}  # by kernel object: numbered after the VM's
     for number, process in enumerate(processes, start=2):
         pid = process.pid
+        own_ipc = {}
+        if process.ipc_namespace is not None:
+            key = process.ipc_namespace.key
+            if key not in ipc_namespaces:
+                ipc_namespaces[key] = len(_NAMESPACES) + 1 + len(ipc_namespaces)
+                written.append(_dump(directory / f"ipcns-var-{ipc_namespaces[key]}.img",
+                                     "IPC_VAR", [process.ipc_namespace.variables]))
+            own_ipc = {"ipc_ns_id": ipc_namespaces[key]}
         task_ids = {"vm_id": number, "files_id": number, "fs_id": number,
-                    "sighand_id": number, **namespace_ids}
+                    "sighand_id": number, **namespace_ids, **own_ipc}
         fdinfo = [{"id": open_file_id(state), "flags": int(cloexec),
                    "type": _FDINFO_TYPES[type(state)], "fd": fd}
                   for fd, (state, cloexec) in sorted(process.files.items())]
