@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import mmap
+import random
 import struct
 import subprocess
 import tarfile
@@ -27,6 +28,7 @@ import pycriu.images  # type: ignore[import-untyped]
 import pytest
 from drgn.helpers.linux.mm import for_each_vma
 from drgn.helpers.linux.pid import find_task
+from drgn.helpers.linux.sched import cpu_curr
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
 from transmigrate.errors import TransmigrateError
@@ -38,6 +40,7 @@ from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.recover import dump, prepare_standby, recover
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_service
 from transmigrate.polling import wait_for
+from transmigrate.vm.registers import vcpu_states
 
 from ..conftest import cli
 
@@ -74,6 +77,21 @@ def _panic(host: Host, name: str) -> None:
     while machine.status() != "guest-panicked":
         assert time.monotonic() < deadline, f"{name} did not panic: {machine.status()}"
         time.sleep(0.1)
+
+
+def _stop_in_user_code(host: Host, name: str, pid: int) -> None:
+    """A plain QMP stop, at an instant when a thread of ``pid`` runs user code on vCPU 0:
+    its registers, general and SSE, are then only in the vCPU."""
+    machine = host.machines.get(name)
+    for _ in range(200):
+        machine.qmp("stop")
+        if vcpu_states(machine, 1)[0].user_mode:
+            with attach(machine, catalog=host.catalog) as guest:
+                if int(cpu_curr(guest.prog, 0).tgid) == pid:
+                    return
+        machine.qmp("cont")
+        time.sleep(random.uniform(0, 0.05))
+    pytest.fail(f"process {pid} was never caught in user code")
 
 
 def _entries(path: Path) -> list[dict[str, Any]]:
@@ -153,9 +171,10 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
                                                       tmp_path: Path) -> None:
     """One guest per direction: the golden program waits in pause() (and its second
     thread on a futex) and the counter counts with a waiting and a computing thread,
-    under a shell waiting for it; the kernel panics; the paused one's images match
-    CRIU's own dump of it, and the shell and its counter (a process tree) go on in the
-    new VM on the other kernel (6.12 -> 6.1 through the CLI)."""
+    under a shell waiting for it; the 6.1 kernel panics, the 6.12 VM is stopped while
+    the computing thread runs user code (its registers only in the vCPU); the paused
+    one's images match CRIU's own dump of it, and the shell and its counter (a process
+    tree) go on in the new VM on the other kernel (6.12 -> 6.1 through the CLI)."""
     name = f"t-rec-{before.split('.')[1]}"
     lifecycle.up(prepared, name, before, memory_mib=512)
     try:
@@ -172,7 +191,11 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
             archive.extractall(tmp_path / "golden")
         while len(_lines(agent, "/data/counter.log")) < 5:
             time.sleep(0.5)
-        _panic(prepared, name)
+        if before == ACTIVE_KERNEL:
+            _panic(prepared, name)
+        else:
+            counting = int(agent.sh(f"pgrep -P {holder} -x counter").text)
+            _stop_in_user_code(prepared, name, counting)
 
         checkpoint = dump(prepared, name, [paused], tmp_path / "ours")
         assert [v.verdict for v in checkpoint.processes] == ["dumped"], checkpoint
@@ -188,7 +211,8 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
         assert len(report["processes"][0]["processes"]) == 2, "the shell and its counter"
         assert report["kernel_after"].startswith(after)
         assert report["stop_to_serving_seconds"] > 0
-        assert prepared.machines.get(f"{name}-dead").status() == "guest-panicked"
+        assert prepared.machines.get(f"{name}-dead").status() == (
+            "guest-panicked" if before == ACTIVE_KERNEL else "paused")
         agent = prepared.agent(prepared.machines.get(name))
         seen = len(_lines(agent, "/data/counter.log"))
         deadline = time.monotonic() + 60

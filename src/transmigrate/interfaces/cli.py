@@ -492,13 +492,17 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
 
     Without --pid or --process: the services declared for NAME. NAME is stopped and
     never resumed once a process is restored; it stays paused as NAME-dead, with its
-    console log and a compressed memory dump, until `down`."""
+    console log and a compressed memory dump, until `down`. Exits 1 if a process was
+    refused or failed to restore (the others are restored)."""
     declared = () if pid or process else load_config(config).services_of(name)
     report = recover_job.recover(Host.from_environment(), name, kernel, pids=pid or (),
                                  processes=process or (), services=declared,
                                  panicking=panicking, progress=_Progress())
+    incomplete = any(v.verdict in ("refused", "failed") for v in report.processes)
     if json_:
         _emit_json(report.as_dict())
+        if incomplete:
+            raise typer.Exit(1)
         return
     for verdict in report.processes:
         line = f"{verdict.pid} ({verdict.comm or '?'}): {verdict.verdict}"
@@ -512,6 +516,8 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
     out.print(_steps_table(steps, {"stop to running": report.stop_to_serving_seconds,
                                    **({"stop to accepting": accepting} if accepting else {}),
                                    "total": report.steps["total"]}))
+    if incomplete:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -40,6 +40,7 @@ from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.pipes import PipeState, read_pipe
 from transmigrate.introspect.sockets import SocketState, read_socket
+from transmigrate.vm.registers import VcpuState
 from transmigrate.vm.volume import DATA_MOUNT
 
 __all__ = ["FileState", "Mapping", "OpenFile", "ProcessState", "Refusal", "Registers",
@@ -57,6 +58,7 @@ _ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ENOSYS = 512, 513, 514, 38
 _ERESTART_RESTARTBLOCK, _EINTR = 516, 4
 _SIGKILL, _SIGSTOP = 9, 19
 _XFEATURE_PKRU = 9
+_XFEATURE_X87, _XFEATURE_SSE, _XFEATURE_AVX_INDEX = 0x1, 0x2, 2
 _TIF_NEED_FPU_LOAD = 14
 _MAX_XSAVE = 1 << 16
 _CRIU_AUXV_WORDS = 44
@@ -199,12 +201,13 @@ class ProcessState:
         return self.threads[0]
 
 
-def read_process(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = frozenset(),
+def read_process(guest: Guest, pid: int, *, vcpus: dict[int, VcpuState] | None = None,
                  allow_panicking: bool = False) -> ProcessState:
     """Read process ``pid`` out of ``guest``, whose vCPUs are stopped.
 
-    ``cpus_in_user_mode`` are the vCPUs that were running user code when the VM
-    stopped: a task current there has its registers in the vCPU, not in memory.
+    ``vcpus`` is what each stopped vCPU holds: a task that was running user code on
+    one has its registers there, and a task that was on one at all its FPU
+    registers. Without it, such a task is refused.
     """
     if pid == 1:
         raise Refusal(pid, "it is the guest's init, which a restore cannot replace")
@@ -216,23 +219,22 @@ def read_process(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = 
     if not task:
         raise IntrospectionError(f"no process {pid} in the guest")
     try:
-        return _Reader(guest, task, pid, cpus_in_user_mode, allow_panicking).read()
+        return _Reader(guest, task, pid, vcpus or {}, allow_panicking).read()
     except (drgn.FaultError, drgn.ObjectAbsentError, OverflowError) as exc:
         raise Refusal(pid, f"its kernel state is torn or corrupt ({exc})") from exc
 
 
-def read_tree(guest: Guest, pid: int, *, cpus_in_user_mode: frozenset[int] = frozenset(),
+def read_tree(guest: Guest, pid: int, *, vcpus: dict[int, VcpuState] | None = None,
               allow_panicking: bool = False) -> list[ProcessState]:
     """Process ``pid`` and every process below it (what ``criu dump -t PID`` takes),
     each parent before its children. A refusal of any of them refuses the tree."""
-    tree = [read_process(guest, pid, cpus_in_user_mode=cpus_in_user_mode,
-                         allow_panicking=allow_panicking)]
+    tree = [read_process(guest, pid, vcpus=vcpus, allow_panicking=allow_panicking)]
     for process in tree:  # grows as it goes: breadth first
         for child in process.children:
             if len(tree) >= _MAX_PROCESSES:
                 raise Refusal(pid, "its process tree is corrupt (too many processes)")
             try:
-                tree.append(read_process(guest, child, cpus_in_user_mode=cpus_in_user_mode,
+                tree.append(read_process(guest, child, vcpus=vcpus,
                                          allow_panicking=allow_panicking))
             except IntrospectionError as exc:
                 reason = exc.reason if isinstance(exc, Refusal) else str(exc)
@@ -265,12 +267,12 @@ def read_cmdline(guest: Guest, pid: int) -> list[str]:
 
 class _Reader:
     def __init__(self, guest: Guest, task: drgn.Object, pid: int,
-                 cpus_in_user_mode: frozenset[int], allow_panicking: bool) -> None:
+                 vcpus: dict[int, VcpuState], allow_panicking: bool) -> None:
         self.guest = guest
         self.prog = guest.prog
         self.task = task
         self.pid = pid
-        self.cpus_in_user_mode = cpus_in_user_mode
+        self.vcpus = vcpus
         self.allow_panicking = allow_panicking
         # What every thread needs from the kernel, looked up once.
         self.panic_cpu = PanicReader(guest).sample().panic_cpu
@@ -315,7 +317,7 @@ class _Reader:
             mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
             children=children, ipc_namespace=ipc_namespace, files=files,
             losses=[loss for state, _ in files.values()
-                    if isinstance(state, SocketState) for loss in state.losses],
+                    if isinstance(state, SocketState | EpollState) for loss in state.losses],
             exe=self._file(mm.exe_file, "the executable"),
             cwd=self._path(task.fs.pwd), root=self._path(task.fs.root),
             umask=int(task.fs.umask),
@@ -389,12 +391,13 @@ class _Reader:
                 and not self.allow_panicking):
             raise self.refuse(f"{who} is the task that panicked the kernel (its syscall "
                               "could crash the new one too)")
-        if task_on_cpu(task) and task_cpu(task) in self.cpus_in_user_mode:
-            raise self.refuse(f"{who} was running user code on vCPU {task_cpu(task)} when "
-                              "the VM stopped (registers in the vCPU are not read yet)")
-        if task_on_cpu(task) and not int(task.thread_info.flags) >> _TIF_NEED_FPU_LOAD & 1:
-            raise self.refuse(f"{who} was on vCPU {task_cpu(task)} with its FPU registers "
-                              "live there, not in memory (not read yet)")
+        if self._live_fpu(task) and task_cpu(task) not in self.vcpus:
+            raise self.refuse(f"{who} was on vCPU {task_cpu(task)} with its registers "
+                              "there, and the vCPU's state was not read")
+        vcpu = self.vcpus.get(task_cpu(task)) if task_on_cpu(task) else None
+        if vcpu is not None and vcpu.avx512:
+            raise self.refuse(f"{who} was on vCPU {task_cpu(task)}, whose AVX-512 state "
+                              "is not read yet")
         pending = int(task.pending.signal.sig[0])
         if pending:
             raise self.refuse(f"{who} has signals pending ({pending:#x})")
@@ -422,7 +425,24 @@ class _Reader:
             ids.append(int(pid.numbers[0].nr))
         return ids[0], ids[1]
 
+    def _live_fpu(self, task: drgn.Object) -> bool:
+        """Whether ``task`` was on a CPU with its FPU registers loaded there (the kernel
+        saves them to memory only when it switches away)."""
+        return bool(task_on_cpu(task)
+                    and not int(task.thread_info.flags) >> _TIF_NEED_FPU_LOAD & 1)
+
     def _registers(self, task: drgn.Object) -> Registers:
+        thread = task.thread
+        vcpu = self.vcpus.get(task_cpu(task)) if task_on_cpu(task) else None
+        xsave, xfeatures, components = self._xsave(task, vcpu if self._live_fpu(task) else None)
+        if vcpu is not None and vcpu.user_mode:  # it was running user code: all in the vCPU
+            general = {name: vcpu.general.get(name, 0) for name in _PT_REGS}
+            general.update(orig_ax=(1 << 64) - 1, cs=vcpu.selectors["cs"],
+                           ss=vcpu.selectors["ss"])
+            return Registers(general=general, fs_base=vcpu.fs_base, gs_base=vcpu.gs_base,
+                             fsindex=vcpu.selectors["fs"], gsindex=vcpu.selectors["gs"],
+                             ds=vcpu.selectors["ds"], es=vcpu.selectors["es"],
+                             xsave=xsave, xfeatures=xfeatures, components=components)
         regs = drgn.Object(self.prog, self.regs_type,
                            address=int(task.stack.value_()) + self.regs_offset)
         general = {name: int(regs.member_(name)) & 0xFFFF_FFFF_FFFF_FFFF for name in _PT_REGS}
@@ -430,18 +450,20 @@ class _Reader:
             raise self.refuse(f"its saved user registers are not user-mode ones "
                               f"(cs={general['cs']:#x}, ss={general['ss']:#x})")
         _restart_syscall(general)
-        thread = task.thread
-        xsave, xfeatures, components = self._xsave(task)
-        return Registers(general=general, fs_base=int(thread.fsbase),
+        # On a CPU in the kernel, FS still holds the task's base (the kernel uses GS).
+        return Registers(general=general,
+                         fs_base=vcpu.fs_base if vcpu is not None else int(thread.fsbase),
                          gs_base=int(thread.gsbase), fsindex=int(thread.fsindex),
                          gsindex=int(thread.gsindex), ds=int(thread.ds), es=int(thread.es),
                          xsave=xsave, xfeatures=xfeatures, components=components)
 
-    def _xsave(self, task: drgn.Object) -> tuple[bytes, int, dict[int, tuple[int, int]]]:
+    def _xsave(self, task: drgn.Object, vcpu: VcpuState | None
+               ) -> tuple[bytes, int, dict[int, tuple[int, int]]]:
         """The task's FPU state as ptrace would give it (the kernel's
         copy_xstate_to_uabi_buf): standard layout, components in their init state
         zeroed, PKRU from the thread. Also XSTATE_BV, and the (offset, size) of each
-        extended component the CPU has."""
+        extended component the CPU has. With ``vcpu`` (the task's registers were live
+        there), x87, SSE and AVX come from it."""
         fpstate = task.thread.fpu.fpstate
         size = int(fpstate.user_size)
         if not 576 <= size <= int(fpstate.size) <= _MAX_XSAVE:
@@ -473,6 +495,8 @@ class _Reader:
             xfeatures |= 1 << _XFEATURE_PKRU
             standard, _ = layout[_XFEATURE_PKRU]
             struct.pack_into("<I", area, standard, int(task.thread.pkru))
+        if vcpu is not None:
+            xfeatures |= _load_vcpu_fpu(area, vcpu, layout)
         struct.pack_into("<QQ", area, 512, xfeatures, 0)
         return bytes(area), xfeatures, layout
 
@@ -690,6 +714,27 @@ class _Reader:
     def _name(self, path: drgn.Object) -> str:
         name = d_path(path.address_of_())
         return name.decode(errors="surrogateescape")
+
+
+def _load_vcpu_fpu(area: bytearray, vcpu: VcpuState,
+                   layout: dict[int, tuple[int, int]]) -> int:
+    """Write the vCPU's x87, SSE and AVX registers into ``area`` (XSAVE standard layout)
+    as FXSAVE/XSAVE store them; the XSTATE_BV bits they fill. The x87 last-instruction
+    pointers, which QEMU does not show, are left zero."""
+    struct.pack_into("<HHBxHQQII", area, 0, vcpu.fcw, vcpu.fsw, vcpu.ftw, 0, 0, 0,
+                     vcpu.mxcsr, struct.unpack_from("<I", area, 28)[0])
+    top = vcpu.fsw >> 11 & 7
+    for index in range(8):  # ST(i) in stack order, 16 bytes apart
+        area[32 + 16 * index:48 + 16 * index] = vcpu.fpr[(top + index) & 7] + bytes(6)
+    for index, register in enumerate(vcpu.xmm):
+        area[160 + 16 * index:176 + 16 * index] = register
+    filled = _XFEATURE_X87 | _XFEATURE_SSE
+    if vcpu.ymm_high is not None and _XFEATURE_AVX_INDEX in layout:
+        offset, _ = layout[_XFEATURE_AVX_INDEX]
+        for index, register in enumerate(vcpu.ymm_high):
+            area[offset + 16 * index:offset + 16 * (index + 1)] = register
+        filled |= 1 << _XFEATURE_AVX_INDEX
+    return filled
 
 
 def _restart_syscall(regs: dict[str, int]) -> None:

@@ -31,7 +31,7 @@ from transmigrate.progress import Progress, silent
 from transmigrate.recover.images import WRITEBACK, write_images
 from transmigrate.vm.machine import Machine
 from transmigrate.vm.qemu_command import IMPORT_SERIAL
-from transmigrate.vm.registers import cpus_in_user_mode
+from transmigrate.vm.registers import vcpu_states
 from transmigrate.vm.volume import directory_disk
 
 __all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dump", "recover"]
@@ -56,7 +56,9 @@ class ProcessVerdict:
     pid: int
     comm: str = ""
     verdict: str = "refused"
-    """"dumped", "restored", "restored with losses" (naming them), or "refused"."""
+    """"dumped", "restored", "restored with losses" (naming them), "refused" (not
+    dumped), or "failed" (CRIU could not restore it on the new kernel; only when the old
+    kernel is dead, else the whole recovery fails and the old VM runs on)."""
     reason: str = ""
     losses: list[str] = field(default_factory=list)
     connections: int = 0
@@ -123,7 +125,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 processes: Sequence[str] = (), panicking: bool = False,
                 services: Sequence[Service] = ()) -> DumpReport:
     mark = time.monotonic()
-    user_cpus = cpus_in_user_mode(machine, machine.record.cpus)
+    vcpus = vcpu_states(machine, machine.record.cpus)
     progress(f"reading {machine.name}'s kernel ({machine.record.kernel})")
     with attach(machine, catalog=host.catalog) as guest:
         steps["attach"] = round(time.monotonic() - mark, 3)
@@ -133,8 +135,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             verdict = ProcessVerdict(pid)
             report.processes.append(verdict)
             try:
-                tree = read_tree(guest, pid, cpus_in_user_mode=user_cpus,
-                                 allow_panicking=panicking)
+                tree = read_tree(guest, pid, vcpus=vcpus, allow_panicking=panicking)
             except Refusal as exc:
                 verdict.reason = exc.reason
                 progress(f"refused {pid}: {exc.reason}")
@@ -147,7 +148,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             verdict.comm = root.leader.comm
             verdict.processes = [p.pid for p in tree]
             verdict.own_session = root.sid == root.pid
-            verdict.losses = [loss for p in tree for loss in p.losses]
+            verdict.losses = [f"process {p.pid}: {loss}" for p in tree for loss in p.losses]
             verdict.binaries = {path: size for p in tree for path, size in (
                 (p.exe.path, p.exe.size),
                 *((m.file.path, m.file.size) for m in p.mappings if m.file is not None))}
@@ -256,9 +257,10 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     dead = host.machines.rename(machine, f"{name}-dead")
     try:
         target = _restore_on_standby(host, dead, kernel_spec or dead.record.kernel, dumped,
-                                     images, steps, progress)
+                                     images, steps, progress,
+                                     keep_partial=before not in ("running", "paused"))
         serving = time.monotonic() - start
-        ports = sorted({port for v in dumped for port in v.listening})
+        ports = sorted({port for v in dumped if v.verdict != "failed" for port in v.listening})
         accepting = None
         if ports:
             progress(f"waiting for port(s) {', '.join(map(str, ports))} on "
@@ -294,10 +296,13 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
 
 
 def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[ProcessVerdict],
-                        images: Path, steps: dict[str, float], progress: Progress) -> Machine:
+                        images: Path, steps: dict[str, float], progress: Progress,
+                        keep_partial: bool) -> Machine:
     """Take NAME's warm standby on ``kernel`` and write the images onto its empty disk,
     or boot a new VM with the old one's identity and volume and the images on a disk of
-    their own; write back the dirty page cache; restore; hand the address over."""
+    their own; write back the dirty page cache; restore; hand the address over.
+    ``keep_partial``: a process CRIU fails to restore is marked failed and the others
+    go on (the old kernel is dead: nothing runs there any more); else it fails all."""
     name = dead.name.removesuffix("-dead")
     mark = time.monotonic()
     warm = _warm_standby(host, name, kernel)
@@ -345,11 +350,20 @@ def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[Pro
             with contextlib.suppress(TransmigrateError, OSError):
                 (images / str(verdict.pid) / "restore.log").write_bytes(
                     agent.exec(["cat", f"{work}/restore.log"]).stdout)
-            raise TransmigrateError(f"criu restore of {verdict.pid} failed in "
-                                    f"{target.name}: {log or f'exit {restored.exit_code}'}")
+            failure = (f"criu restore of {verdict.pid} failed in {target.name}: "
+                       f"{log or f'exit {restored.exit_code}'}")
+            if not keep_partial:
+                raise TransmigrateError(failure)
+            verdict.verdict, verdict.reason = "failed", failure
+            progress(failure)
+            continue
         verdict.verdict = "restored with losses" if verdict.losses else "restored"
         steps[f"restore {verdict.pid}"] = round(time.monotonic() - mark, 3)
-    alive = agent.exec(["sh", "-c", " && ".join(f"kill -0 {v.pid}" for v in dumped)])
+    running = [v for v in dumped if v.verdict != "failed"]
+    if not running:
+        raise TransmigrateError("no process could be restored: " + "; ".join(
+            v.reason for v in dumped))
+    alive = agent.exec(["sh", "-c", " && ".join(f"kill -0 {v.pid}" for v in running)])
     if alive.exit_code != 0:
         raise TransmigrateError(f"a restored process exited at once in {target.name}")
     host.network.detach(dead.record.service_tap)

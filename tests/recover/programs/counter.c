@@ -6,8 +6,9 @@
  * where S is a floating-point accumulator that must equal N/2; the sum is checked on
  * every line (every N/8th line for more than 8 MiB, and on the first line). With
  * --threads, a second thread waits on a condition variable (a futex) for each line's
- * number, and a third computes in user code: a line is ok only if the waiter saw the
- * previous number and the computing thread moved on. After a recovery the line numbers go
+ * number, and a third computes in user code (two sums in SSE registers, one always
+ * twice the other): a line is ok only if the waiter saw the previous number and the
+ * computing thread moved on with its sums in step. After a recovery the line numbers go
  * on without a gap, and every line says ok. With --pause it writes "ready" and waits
  * in pause(), leaving memory unchanged (for the golden comparison with criu dump).
  */
@@ -40,10 +41,20 @@ static void *waiter(void *unused) {
     return NULL;
 }
 
+static volatile int spin_bad;
+
+/* Computes in user code, with its state in registers (general and SSE): a thread the VM
+ * may stop on its vCPU, whose registers are then only there. */
 static void *spinner(void *unused) {
     (void)unused;
+    double a = 1, b = 2;
     for (;;) {
-        for (int i = 0; i < 1000000; i++) spins++;
+        for (int i = 0; i < 1000000; i++) {
+            a += 1.0;
+            b += 2.0;
+            if (i % 4096 == 0) spins++;
+        }
+        if (b != 2 * a) spin_bad = 1;
         struct timespec rest = {0, 20 * 1000 * 1000};
         nanosleep(&rest, NULL);
     }
@@ -100,7 +111,7 @@ int main(int argc, char **argv) {
         int ok = check == sum && half * 2 == (double)n;
         if (threads) {
             pthread_mutex_lock(&mutex);
-            ok = ok && seen == n - 1 && (n == 1 || spins != last_spins);
+            ok = ok && seen == n - 1 && (n == 1 || spins != last_spins) && !spin_bad;
             last_spins = spins;
             posted = n;
             pthread_cond_signal(&posted_changed);
