@@ -41,6 +41,7 @@ from transmigrate.orchestrate.faults import fault_target
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.recover import recover
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis, start_service
+from transmigrate.polling import wait_for
 from transmigrate.vm.image import ImageSpec
 
 VM = "bench-campaign"
@@ -164,14 +165,16 @@ class Campaign:
                                           "^python3 /data/sqlite-app.py", None)
         self.pids["appender"] = self._spawn(agent, "python3 /data/appender.py",
                                             "^python3 /data/appender.py", "/data/app.log")
-        self.pids["redis"] = start_redis(host, VM)
-        for service in SERVICES:
+        for service in SERVICES:  # before the daemon, which would pass for "kv"
             self.pids[service.name] = start_service(host, service)
+        self.pids["redis"] = start_redis(host, VM)
         address = host.machines.get(VM).record.ip
         redis_cli(host, address, "SET", "before", "kept")
-        subprocess.run([*host.network.prefix(), "redis-cli", "-h", address, "-p", "6380",
-                        "SET", "before", "kept"], check=True, capture_output=True)
-        _answers(host, address, 11211, "set before 0 0 4\\r\\nkept\\r\\n", "STORED")
+        for port, send, expect in ((6380, "SET before kept\\r\\n", "+OK"),
+                                   (11211, "set before 0 0 4\\r\\nkept\\r\\n", "STORED")):
+            def stored(port: int = port, send: str = send, expect: str = expect) -> bool:
+                return _answers(host, address, port, send, expect) is None
+            wait_for(stored, timeout=60, interval=0.5, what=f"port {port} did not answer")
         self.load = LoadClient(host, address)
         time.sleep(3)
 

@@ -152,6 +152,9 @@ def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
     assert _pages(ours, pid) == _pages(golden, pid)
     assert _files(ours, pid) == _files(golden, pid)
     assert _entries(ours / "pstree.img") == _entries(golden / "pstree.img")
+    theirs_clock, our_clock = (_entries(d / "timens-0.img")[0]["monotonic"]
+                               for d in (golden, ours))
+    assert 0 <= our_clock["tv_sec"] - theirs_clock["tv_sec"] < 120, "the clock at the death"
     images = [i for i in ours.glob("*.img") if not i.name.startswith("pages-")]
     assert len(images) >= 9, images
     for image in images:
@@ -221,6 +224,12 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
             time.sleep(0.5)
         numbers = [int(line.split()[0]) for line in lines]
         assert numbers == list(range(1, len(numbers) + 1)), "no line lost or repeated"
+        # Its clocks go on from where the dead kernel's stood (a time namespace), not
+        # from the new VM's shorter uptime.
+        died = _entries(Path(report["processes"][0]["images"]) / "timens-0.img")[0]
+        seen_uptime = float(agent.sh(f"nsenter --time --target {holder} cat /proc/uptime")
+                            .text.split()[0])
+        assert seen_uptime >= died["boottime"]["tv_sec"], (seen_uptime, died)
         assert all(line.split()[1] == "ok" for line in lines), [
             line for line in lines if "ok" not in line]
     finally:

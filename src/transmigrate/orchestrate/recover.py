@@ -19,6 +19,7 @@ from transmigrate import paths
 from transmigrate.config import Service
 from transmigrate.errors import IntrospectionError, MachineError, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
+from transmigrate.introspect.clocks import read_clocks
 from transmigrate.introspect.kernel import Guest, attach
 from transmigrate.introspect.process import Refusal, read_cmdline, read_tree
 from transmigrate.introspect.sockets import SocketState
@@ -130,6 +131,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
     with attach(machine, catalog=host.catalog) as guest:
         steps["attach"] = round(time.monotonic() - mark, 3)
         report = DumpReport(machine.name, guest.release, [], steps)
+        clocks = read_clocks(guest)
         for pid in [*pids, *_find_processes(guest, processes, services)]:
             mark = time.monotonic()
             verdict = ProcessVerdict(pid)
@@ -159,7 +161,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             verdict.listening = sorted({s.src_port for s in sockets if s.state == "LISTEN"
                                         and s.src_addr in ("0.0.0.0", "::", service)})
             directory = out / str(pid)
-            write_images(tree, guest.ram, directory)
+            write_images(tree, clocks, guest.ram, directory)
             verdict.verdict, verdict.images = "dumped", str(directory)
             verdict.pages = sum(len(p.pages) for p in tree)
             steps[f"read {pid}"] = round(time.monotonic() - mark, 3)

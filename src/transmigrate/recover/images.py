@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from transmigrate.introspect.clocks import KernelClocks
 from transmigrate.introspect.epoll import EpollState
 from transmigrate.introspect.eventfds import EventfdState, SignalfdState
 from transmigrate.introspect.pagetable import PAGE
@@ -75,10 +76,12 @@ class _Ids:
         return self._by_key.setdefault(key, len(self._by_key) + 1)
 
 
-def write_images(processes: list[ProcessState], ram: GuestRam, directory: Path) -> list[Path]:
+def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: GuestRam,
+                 directory: Path) -> list[Path]:
     """Write the CRIU image set of a process tree (its root first, each parent before its
     children) into ``directory`` (created); the files. A file open in several processes
-    (inherited) is one entry, as the kernel has one ``struct file``."""
+    (inherited) is one entry, as the kernel has one ``struct file``. ``clocks`` are where
+    the restored tree's monotonic and boot-time clocks go on from."""
     directory.mkdir(parents=True, exist_ok=True)
     ids = _Ids()
     namespace_ids = {name: number for number, name in enumerate(_NAMESPACES, start=1)}
@@ -108,7 +111,10 @@ def write_images(processes: list[ProcessState], ram: GuestRam, directory: Path) 
 
     written = [_dump(directory / "inventory.img", "INVENTORY", [{
         "img_version": 2, "fdinfo_per_id": True, "root_ids": root_ids, "ns_per_id": True,
-        "lsmtype": "NO_LSM", "network_lock_method": _NETWORK_LOCK_NFTABLES}])]
+        "lsmtype": "NO_LSM", "network_lock_method": _NETWORK_LOCK_NFTABLES}]),
+        _dump(directory / "timens-0.img", "TIMENS", [{
+            "monotonic": _timespec(clocks.monotonic_ns),
+            "boottime": _timespec(clocks.boottime_ns)}])]
     tree = []
     ipc_namespaces: dict[int, int] = {}  # by kernel object: numbered after the VM's
     for number, process in enumerate(processes, start=2):
@@ -151,6 +157,10 @@ def write_images(processes: list[ProcessState], ram: GuestRam, directory: Path) 
     if dirty:
         written.append(_writeback(list(dirty.values()), ram, directory / WRITEBACK))
     return written
+
+
+def _timespec(nanoseconds: int) -> dict[str, int]:
+    return {"tv_sec": nanoseconds // 10**9, "tv_nsec": nanoseconds % 10**9}
 
 
 def _file_entry(state: OpenFile, number: int) -> dict[str, Any]:
