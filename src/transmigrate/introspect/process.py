@@ -388,7 +388,7 @@ class _Reader:
         if task.mm.value_() != self.task.mm.value_():
             raise self.refuse(f"{who} does not share its memory (corrupt thread list)")
         if (self.panic_cpu >= 0 and task_on_cpu(task) and task_cpu(task) == self.panic_cpu
-                and not self.allow_panicking):
+                and not self.allow_panicking and self._in_syscall(task)):
             raise self.refuse(f"{who} is the task that panicked the kernel (its syscall "
                               "could crash the new one too)")
         if self._live_fpu(task) and task_cpu(task) not in self.vcpus:
@@ -425,6 +425,17 @@ class _Reader:
             ids.append(int(pid.numbers[0].nr))
         return ids[0], ids[1]
 
+    def _saved_user_registers(self, task: drgn.Object) -> drgn.Object:
+        """The ``pt_regs`` the entry code saved at the top of the task's kernel stack."""
+        return drgn.Object(self.prog, self.regs_type,
+                           address=int(task.stack.value_()) + self.regs_offset)
+
+    def _in_syscall(self, task: drgn.Object) -> bool:
+        """Whether the task entered the kernel by a system call (not an interrupt, an
+        exception or an NMI that came while it ran user code)."""
+        orig_ax = int(self._saved_user_registers(task).orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
+        return orig_ax < 1 << 63  # -1 for every other entry
+
     def _live_fpu(self, task: drgn.Object) -> bool:
         """Whether ``task`` was on a CPU with its FPU registers loaded there (the kernel
         saves them to memory only when it switches away)."""
@@ -443,8 +454,7 @@ class _Reader:
                              fsindex=vcpu.selectors["fs"], gsindex=vcpu.selectors["gs"],
                              ds=vcpu.selectors["ds"], es=vcpu.selectors["es"],
                              xsave=xsave, xfeatures=xfeatures, components=components)
-        regs = drgn.Object(self.prog, self.regs_type,
-                           address=int(task.stack.value_()) + self.regs_offset)
+        regs = self._saved_user_registers(task)
         general = {name: int(regs.member_(name)) & 0xFFFF_FFFF_FFFF_FFFF for name in _PT_REGS}
         if general["cs"] & 0xFFFF != _USER_CS or general["ss"] & 0xFFFF != _USER_SS:
             raise self.refuse(f"its saved user registers are not user-mode ones "
