@@ -35,7 +35,7 @@ from transmigrate.vm.qemu_command import IMPORT_SERIAL
 from transmigrate.vm.registers import vcpu_states
 from transmigrate.vm.volume import directory_disk
 
-__all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dump", "recover"]
+__all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dump", "prepare_standby", "recover"]
 
 GUEST_IMAGES = "/run/transmigrate-import"
 """Where the new VM mounts the disk of images (read-only) it restores from."""
@@ -228,12 +228,13 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
             pids: Sequence[int] = (), processes: Sequence[str] = (),
             services: Sequence[Service] = (), panicking: bool = False,
             progress: Progress = silent) -> RecoverReport:
-    """Recover processes of VM ``name`` (dead, hung or running) onto a new VM on
-    ``kernel_spec`` (default: the same kernel), which takes the name, the service
-    address and the data volume. The old VM is never resumed after a restore; it stays
-    paused as NAME-dead. If nothing was restored, it keeps its name (and runs on, if it
-    ran), and the new VM is removed. ``panicking``: the task that panicked the kernel
-    too (its interrupted call is made again: it may crash the new kernel as well)."""
+    """Recover processes of VM ``name`` (dead, hung or running) onto its warm standby
+    on ``kernel_spec`` (default: the same kernel), or a new VM booted for it, which takes
+    the name, the service address and the data volume. The old VM is never resumed after
+    a restore; it stays paused as NAME-dead. If nothing was restored, it keeps its name
+    (and runs on, if it ran), and the new VM is removed. ``panicking``: the task that
+    panicked the kernel in a system call too (the call is made again: it may crash the
+    new kernel as well)."""
     if not (pids or processes or services):
         raise TransmigrateError(f"name the processes to recover (--pid or --process), or "
                                 f"declare services for {name} in transmigrate.toml")
