@@ -291,14 +291,16 @@ def _trial(host: Host, mode: str, before: str, after: str, counter: bytes) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--both-directions", action="store_true")
+    parser.add_argument("--direction", choices=("up", "down", "both"), default="up",
+                        help="up: 6.1 to 6.12; down: 6.12 to 6.1")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     host = Host.from_environment()
     counter = _counter()
-    directions = [(ACTIVE_KERNEL, STANDBY_KERNEL)]
-    if args.both_directions:
-        directions.append((STANDBY_KERNEL, ACTIVE_KERNEL))
+    directions = {"up": [(ACTIVE_KERNEL, STANDBY_KERNEL)],
+                  "down": [(STANDBY_KERNEL, ACTIVE_KERNEL)],
+                  "both": [(ACTIVE_KERNEL, STANDBY_KERNEL), (STANDBY_KERNEL, ACTIVE_KERNEL)]
+                  }[args.direction]
     trials = [_trial(host, mode, before, after, counter) for before, after in directions
               for mode in args.modes.split(",")]
     restored = [r for t in trials for r in t["programs"].values() if r["verdict"] != "refused"]

@@ -6,17 +6,35 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import ConnectError, QMPClient, QMPError
+from qemu.qmp.qmp_client import GreetingError
 
 from transmigrate.errors import MachineError
 
 __all__ = ["qmp_execute"]
 
 
-async def _execute(socket: Path, command: str, arguments: dict[str, Any] | None,
-                   timeout: float) -> Any:
+async def _connect(socket: Path, timeout: float) -> QMPClient:
+    """A QMP session. A session that gave up on a command (its time limit) leaves QEMU's
+    late reply to the next one, where the greeting should be: that one is tried again,
+    once (nothing was sent yet)."""
+    try:
+        return await _session(socket, timeout)
+    except ConnectError as exc:
+        if not isinstance(exc.exc, GreetingError):
+            raise
+        return await _session(socket, timeout)
+
+
+async def _session(socket: Path, timeout: float) -> QMPClient:
     client = QMPClient("transmigrate")
     await asyncio.wait_for(client.connect(str(socket)), timeout)
+    return client
+
+
+async def _execute(socket: Path, command: str, arguments: dict[str, Any] | None,
+                   timeout: float) -> Any:
+    client = await _connect(socket, timeout)
     try:
         return await asyncio.wait_for(client.execute(command, arguments), timeout)
     finally:
