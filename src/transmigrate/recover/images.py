@@ -58,6 +58,7 @@ DONTFORK, DONTDUMP, HUGEPAGE, NOHUGEPAGE, MERGEABLE."""
 _NAMESPACES = ("pid_ns_id", "net_ns_id", "ipc_ns_id", "uts_ns_id", "time_ns_id",
                "mnt_ns_id", "user_ns_id", "cgroup_ns_id")
 """In the order CRIU numbers the root namespaces; every process shares the VM's."""
+_NET_NS_ID = _NAMESPACES.index("net_ns_id") + 1
 _NETWORK_LOCK_NFTABLES = 1
 """How ``criu restore --tcp-established`` keeps packets off a connection it rebuilds:
 with nftables, which the guest image has (CRIU's default would be iptables)."""
@@ -185,7 +186,7 @@ def _file_entry(state: OpenFile, number: int) -> dict[str, Any]:
         "proto": "TCP", "state": state.state, "src_port": state.src_port,
         "dst_port": state.dst_port, "flags": state.flags, "backlog": state.backlog,
         "src_addr": [state.src_addr], "dst_addr": [state.dst_addr], "fown": _FOWN,
-        "opts": state.options, "ip_opts": {}, "ns_id": 2,
+        "opts": state.options, "ip_opts": {}, "ns_id": _NET_NS_ID,
         **({"v6only": state.v6only} if state.family == "INET6" else {}),
         **({"shutdown": state.shutdown} if state.shutdown else {})}}
 
