@@ -38,6 +38,7 @@ from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.recover import prepare_standby, recover
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
+from transmigrate.polling import wait_for
 
 VM = "bench-rec"
 LOG = "/data/counter.log"
@@ -96,12 +97,9 @@ def _fill_redis(host: Host, mib: int) -> None:
     agent.run(["redis-cli", "DEBUG", "POPULATE", str(mib * 2**20 // 8192), "key", "8000"],
               what="filling redis", timeout=1800)
     agent.run(["redis-cli", "BGREWRITEAOF"], what="rewriting the AOF")
-    deadline = time.monotonic() + 1800
-    while not {"aof_rewrite_in_progress:0", "aof_rewrite_scheduled:0"} <= set(
-            agent.run(["redis-cli", "INFO", "persistence"]).text.split()):
-        if time.monotonic() > deadline:
-            raise SystemExit("redis did not finish rewriting its AOF")
-        time.sleep(1)
+    wait_for(lambda: {"aof_rewrite_in_progress:0", "aof_rewrite_scheduled:0"} <= set(
+        agent.run(["redis-cli", "INFO", "persistence"]).text.split()),
+        timeout=1800, interval=1, what="redis did not finish rewriting its AOF")
 
 
 def _redis_answers(host: Host) -> bool:
@@ -112,11 +110,7 @@ def _redis_answers(host: Host) -> bool:
 
 
 def _wait_redis(host: Host, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not _redis_answers(host):
-        if time.monotonic() > deadline:
-            raise SystemExit("redis did not answer")
-        time.sleep(0.05)
+    wait_for(lambda: _redis_answers(host), timeout=timeout, what="redis did not answer")
 
 
 def _recover_redis(host: Host, mib: int, *, warm: bool) -> dict[str, Any]:
