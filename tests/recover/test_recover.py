@@ -373,8 +373,11 @@ def test_redis_under_load_survives_the_death_of_its_kernel(
         assert _entries(ours_dir / f"ipcns-var-{ipc}.img") == \
             _entries(golden_dir / f"ipcns-var-{ipc}.img")
         golden, ours = (_non_regular_files(d, pid) for d in (golden_dir, ours_dir))
+        assert sorted(kind for kind, _ in golden.values()) == [
+            "EVENTPOLL", "INETSK", "INETSK", "PIPE", "PIPE"], golden
         for fd, (kind, theirs) in golden.items():
             if kind == "EVENTPOLL":  # ours also watches the load's connection
+                assert len(theirs["tfd"]) == 3, "the pipe, the listener, the idle client"
                 assert [t for t in ours[fd][1]["tfd"] if t in theirs["tfd"]] == theirs["tfd"]
             else:
                 assert ours[fd] == (kind, theirs), fd
