@@ -7,23 +7,29 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ConnectError, QMPClient, QMPError
-from qemu.qmp.qmp_client import GreetingError
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from transmigrate.errors import MachineError
 
 __all__ = ["qmp_execute"]
 
 
+_SESSION_ATTEMPTS = 3
+
+
 async def _connect(socket: Path, timeout: float) -> QMPClient:
-    """A QMP session. A session that gave up on a command (its time limit) leaves QEMU's
-    late reply to the next one, where the greeting should be: that one is tried again,
-    once (nothing was sent yet)."""
-    try:
-        return await _session(socket, timeout)
-    except ConnectError as exc:
-        if not isinstance(exc.exc, GreetingError):
-            raise
-        return await _session(socket, timeout)
+    """A QMP session. While a block job runs, QEMU can send a new session the job's
+    event before its greeting (it is emitted while the monitor still counts the last
+    session as negotiated) or before the answer to ``qmp_capabilities`` (that answer
+    waits for the main loop); qemu.qmp then gives up on the session. Nothing of ours
+    has run, so the session is simply tried again, a few times."""
+    for _ in range(_SESSION_ATTEMPTS - 1):
+        try:
+            return await _session(socket, timeout)
+        except ConnectError as exc:
+            if not isinstance(exc.exc, (GreetingError, NegotiationError)):
+                raise
+    return await _session(socket, timeout)
 
 
 async def _session(socket: Path, timeout: float) -> QMPClient:
