@@ -92,7 +92,9 @@ def test_oops_then_panic_are_caught_and_nothing_else(prepared: Host, vm: str) ->
     assert panicked.evidence["cpu"] in (0, 1)
     assert paused.monotonic_ns >= panicked.monotonic_ns
     assert [e.kind for e in watch.events] == ["oops", "panic", "panic"]
-    assert prepared.machines.get(vm).status() == "guest-panicked"
+    machine = prepared.machines.get(vm)
+    assert machine.status() == "guest-panicked"
+    assert "Kernel panic - not syncing" in machine.console_tail(), "the cause, not the offset"
 
 
 @pytest.mark.parametrize("vm", KERNELS, indirect=True)

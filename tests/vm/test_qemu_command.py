@@ -56,6 +56,7 @@ def test_panics_pause_and_leave_the_kernel_findable() -> None:
     assert "pvpanic" in devices and "vmcoreinfo" in devices
     assert _values(argv, "-action") == ["panic=pause"]
     assert "-no-reboot" in argv
+    assert "no_timer_check" in _values(argv, "-append")[0].split(), "no boot panic under load"
 
 
 def test_active_vm_writes_its_volume() -> None:

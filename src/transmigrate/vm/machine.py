@@ -138,11 +138,14 @@ class Machine:
                 f"(console: {self.console_tail() or 'empty'}); run 'transmigrate down {self.name}'")
 
     def console_tail(self) -> str:
+        """The console's last line, or the line that names why the kernel panicked:
+        a panic's last line is only its kernel offset."""
         try:
             lines = self.console_log.read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
-        return lines[-1].strip() if lines else ""
+        panics = [line for line in lines if "Kernel panic - not syncing" in line]
+        return (panics or lines or [""])[-1].strip()
 
     def qmp(self, command: str, arguments: dict[str, object] | None = None,
             timeout: float = 10.0) -> object:

@@ -42,10 +42,15 @@ class MachinePaths(Protocol):
 
 
 def kernel_cmdline(record: MachineRecord, *, pid_base: int) -> str:
-    """The guest kernel's command line: console, and what the guest's init sets up."""
+    """The guest kernel's command line: console, and what the guest's init sets up.
+
+    ``no_timer_check``: on a busy host a TCG guest can miss the IO-APIC timer check's
+    ticks and panic at boot ("IO-APIC + timer doesn't work"); libguestfs boots its
+    appliance with it for that reason.
+    """
     standby = record.data_overlay == "standby"
     return " ".join([
-        "console=ttyS0", "loglevel=4", "panic=-1",
+        "console=ttyS0", "loglevel=4", "panic=-1", "no_timer_check",
         f"tm.name={record.name}",
         f"tm.if={record.service_mac}@{record.service_address}",
         f"tm.if={record.migration_mac}@{record.migration_address}",
