@@ -35,7 +35,12 @@ from transmigrate.introspect.eventfds import (
     read_signalfd,
 )
 from transmigrate.introspect.kernel import Guest
-from transmigrate.introspect.namespaces import IpcNamespaceState, read_ipc_namespace
+from transmigrate.introspect.namespaces import (
+    IpcNamespaceState,
+    TimeNamespaceState,
+    read_ipc_namespace,
+    read_time_namespace,
+)
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.pipes import PipeState, read_pipe
@@ -74,6 +79,9 @@ _O_CLOEXEC = 0o2000000
 _PT_REGS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx",
             "dx", "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss")
 _USER_CS, _USER_SS = 0x33, 0x2B
+_CRIU_VDSO_MARK = 0x4F53447655495243
+"""CRIU's vdso mark (version 3, "CRIUvDSO"): its restorer writes it over the ELF header
+of the kernel's vdso when it redirects the process's own (older) vdso to it."""
 
 
 class Refusal(IntrospectionError):
@@ -195,6 +203,8 @@ class ProcessState:
     """Its child processes (forked by any of its threads)."""
     ipc_namespace: IpcNamespaceState | None = None
     """Its IPC namespace, if it is not the VM's."""
+    time_namespace: TimeNamespaceState | None = None
+    """Its time namespace, if it is not the VM's (CRIU restored it once)."""
 
     @property
     def leader(self) -> ThreadState:
@@ -227,7 +237,8 @@ def read_process(guest: Guest, pid: int, *, vcpus: dict[int, VcpuState] | None =
 def read_tree(guest: Guest, pid: int, *, vcpus: dict[int, VcpuState] | None = None,
               allow_panicking: bool = False) -> list[ProcessState]:
     """Process ``pid`` and every process below it (what ``criu dump -t PID`` takes),
-    each parent before its children. A refusal of any of them refuses the tree."""
+    each parent before its children, all in one time namespace (CRIU restores one). A
+    refusal of any of them refuses the tree."""
     tree = [read_process(guest, pid, vcpus=vcpus, allow_panicking=allow_panicking)]
     for process in tree:  # grows as it goes: breadth first
         for child in process.children:
@@ -239,6 +250,9 @@ def read_tree(guest: Guest, pid: int, *, vcpus: dict[int, VcpuState] | None = No
             except IntrospectionError as exc:
                 reason = exc.reason if isinstance(exc, Refusal) else str(exc)
                 raise Refusal(pid, f"its child {child}: {reason}") from exc
+            if tree[-1].time_namespace != tree[0].time_namespace:
+                raise Refusal(pid, f"its child {child} lives in another time namespace "
+                                   "(not supported yet)")
     return tree
 
 
@@ -307,6 +321,7 @@ class _Reader:
         children = self._children(tasks)
         try:
             ipc_namespace = read_ipc_namespace(self.prog, task)
+            time_namespace = read_time_namespace(self.prog, task)
         except Unrecoverable as exc:
             raise self.refuse(f"it {exc}") from exc
         return ProcessState(
@@ -315,7 +330,8 @@ class _Reader:
             personality=int(task.personality),
             rlimits=[(int(r.rlim_cur), int(r.rlim_max)) for r in task.signal.rlim],
             mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
-            children=children, ipc_namespace=ipc_namespace, files=files,
+            children=children, ipc_namespace=ipc_namespace,
+            time_namespace=time_namespace, files=files,
             losses=[loss for state, _ in files.values()
                     if isinstance(state, SocketState | EpollState) for loss in state.losses],
             exe=self._file(mm.exe_file, "the executable"),
@@ -561,8 +577,16 @@ class _Reader:
                 "thp_disabled": bool(int(mm.flags) >> 24 & 1)}  # MMF_DISABLE_THP
 
     def _mappings(self, mm: drgn.Object) -> Iterator[Mapping]:
+        """Its mappings, as CRIU's dump lists them. A process CRIU restored on a kernel
+        with another vdso calls its own through the kernel's, which bears CRIU's mark
+        (:meth:`_vdso_mark`): the kernel's vdso and vvar are left out (the restore makes
+        them again), and its own are its vdso and vvar, as CRIU does."""
         previous_end = 0
-        vdso = int(mm.context.vdso)
+        vdso, vvar, made_at_restore = int(mm.context.vdso), None, set()
+        mark = self._vdso_mark(mm, vdso)
+        if mark is not None:
+            made_at_restore = {vdso, mark[2]}
+            vdso, vvar = mark[0], mark[1]
         for count, vma in enumerate(for_each_vma(mm)):
             if count >= _MAX_VMAS:
                 raise self.refuse("its memory map is corrupt (too many mappings)")
@@ -573,8 +597,13 @@ class _Reader:
             previous_end = end
             flags = int(vma.vm_flags)
             file = vma.vm_file
+            if start in made_at_restore and (start == int(mm.context.vdso) or
+                                             self._is_vvar(vma)):
+                continue
             if start == vdso:
                 kind = "vdso"
+            elif start == vvar and not file:
+                kind = "vvar"
             elif not file:
                 if vma.vm_ops and self._is_vvar(vma):
                     kind = "vvar"
@@ -596,6 +625,19 @@ class _Reader:
                               self._file(file, f"the mapping at {start:#x}"))
             else:  # /proc/PID/maps, and so CRIU, give an anonymous mapping offset 0
                 yield Mapping(start, end, 0, flags, kind, None)
+
+    def _vdso_mark(self, mm: drgn.Object, vdso: int) -> tuple[int, int, int] | None:
+        """CRIU's mark on the kernel's vdso, if its restorer left one: the addresses of
+        the process's own vdso and vvar, and of the kernel's vvar."""
+        try:
+            pages = dict(PageTables.of(self.guest, int(mm.pgd)).pages(vdso, vdso + PAGE))
+        except UnmovablePage:
+            return None
+        if vdso not in pages:  # never touched, so never marked
+            return None
+        signature, own_vdso, _, own_vvar, kernel_vvar = struct.unpack(
+            "<5Q", bytes(self.guest.ram.read(pages[vdso], 40)))
+        return (own_vdso, own_vvar, kernel_vvar) if signature == _CRIU_VDSO_MARK else None
 
     def _is_vvar(self, vma: drgn.Object) -> bool:
         try:

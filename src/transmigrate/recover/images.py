@@ -19,6 +19,7 @@ from typing import Any
 from transmigrate.introspect.clocks import KernelClocks
 from transmigrate.introspect.epoll import EpollState
 from transmigrate.introspect.eventfds import EventfdState, SignalfdState
+from transmigrate.introspect.namespaces import TimeNamespaceState
 from transmigrate.introspect.pagetable import PAGE
 from transmigrate.introspect.pipes import PipeState
 from transmigrate.introspect.process import (
@@ -81,9 +82,11 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
                  directory: Path) -> list[Path]:
     """Write the CRIU image set of a process tree (its root first, each parent before its
     children) into ``directory`` (created); the files. A file open in several processes
-    (inherited) is one entry, as the kernel has one ``struct file``. ``clocks`` are where
-    the restored tree's monotonic and boot-time clocks go on from."""
+    (inherited) is one entry, as the kernel has one ``struct file``. ``clocks`` (shifted
+    by the tree's time namespace, if it has one) are where the restored tree's monotonic
+    and boot-time clocks go on from."""
     directory.mkdir(parents=True, exist_ok=True)
+    shift = processes[0].time_namespace or TimeNamespaceState(0, 0, 0)
     ids = _Ids()
     namespace_ids = {name: number for number, name in enumerate(_NAMESPACES, start=1)}
     root_ids = {"vm_id": 1, "files_id": 1, "fs_id": 1, "sighand_id": 1, **namespace_ids}
@@ -114,8 +117,8 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
         "img_version": 2, "fdinfo_per_id": True, "root_ids": root_ids, "ns_per_id": True,
         "lsmtype": "NO_LSM", "network_lock_method": _NETWORK_LOCK_NFTABLES}]),
         _dump(directory / "timens-0.img", "TIMENS", [{
-            "monotonic": _timespec(clocks.monotonic_ns),
-            "boottime": _timespec(clocks.boottime_ns)}])]
+            "monotonic": _timespec(clocks.monotonic_ns + shift.monotonic_ns),
+            "boottime": _timespec(clocks.boottime_ns + shift.boottime_ns)}])]
     tree = []
     ipc_namespaces: dict[int, int] = {}  # by kernel object: numbered after the VM's
     for number, process in enumerate(processes, start=2):
