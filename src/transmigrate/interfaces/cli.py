@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +23,7 @@ from transmigrate.detect.events import READERS, Event, Sample
 from transmigrate.errors import TransmigrateError
 from transmigrate.orchestrate import demo as demo_job
 from transmigrate.orchestrate import faults, lifecycle, services
+from transmigrate.orchestrate import guard as guard_job
 from transmigrate.orchestrate import recover as recover_job
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.host import Host
@@ -65,6 +66,11 @@ class _Progress:
 
     def __call__(self, message: str) -> None:
         err.print(f"[dim]{time.monotonic() - self.start:6.1f}s[/dim] {message}")
+
+
+def _emit_json_line(data: Any) -> None:
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
 
 
 def _emit_json(data: Any) -> None:
@@ -381,9 +387,8 @@ def monitor(name: Annotated[str, typer.Argument(help="VM to watch.")],
 
 
 def _print_event_json(event: Event) -> None:
-    sys.stdout.write(json.dumps({"kind": event.kind, "monotonic_ns": event.monotonic_ns,
-                                 "summary": event.summary, "evidence": event.evidence}) + "\n")
-    sys.stdout.flush()
+    _emit_json_line({"kind": event.kind, "monotonic_ns": event.monotonic_ns,
+                     "summary": event.summary, "evidence": event.evidence})
 
 
 def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
@@ -535,6 +540,53 @@ def standby(name: Annotated[str, typer.Argument(help="VM to keep a warm standby 
         return
     out.print(f"{machine.name} is ready on {machine.record.kernel}: `recover {name}` "
               "restores onto it", markup=False)
+
+
+@app.command()
+def guard(name: Annotated[str, typer.Argument(help="VM whose services to keep running.")],
+          standby_kernel: Annotated[str | None, typer.Option(
+              help="Kernel the services go to (default: the policy's, else the VM's own).")
+          ] = None,
+          interval: Annotated[str | None, typer.Option(
+              help="The monitor's sampling interval, 1ms .. 10s (default: 10ms).")] = None,
+          policy: Annotated[Path | None, typer.Option(
+              help="TOML: an actions table (fault = recover, move or report), "
+                   "live_deadline_seconds, lockup_grace_seconds, standby_kernel, and a "
+                   "monitor table (as monitor --set takes them).")] = None,
+          dry_run: Annotated[bool, typer.Option(
+              help="Decide and log, never act.")] = False,
+          config: ConfigOption = None, json_: JsonOption = False) -> None:
+    """Keep NAME's declared services running through kernel faults, until Ctrl-C.
+
+    Keeps a warm standby booted and watches NAME's kernel from outside. A fault the
+    kernel survives moves the services live (update); one it does not survive, or a
+    live move that fails, rebuilds them from its memory (recover). Then a new standby
+    boots. One line per decision (JSON with --json). Exits 1 if the services could
+    not be saved."""
+    chosen = guard_job.load_policy(policy) if policy else guard_job.Policy()
+    if standby_kernel:
+        chosen = replace(chosen, standby_kernel=standby_kernel)
+    if interval:
+        chosen = replace(chosen, monitor=(*chosen.monitor, f"interval={interval}"))
+
+    def log(decision: guard_job.Decision) -> None:
+        if json_:
+            _emit_json_line(decision.as_dict())
+            return
+        out.print(f"{time.strftime('%H:%M:%S', time.localtime(decision.detected_at))} "
+                  f"{decision.fault} -> {decision.action}: {decision.outcome} in "
+                  f"{decision.action_seconds:.1f} s (decided in "
+                  f"{decision.decision_seconds:.2f} s)"
+                  + (f"; {decision.detail}" if decision.detail else "")
+                  + (f"; culprits left behind: {decision.culprits}" if decision.culprits
+                     else ""), markup=False)
+
+    decisions = guard_job.guard(Host.from_environment(), name,
+                                load_config(config).services_of(name), chosen,
+                                dry_run=dry_run, on_decision=log, progress=_Progress())
+    if decisions and decisions[-1].outcome == "reported":
+        raise TransmigrateError(f"{name}: {decisions[-1].summary}; guard stops, the "
+                                "services could not be saved")
 
 
 @app.command()

@@ -1,0 +1,209 @@
+"""Guard: the policy and its decisions, then real faults in a real guest running redis
+under a client's load, survived one after the other."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
+from transmigrate.detect.events import Event
+from transmigrate.errors import TransmigrateError
+from transmigrate.faults import HungDriver, Panic, inject
+from transmigrate.faults.build import MODULE_NAME
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.faults import fault_target
+from transmigrate.orchestrate.guard import (
+    DEFAULT_ACTIONS,
+    Decision,
+    Policy,
+    decide,
+    guard,
+    load_policy,
+)
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.services import LoadClient, redis_cli, start_service
+from transmigrate.polling import wait_for
+
+from ..conftest import cli
+
+
+def _policy(tmp_path: Path, text: str) -> Policy:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return load_policy(path)
+
+
+def test_policy_file_overrides_the_defaults(tmp_path: Path) -> None:
+    policy = _policy(tmp_path, """
+live_deadline_seconds = 90
+standby_kernel = "6.12.117"
+[actions]
+fork-storm = "report"
+[monitor]
+interval = "100ms"
+hung_min_tasks = 5
+""")
+    assert policy.actions == {**DEFAULT_ACTIONS, "fork-storm": "report"}
+    assert policy.live_deadline_seconds == 90.0 and policy.standby_kernel == "6.12.117"
+    assert policy.lockup_grace_seconds == Policy().lockup_grace_seconds
+    assert policy.monitor == ("interval=100ms", "hung_min_tasks=5")
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("deadline = 5", "unknown key 'deadline'"),
+    ("[actions]\nreboot = \"recover\"", "unknown key actions.reboot"),
+    ("[actions]\npanic = \"reboot\"", "actions.panic = 'reboot'; choose one of"),
+    ("[monitor]\nlockup_min = 5", "monitor: unknown setting 'lockup_min'"),
+    ("live_deadline_seconds = -1", "live_deadline_seconds must be a positive number"),
+    ("standby_kernel = 6", "standby_kernel must be a string"),
+    ("actions = 1", "actions must be a table"),
+    ("[actions", "policy .*policy.toml"),
+])
+def test_bad_policy_is_refused_naming_the_key(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(TransmigrateError, match=error):
+        _policy(tmp_path, text)
+
+
+@pytest.mark.parametrize(("seen", "fault", "action", "culprits"), [
+    ([("panic", {})], "panic", "recover", []),
+    ([("oops", {})], "oops", "recover", []),
+    ([("lockup", {"cpu": 1, "pid": 812})], "lockup", "move", [812]),
+    ([("lockup", {"cpu": 0, "pid": 812}), ("lockup", {"cpu": 1, "pid": 813})],
+     "lockup-all", "recover", [812, 813]),
+    ([("lockup", {"cpu": 0, "pid": 812}), ("hung-driver", {"pids": [9]})],
+     "lockup", "move", [812]),
+    ([("hung-driver", {"pids": [901, 902, 903]})], "hung-driver", "move", [901, 902, 903]),
+    ([("fork-storm", {"growth": 200})], "fork-storm", "move", []),
+    ([("memory-exhaustion", {"free_mib": 3})], "memory-exhaustion", "move", []),
+    ([("vm-dead", {})], "vm-dead", "report", []),
+])
+def test_decisions_follow_the_fault(seen: list[tuple[str, dict[str, object]]], fault: str,
+                                    action: str, culprits: list[int]) -> None:
+    """What the monitor saw (with, after a lockup, what came in the grace) -> the action."""
+    events = [Event(kind, time.monotonic_ns(), f"{kind} seen", evidence)
+              for kind, evidence in seen]
+    decision = decide("web", events, Policy(), cpus=2)
+    assert (decision.fault, decision.action, decision.culprits) == (fault, action, culprits)
+    assert decision.summary == events[0].summary and decision.evidence == events[0].evidence
+    assert abs(decision.detected_at - time.time()) < 5
+
+
+REDIS_SERVICE = """
+[services.kv]
+vm = "{vm}"
+process = "redis-server"
+start = ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
+         "--dir", "/data", "--appendonly", "yes"]
+"""
+
+
+def test_guard_needs_declared_services_and_a_real_kernel(prepared: Host, old_vm: str,
+                                                         tmp_path: Path) -> None:
+    """Refused in one line, before anything is booted; the VM runs on."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    done = cli("guard", old_vm, "--config", str(empty), "--dry-run")
+    assert done.returncode == 1 and f"nothing to guard in {old_vm}" in done.stderr
+    declared = tmp_path / "transmigrate.toml"
+    declared.write_text(REDIS_SERVICE.format(vm=old_vm))
+    done = cli("guard", old_vm, "--config", str(declared), "--standby-kernel", "6.1.0-999")
+    assert done.returncode == 1 and "kernel '6.1.0-999' is not in the archive" in done.stderr
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[actions]\npanic = \"pray\"\n")
+    done = cli("guard", old_vm, "--config", str(declared), "--policy", str(policy))
+    assert done.returncode == 1 and "actions.panic = 'pray'" in done.stderr
+    assert [m.name for m in prepared.machines.all() if m.name.startswith(old_vm)] == [old_vm]
+    assert prepared.machines.get(old_vm).status() == "running"
+
+
+def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Path) -> None:
+    """redis as a declared service under a client's load, guarded with a warm standby on
+    6.12. A driver hangs: redis moves live to 6.12, the hung readers stay behind, the
+    client's connection goes on. Then that kernel panics: redis is rebuilt from its
+    memory on the standby, the connection goes on again. No acknowledged write is lost."""
+    name = "t-guard"
+    config = tmp_path / "transmigrate.toml"
+    config.write_text(REDIS_SERVICE.format(vm=name))
+    service = load_config(config).services_of(name)[0]
+    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512, cpus=2)
+    stop, decisions, said = threading.Event(), list[Decision](), list[str]()
+    failed: list[BaseException] = []
+    guarding: threading.Thread | None = None
+    load = None
+    try:
+        start_service(prepared, service)
+        address = prepared.machines.get(name).record.ip
+        prepared.agent(prepared.machines.get(name)).sh(
+            "seq 1 10000 | awk '{print \"SET key:\" $1 \" \" $1}' | redis-cli --pipe",
+            what="writing keys")
+        load = LoadClient(prepared, address)
+
+        def run() -> None:
+            try:
+                guard(prepared, name, [service], Policy(standby_kernel=STANDBY_KERNEL),
+                      on_decision=decisions.append, progress=said.append, stop=stop)
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+
+        def guard_says(what: str, done: Callable[[], bool], timeout: float = 600) -> None:
+            def check() -> bool:
+                assert not failed, f"guard failed: {failed[0]!r}; it said {said[-10:]}"
+                return done()
+            wait_for(check, timeout=timeout, interval=0.2, what=what)
+
+        guarding = threading.Thread(target=run, name="guard")
+        guarding.start()
+        guard_says("guard did not start", lambda: f"guarding {name}" in said)
+        assert prepared.machines.get(f"{name}-standby").record.kernel.startswith(STANDBY_KERNEL)
+
+        hung = inject(fault_target(prepared, name), HungDriver(readers=5))
+        guard_says("no decision on the hang", lambda: len(decisions) == 1)
+        moved = decisions[0]
+        assert (moved.fault, moved.action, moved.outcome) == ("hung-driver", "move", "moved"), \
+            moved
+        assert len(moved.culprits) >= 3 and moved.kernel_after.startswith(STANDBY_KERNEL)
+        agent = prepared.agent(prepared.machines.get(name))
+        assert MODULE_NAME not in agent.sh("cat /proc/modules").text, "the driver stayed"
+        assert not agent.sh(f"ps -o pid= -p {','.join(map(str, moved.culprits))} || true"
+                            ).text.strip(), "the hung readers stayed behind"
+        assert hung.details  # the fault was injected for real
+        guard_says("guard did not watch the new VM", lambda: said[-1] == f"guarding {name}")
+
+        inject(fault_target(prepared, name), Panic())
+        guard_says("no decision on the panic", lambda: len(decisions) == 2)
+        recovered = decisions[1]
+        assert (recovered.fault, recovered.action, recovered.outcome) == \
+            ("panic", "recover", "recovered"), recovered
+        assert recovered.detail == "", recovered.detail
+        guard_says("guard did not boot a new standby and watch again",
+                   lambda: said[-1] == f"guarding {name}")
+        stop.set()
+        guarding.join(timeout=60)
+        assert not guarding.is_alive()
+
+        time.sleep(1)
+        summary, load = load.stop(), None
+        assert summary["errors"] == [] and summary["out_of_order"] == 0, summary
+        assert summary["client_id_start"] == summary["client_id_end"], "the same connection"
+        assert int(redis_cli(prepared, address, "GET", "transmigrate:counter")) == \
+            summary["last_value"], "every acknowledged write"
+        assert int(redis_cli(prepared, address, "DBSIZE")) == 10001
+        names = {m.name: m for m in prepared.machines.all() if m.name.startswith(name)}
+        assert set(names) == {name, f"{name}-dead", f"{name}-standby"}, names
+        assert names[f"{name}-dead"].status() == "guest-panicked", "kept for diagnosis"
+    finally:
+        stop.set()
+        if guarding is not None:
+            guarding.join(timeout=600)
+        if load is not None:
+            load.process.kill()
+            load.process.wait()
+        for vm in (name, f"{name}-dead", f"{name}-standby", f"{name}-next"):
+            if any(m.name == vm for m in prepared.machines.all()):
+                lifecycle.down(prepared, vm)
