@@ -3,6 +3,11 @@ under a client's load, survived one after the other."""
 
 from __future__ import annotations
 
+import json
+import os
+import select
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +34,7 @@ from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_service
 from transmigrate.polling import wait_for
 
-from ..conftest import cli
+from ..conftest import CLI, cli
 
 
 def _policy(tmp_path: Path, text: str) -> Policy:
@@ -72,11 +77,11 @@ def test_bad_policy_is_refused_naming_the_key(tmp_path: Path, text: str, error: 
 @pytest.mark.parametrize(("seen", "fault", "action", "culprits"), [
     ([("panic", {})], "panic", "recover", []),
     ([("oops", {})], "oops", "recover", []),
-    ([("lockup", {"cpu": 1, "pid": 812})], "lockup", "move", [812]),
+    ([("lockup", {"cpu": 1, "pid": 812})], "lockup", "recover", [812]),
     ([("lockup", {"cpu": 0, "pid": 812}), ("lockup", {"cpu": 1, "pid": 813})],
      "lockup-all", "recover", [812, 813]),
     ([("lockup", {"cpu": 0, "pid": 812}), ("hung-driver", {"pids": [9]})],
-     "lockup", "move", [812]),
+     "lockup", "recover", [812]),
     ([("hung-driver", {"pids": [901, 902, 903]})], "hung-driver", "move", [901, 902, 903]),
     ([("fork-storm", {"growth": 200})], "fork-storm", "move", []),
     ([("memory-exhaustion", {"free_mib": 3})], "memory-exhaustion", "move", []),
@@ -124,8 +129,10 @@ def test_guard_needs_declared_services_and_a_real_kernel(prepared: Host, old_vm:
 def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Path) -> None:
     """redis as a declared service under a client's load, guarded with a warm standby on
     6.12. A driver hangs: redis moves live to 6.12, the hung readers stay behind, the
-    client's connection goes on. Then that kernel panics: redis is rebuilt from its
-    memory on the standby, the connection goes on again. No acknowledged write is lost."""
+    client's connection goes on. Then the standby dies, and the new kernel panics: redis
+    (in the time namespace and with the vdso proxy of its first restore) is rebuilt from
+    its memory on a VM booted for it, the connection goes on again, and a new standby
+    boots. No acknowledged write is lost."""
     name = "t-guard"
     config = tmp_path / "transmigrate.toml"
     config.write_text(REDIS_SERVICE.format(vm=name))
@@ -175,6 +182,10 @@ def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Pat
         assert hung.details  # the fault was injected for real
         guard_says("guard did not watch the new VM", lambda: said[-1] == f"guarding {name}")
 
+        # An accident first: the warm standby dies. The recovery boots a VM for itself.
+        standby = prepared.machines.get(f"{name}-standby")
+        assert standby.pid is not None
+        os.kill(standby.pid, signal.SIGKILL)
         inject(fault_target(prepared, name), Panic())
         guard_says("no decision on the panic", lambda: len(decisions) == 2)
         recovered = decisions[1]
@@ -183,6 +194,7 @@ def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Pat
         assert recovered.detail == "", recovered.detail
         guard_says("guard did not boot a new standby and watch again",
                    lambda: said[-1] == f"guarding {name}")
+        assert prepared.machines.get(f"{name}-standby").status() == "running"
         stop.set()
         guarding.join(timeout=60)
         assert not guarding.is_alive()
@@ -204,6 +216,70 @@ def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Pat
         if load is not None:
             load.process.kill()
             load.process.wait()
+        for vm in (name, f"{name}-dead", f"{name}-standby", f"{name}-next"):
+            if any(m.name == vm for m in prepared.machines.all()):
+                lifecycle.down(prepared, vm)
+
+
+def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path) -> None:
+    """`guard` through the CLI, killed (SIGKILL) once its standby is up, right after the
+    VM was fenced (stopped, as a failover does first). Started again, it takes the
+    standby it had (no second one), finds the VM stopped, recovers redis from its
+    memory (one JSON line), boots a new standby, and stops on Ctrl-C."""
+    name = "t-guard-again"
+    config = tmp_path / "transmigrate.toml"
+    config.write_text(REDIS_SERVICE.format(vm=name))
+    service = load_config(config).services_of(name)[0]
+    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=384)
+    command = [str(CLI), "guard", name, "--config", str(config), "--json", "--interval", "100ms"]
+    guards: list[subprocess.Popen[str]] = []
+
+    def start_guard() -> subprocess.Popen[str]:
+        with open(tmp_path / f"guard{len(guards)}.err", "w") as err:
+            guards.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                                           stderr=err))
+        return guards[-1]
+
+    def says(index: int, what: str) -> bool:
+        assert guards[index].poll() is None, (tmp_path / f"guard{index}.err").read_text()
+        return what in (tmp_path / f"guard{index}.err").read_text()
+
+    try:
+        holder = start_service(prepared, service)
+        address = prepared.machines.get(name).record.ip
+        redis_cli(prepared, address, "SET", "kept", "yes")
+        first = start_guard()
+        wait_for(lambda: says(0, f"guarding {name}"), timeout=300, interval=0.2,
+                 what="guard did not start")
+        standby = prepared.machines.get(f"{name}-standby").record.id
+        first.kill()
+        first.wait()
+        prepared.machines.get(name).qmp("stop")
+
+        second = start_guard()
+        assert second.stdout is not None
+        ready, _, _ = select.select([second.stdout], [], [], 600)
+        assert ready, (tmp_path / "guard1.err").read_text()
+        decision = json.loads(second.stdout.readline())
+        assert (decision["fault"], decision["action"], decision["outcome"]) == \
+            ("stopped", "recover", "recovered"), decision
+        assert f"onto {name}-standby's disk (a warm standby" in \
+            (tmp_path / "guard1.err").read_text(), "the standby it had was taken"
+        wait_for(lambda: says(1, f"guarding {name}"), timeout=300, interval=0.2,
+                 what="guard did not watch again")
+        names = [m.name for m in prepared.machines.all() if m.name.startswith(name)]
+        assert sorted(names) == sorted([name, f"{name}-dead", f"{name}-standby"]), names
+        assert prepared.machines.get(f"{name}-standby").record.id != standby, "a new one"
+        assert redis_cli(prepared, address, "GET", "kept") == "yes"
+        assert prepared.agent(prepared.machines.get(name)).run(
+            ["kill", "-0", str(holder)]).exit_code == 0, "the same tree, recovered"
+        second.send_signal(signal.SIGINT)
+        assert second.wait(timeout=60) == 130
+    finally:
+        for guard_process in guards:
+            if guard_process.poll() is None:
+                guard_process.kill()
+                guard_process.wait()
         for vm in (name, f"{name}-dead", f"{name}-standby", f"{name}-next"):
             if any(m.name == vm for m in prepared.machines.all()):
                 lifecycle.down(prepared, vm)

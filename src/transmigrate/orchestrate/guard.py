@@ -1,10 +1,13 @@
 """Guard: act on what the monitor sees, so that a VM's declared services outlive its kernel.
 
-A fault the kernel survives (one CPU locked up, a hung driver, a fork bomb, memory
-running out) moves the services live to a standby kernel (``update``), leaving the
-culprits behind; if the move fails or overruns its deadline, the VM is stopped and the
-services are rebuilt from its memory instead. A fault it does not survive (a panic, an
-oops, every CPU locked up) goes that way at once (``recover``, onto the warm standby).
+A fault the kernel survives (a hung driver, a fork bomb, memory running out) moves
+the services live to a standby kernel (``update``), leaving the culprits behind; if
+the move fails or overruns its deadline, the VM is stopped and the services are
+rebuilt from its memory instead. A fault it does not survive (a panic, an oops, a CPU
+locked up) goes that way at once (``recover``, onto the warm standby). A CPU spinning
+with preemption off is such a fault although the kernel runs on: no RCU grace period
+ends, so whatever waits for one (a network namespace, an nftables table, ``criu
+check``) hangs, and a live move with it (measured: its precheck hung for 123 s).
 Either way a new warm standby boots next, so that a second fault is survived too.
 
 Which fault gets which action, the live path's deadline, the standby's kernel and the
@@ -39,8 +42,8 @@ __all__ = ["ACTIONS", "DEFAULT_ACTIONS", "FAULTS", "Decision", "Policy", "decide
 RECOVER, MOVE, REPORT = "recover", "move", "report"
 ACTIONS = (RECOVER, MOVE, REPORT)
 DEFAULT_ACTIONS: Mapping[str, str] = {
-    "panic": RECOVER, "oops": RECOVER, "lockup-all": RECOVER,
-    "lockup": MOVE, "hung-driver": MOVE, "fork-storm": MOVE, "memory-exhaustion": MOVE,
+    "panic": RECOVER, "oops": RECOVER, "lockup-all": RECOVER, "lockup": RECOVER,
+    "hung-driver": MOVE, "fork-storm": MOVE, "memory-exhaustion": MOVE,
     "stopped": RECOVER,
     "vm-dead": REPORT,
 }
@@ -52,7 +55,7 @@ FAULTS = tuple(DEFAULT_ACTIONS)
 @dataclass(frozen=True)
 class Policy:
     actions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ACTIONS))
-    live_deadline_seconds: float = 600.0
+    live_deadline_seconds: float = 300.0
     """A live move not done by then is rolled back, and the services recovered."""
     lockup_grace_seconds: float = 2.0
     """After a CPU's lockup, how long to wait for the others' before deciding."""
@@ -327,7 +330,18 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
 
 def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,
              progress: Progress) -> str:
-    """Recover the services from ``name``'s memory; what was not recovered, if anything."""
-    report = recover(host, name, kernel, services=services, progress=progress)
+    """Recover the services from ``name``'s memory; what was not recovered, if anything.
+    A recovery that fails leaves the VM stopped, its memory intact: it is tried once
+    more, onto a VM booted for it (the standby may be what failed)."""
+    try:
+        report = recover(host, name, kernel, services=services, progress=progress)
+    except TransmigrateError as exc:
+        if not _exists(host, name) or host.machines.get(name).status() == "dead":
+            raise
+        progress(f"recovery failed ({exc}): once more, onto a new VM")
+        with contextlib.suppress(MachineNotFound):
+            host.machines.remove(host.machines.get(f"{name}{STANDBY_SUFFIX}"),
+                                 keep_network=True)
+        report = recover(host, name, kernel, services=services, progress=progress)
     return "; ".join(f"not recovered: {v.pid} ({v.comm or '?'}): {v.reason}"
                      for v in report.processes if v.verdict in ("refused", "failed"))
