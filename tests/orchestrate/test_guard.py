@@ -225,7 +225,8 @@ def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path)
     """`guard` through the CLI, killed (SIGKILL) once its standby is up, right after the
     VM was fenced (stopped, as a failover does first). Started again, it takes the
     standby it had (no second one), finds the VM stopped, recovers redis from its
-    memory (one JSON line), boots a new standby, and stops on Ctrl-C."""
+    memory (one JSON line), and boots a new standby; a panic after that is recovered
+    too, the first dead VM kept beside the second. It stops on Ctrl-C."""
     name = "t-guard-again"
     config = tmp_path / "transmigrate.toml"
     config.write_text(REDIS_SERVICE.format(vm=name))
@@ -273,6 +274,16 @@ def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path)
         assert redis_cli(prepared, address, "GET", "kept") == "yes"
         assert prepared.agent(prepared.machines.get(name)).run(
             ["kill", "-0", str(holder)]).exit_code == 0, "the same tree, recovered"
+
+        # Its kernel panics in turn: the first dead VM is kept, this one is NAME-dead-2.
+        inject(fault_target(prepared, name), Panic())
+        ready, _, _ = select.select([second.stdout], [], [], 600)
+        assert ready, (tmp_path / "guard1.err").read_text()
+        decision = json.loads(second.stdout.readline())
+        assert (decision["fault"], decision["action"], decision["outcome"]) == \
+            ("panic", "recover", "recovered"), decision
+        assert prepared.machines.get(f"{name}-dead-2").status() == "guest-panicked"
+        assert redis_cli(prepared, address, "GET", "kept") == "yes"
         second.send_signal(signal.SIGINT)
         assert second.wait(timeout=60) == 130
     finally:
@@ -280,6 +291,7 @@ def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path)
             if guard_process.poll() is None:
                 guard_process.kill()
                 guard_process.wait()
-        for vm in (name, f"{name}-dead", f"{name}-standby", f"{name}-next"):
+        for vm in (name, f"{name}-dead", f"{name}-dead-2", f"{name}-standby",
+                   f"{name}-next"):
             if any(m.name == vm for m in prepared.machines.all()):
                 lifecycle.down(prepared, vm)

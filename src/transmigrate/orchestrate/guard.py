@@ -229,13 +229,14 @@ def _exists(host: Host, name: str) -> bool:
 
 
 def _resume_recovery(host: Host, name: str) -> Machine:
-    """A guard killed while recovering ``name`` left it as NAME-dead, paused, its memory
-    intact. The standby is discarded (what it may have restored never took over) and
-    the VM takes its name back, to be recovered again."""
-    try:
-        dead = host.machines.get(f"{name}-dead")
-    except MachineNotFound:
-        raise MachineNotFound(f"no VM named {name!r}") from None
+    """A guard killed while recovering ``name`` left it as NAME-dead (the newest of them),
+    paused, its memory intact. The standby is discarded (what it may have restored
+    never took over) and the VM takes its name back, to be recovered again."""
+    dead = max((m for m in host.machines.all()
+                if m.name == f"{name}-dead" or m.name.startswith(f"{name}-dead-")),
+               key=lambda m: m.record.started_at, default=None)
+    if dead is None:
+        raise MachineNotFound(f"no VM named {name!r}")
     with contextlib.suppress(MachineNotFound):
         host.machines.remove(host.machines.get(f"{name}{STANDBY_SUFFIX}"), keep_network=True)
     return host.machines.rename(dead, name)

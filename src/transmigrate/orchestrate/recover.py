@@ -35,7 +35,8 @@ from transmigrate.vm.qemu_command import IMPORT_SERIAL
 from transmigrate.vm.registers import vcpu_states
 from transmigrate.vm.volume import directory_disk
 
-__all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dump", "prepare_standby", "recover"]
+__all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dead_name", "dump",
+           "prepare_standby", "recover"]
 
 GUEST_IMAGES = "/run/transmigrate-import"
 """Where the new VM mounts the disk of images (read-only) it restores from."""
@@ -231,7 +232,8 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     """Recover processes of VM ``name`` (dead, hung or running) onto its warm standby
     on ``kernel_spec`` (default: the same kernel), or a new VM booted for it, which takes
     the name, the service address and the data volume. The old VM is never resumed after
-    a restore; it stays paused as NAME-dead. If nothing was restored, it keeps its name
+    a restore; it stays paused as NAME-dead (-dead-2, ... if one is kept already). If
+    nothing was restored, it keeps its name
     (and runs on, if it ran), and the new VM is removed. ``panicking``: the task that
     panicked the kernel in a system call too (the call is made again: it may crash the
     new kernel as well)."""
@@ -257,9 +259,9 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
             machine.qmp("cont")
         raise TransmigrateError("nothing to recover: " + "; ".join(
             f"{v.pid}: {v.reason}" for v in checkpoint.processes))
-    dead = host.machines.rename(machine, f"{name}-dead")
+    dead = host.machines.rename(machine, dead_name(host, name))
     try:
-        target = _restore_on_standby(host, dead, kernel_spec or dead.record.kernel, dumped,
+        target = _restore_on_standby(host, name, dead, kernel_spec or dead.record.kernel, dumped,
                                      images, steps, progress,
                                      keep_partial=before not in ("running", "paused"))
         serving = time.monotonic() - start
@@ -298,7 +300,17 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
         memory_dump=str(dump_path))
 
 
-def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[ProcessVerdict],
+def dead_name(host: Host, name: str) -> str:
+    """The name a stopped VM keeps for diagnosis: NAME-dead, or NAME-dead-2, -3, ...
+    when earlier ones are still kept."""
+    taken = {m.name for m in host.machines.all()}
+    return next(candidate for candidate in (
+        f"{name}-dead", *(f"{name}-dead-{n}" for n in range(2, 1000)))
+        if candidate not in taken)
+
+
+def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
+                        dumped: list[ProcessVerdict],
                         images: Path, steps: dict[str, float], progress: Progress,
                         keep_partial: bool) -> Machine:
     """Take NAME's warm standby on ``kernel`` and write the images onto its empty disk,
@@ -306,7 +318,6 @@ def _restore_on_standby(host: Host, dead: Machine, kernel: str, dumped: list[Pro
     their own; write back the dirty page cache; restore; hand the address over.
     ``keep_partial``: a process CRIU fails to restore is marked failed and the others
     go on (the old kernel is dead: nothing runs there any more); else it fails all."""
-    name = dead.name.removesuffix("-dead")
     mark = time.monotonic()
     warm = _warm_standby(host, name, kernel)
     if warm is not None:
