@@ -58,7 +58,8 @@ class Policy:
     live_deadline_seconds: float = 300.0
     """A live move not done by then is rolled back, and the services recovered."""
     lockup_grace_seconds: float = 2.0
-    """After a CPU's lockup, how long to wait for the others' before deciding."""
+    """After a CPU's lockup, how long to wait for the others' before deciding (only
+    when ``lockup`` and ``lockup-all`` get different actions)."""
     standby_kernel: str | None = None
     """The kernel the services go to (default: the VM's own)."""
     monitor: tuple[str, ...] = ()
@@ -134,7 +135,8 @@ class Decision:
     decision_seconds: float = 0.0
     """From the monitor's event to the decision (a lockup waits for the other CPUs)."""
     outcome: str = ""
-    """'dry-run', 'moved', 'recovered', 'recovered after the live move failed', 'failed'."""
+    """'dry-run', 'moved', 'recovered', 'recovered after the live move failed', 'reported',
+    'failed' or 'interrupted'."""
     action_seconds: float = 0.0
     """From the decision to the services running on the standby (or the failure)."""
     detail: str = ""
@@ -200,28 +202,37 @@ def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = P
                                 {"source": "guard"})]
             else:
                 watch = watch or _FaultWatch(host, name, config, progress)
-                events = watch.next_fault(stop, policy.lockup_grace_seconds)
+                events = watch.next_fault(stop, _lockup_grace(policy))
                 if not events:
                     break
             decision = decide(name, events, policy, cpus=machine.record.cpus)
             decision.decision_seconds = round(
                 (time.monotonic_ns() - events[0].monotonic_ns) / 1e9, 3)
             progress(f"{decision.fault} in {name}: {decision.summary} -> {decision.action}")
-            if dry_run:
-                decision.outcome = "dry-run"
-            else:
-                if watch is not None:  # it reads the VM that is about to go
-                    watch.close()
-                    watch = None
-                _carry_out(host, name, services, kernel, policy, decision, progress)
-            decisions.append(decision)
-            on_decision(decision)
+            try:
+                if dry_run:
+                    decision.outcome = "dry-run"
+                else:
+                    if watch is not None:  # it reads the VM that is about to go
+                        watch.close()
+                        watch = None
+                    _carry_out(host, name, services, kernel, policy, decision, progress)
+            finally:  # a failed or interrupted action is logged too
+                decisions.append(decision)
+                on_decision(decision)
             if decision.action == REPORT and not dry_run:
                 break  # nothing left to watch or to move
     finally:
         if watch is not None:
             watch.close()
     return decisions
+
+
+def _lockup_grace(policy: Policy) -> float:
+    """How long a lockup waits for the other CPUs': not at all when it would not
+    change the action."""
+    same = policy.actions["lockup"] == policy.actions["lockup-all"]
+    return 0.0 if same else policy.lockup_grace_seconds
 
 
 def _exists(host: Host, name: str) -> bool:
@@ -309,6 +320,9 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
         decision.outcome = "failed"
         decision.detail = "; ".join(filter(None, [decision.detail, str(exc)]))
         raise
+    except KeyboardInterrupt:
+        decision.outcome = "interrupted"
+        raise
     finally:
         decision.action_seconds = round(time.monotonic() - start, 3)
         with contextlib.suppress(TransmigrateError):
@@ -317,7 +331,8 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
 
 def _move(host: Host, name: str, services: Sequence[Service], kernel: str, policy: Policy,
           progress: Progress) -> None:
-    """Live, with a deadline checked before each step: one overrun rolls the move back."""
+    """Live, onto the warm standby, with a deadline checked before each step: one
+    overrun rolls the move back."""
     deadline = time.monotonic() + policy.live_deadline_seconds
 
     def in_time(step: str) -> None:
@@ -325,8 +340,10 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
             raise _DeadlineExceeded(f"the live move passed its deadline "
                                     f"({policy.live_deadline_seconds:.0f} s) before {step}")
 
+    warm = next((m for m in host.machines.all() if m.name == f"{name}{STANDBY_SUFFIX}"
+                 and m.record.kernel == kernel and m.status() == "running"), None)
     update(host, name, kernel, pids=find_services(host, name, declared=services),
-           progress=progress, before_step=in_time)
+           progress=progress, before_step=in_time, standby=warm)
 
 
 def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,

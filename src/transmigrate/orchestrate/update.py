@@ -118,11 +118,14 @@ def _cgroup_roots(agent: GuestAgent, name: str, cgroup: str) -> list[int]:
 def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
            copy: str = "auto", strict: bool = False,
            service_check: Callable[[], None] | None = None,
-           progress: Progress = silent, before_step: StepHook | None = None) -> UpdateReport:
+           progress: Progress = silent, before_step: StepHook | None = None,
+           standby: Machine | None = None) -> UpdateReport:
     """Move the process trees rooted at ``pids`` in VM ``name`` to a new VM on
     ``kernel_spec``, all frozen together. ``copy`` is a :class:`CopyMode` value;
     ``strict`` refuses, rather than warns about, changes to the old VM's root file
-    system since it booted. A failed move keeps both VMs' logs (the error says where).
+    system since it booted. ``standby``: a warm standby of ``name`` on that kernel
+    (``recover.prepare_standby``) to move onto, rather than booting one; it is used up
+    either way. A failed move keeps both VMs' logs (the error says where).
     """
     try:
         mode = CopyMode(copy)
@@ -142,9 +145,13 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
         progress(f"inspecting what {name} moves while {standby_name} boots")
         inspecting = pool.submit(inspect_source, host.agent(source), pids)
         boot_start = time.monotonic()
-        target = up(host, standby_name, kernel.release, memory_mib=source.record.memory_mib,
-                    cpus=source.record.cpus, standby_for=source, pid_base=pid_base,
-                    progress=progress).machine
+        if standby is not None and standby.record.kernel == kernel.release:
+            progress(f"moving onto the warm standby {standby.name}, as {standby_name}")
+            target = host.machines.rename(standby, standby_name)
+        else:
+            target = up(host, standby_name, kernel.release,
+                        memory_mib=source.record.memory_mib, cpus=source.record.cpus,
+                        standby_for=source, pid_base=pid_base, progress=progress).machine
         boot_seconds = time.monotonic() - boot_start
         plan = Plan(source=Side(source.record, host.agent(source)),
                     target=Side(target.record, host.agent(target)),
