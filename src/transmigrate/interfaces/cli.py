@@ -7,7 +7,9 @@ as JSON. Every error a user can cause ends in one line and a non-zero exit.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -556,7 +558,8 @@ def guard(name: Annotated[str, typer.Argument(help="VM whose services to keep ru
           dry_run: Annotated[bool, typer.Option(
               help="Decide and log, never act.")] = False,
           config: ConfigOption = None, json_: JsonOption = False) -> None:
-    """Keep NAME's declared services running through kernel faults, until Ctrl-C.
+    """Keep NAME's declared services running through kernel faults, until Ctrl-C or
+    SIGTERM (which let a failover under way finish first).
 
     Keeps a warm standby booted and watches NAME's kernel from outside. A fault the
     kernel survives moves the services live (update); one it does not survive, or a
@@ -581,9 +584,13 @@ def guard(name: Annotated[str, typer.Argument(help="VM whose services to keep ru
                   + (f"; culprits left behind: {decision.culprits}" if decision.culprits
                      else ""), markup=False)
 
+    stop = threading.Event()  # a failover under way is finished first
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     decisions = guard_job.guard(Host.from_environment(), name,
                                 load_config(config).services_of(name), chosen,
-                                dry_run=dry_run, on_decision=log, progress=_Progress())
+                                dry_run=dry_run, on_decision=log, progress=_Progress(),
+                                stop=stop)
     if decisions and decisions[-1].outcome == "reported":
         raise TransmigrateError(f"{name}: {decisions[-1].summary}; guard stops, the "
                                 "services could not be saved")

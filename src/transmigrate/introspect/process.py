@@ -649,7 +649,11 @@ class _Reader:
     def _pages(self, mm: drgn.Object, mappings: list[Mapping]) -> list[tuple[int, int]]:
         """The pages CRIU dumps: present pages of private mappings (the vDSO too, the
         vvar never), skipping the shared zero page and the file pages a private file
-        mapping has not copied on write."""
+        mapping has not copied on write. The first page of the kernel's vDSO always:
+        CRIU's restore reads its ELF header, and CRIU's dump touches it to that end,
+        but a process that never called into it (or not since a restore moved it
+        there) does not have it mapped; it is the kernel's own."""
+        vdso = int(mm.context.vdso)
         tables = PageTables.of(self.guest, int(mm.pgd))
         zero = self.guest.physical(self.prog.symbol("empty_zero_page").address)
         page_struct = self.prog.type("struct page").size
@@ -674,7 +678,10 @@ class _Reader:
                     pages.append((virtual, physical))
             except UnmovablePage as exc:
                 raise self.refuse(str(exc)) from exc
-        return pages
+            if mapping.start == vdso and not any(v == vdso for v, _ in pages):
+                header = self.guest.physical(int(self.prog["vdso_image_64"].data))
+                pages.append((vdso, header))
+        return sorted(pages)
 
     # -- files -----------------------------------------------------------------------
 
