@@ -233,10 +233,9 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     on ``kernel_spec`` (default: the same kernel), or a new VM booted for it, which takes
     the name, the service address and the data volume. The old VM is never resumed after
     a restore; it stays paused as NAME-dead (-dead-2, ... if one is kept already). If
-    nothing was restored, it keeps its name
-    (and runs on, if it ran), and the new VM is removed. ``panicking``: the task that
-    panicked the kernel in a system call too (the call is made again: it may crash the
-    new kernel as well)."""
+    nothing was restored, it keeps its name (and runs on, if it ran), and the new VM is
+    removed. ``panicking``: the task that panicked the kernel in a system call too (the
+    call is made again: it may crash the new kernel as well)."""
     if not (pids or processes or services):
         raise TransmigrateError(f"name the processes to recover (--pid or --process), or "
                                 f"declare services for {name} in transmigrate.toml")
@@ -261,8 +260,8 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
             f"{v.pid}: {v.reason}" for v in checkpoint.processes))
     dead = host.machines.rename(machine, dead_name(host, name))
     try:
-        target = _restore_on_standby(host, name, dead, kernel_spec or dead.record.kernel, dumped,
-                                     images, steps, progress,
+        target = _restore_on_standby(host, name, dead, kernel_spec or dead.record.kernel,
+                                     dumped, images, steps, progress,
                                      keep_partial=before not in ("running", "paused"))
         serving = time.monotonic() - start
         ports = sorted({port for v in dumped if v.verdict != "failed" for port in v.listening})
@@ -310,8 +309,8 @@ def dead_name(host: Host, name: str) -> str:
 
 
 def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
-                        dumped: list[ProcessVerdict],
-                        images: Path, steps: dict[str, float], progress: Progress,
+                        dumped: list[ProcessVerdict], images: Path,
+                        steps: dict[str, float], progress: Progress,
                         keep_partial: bool) -> Machine:
     """Take NAME's warm standby on ``kernel`` and write the images onto its empty disk,
     or boot a new VM with the old one's identity and volume and the images on a disk of
