@@ -21,7 +21,6 @@ compared as a ratio to reboot-and-restart on each side.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
@@ -30,8 +29,18 @@ import time
 from typing import Any
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, Service
-from transmigrate.errors import AgentError, TransmigrateError
-from transmigrate.faults import Deadlock, FaultSpec, ForkBomb, HungDriver, Oops, Panic, inject
+from transmigrate.errors import TransmigrateError
+from transmigrate.faults import (
+    CONTROL_FILE,
+    Deadlock,
+    FaultSpec,
+    ForkBomb,
+    HungDriver,
+    Oops,
+    Panic,
+    inject,
+    load_module,
+)
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.faults import fault_target
 from transmigrate.orchestrate.guard import Decision, Policy, guard
@@ -140,9 +149,14 @@ def _kernel_detector(host: Host, fault: str) -> dict[str, Any]:
         agent = host.agent(host.machines.get(VM))
         agent.sh("sysctl -qw kernel.softlockup_panic=1 kernel.hung_task_panic=1 "
                  "kernel.panic_on_oops=1 kernel.hardlockup_panic=1")
-        injected = time.monotonic()
-        with contextlib.suppress(AgentError):  # an oops now panics under its writer
-            inject(fault_target(host, VM), FAULTS[fault])
+        target = fault_target(host, VM)
+        if fault == "oops":  # it now panics the kernel under its writer: not waited for
+            load_module(target)
+            injected = time.monotonic()
+            agent.spawn(["sh", "-c", f"echo oops > {CONTROL_FILE}"])
+        else:
+            injected = time.monotonic()
+            inject(target, FAULTS[fault])
         machine = host.machines.get(VM)
         wait_for(lambda: machine.status() == "guest-panicked", timeout=600, interval=0.05,
                  what="the kernel's own detector did not fire")
