@@ -131,7 +131,8 @@ def _guarded(host: Host, fault: str, interval_ms: int) -> dict[str, Any]:
             "requests_lost": len(summary["errors"]) + summary["out_of_order"],
             "same_connection": summary["client_id_start"] == summary["client_id_end"],
             "acknowledged_writes_lost": max(0, summary["last_value"] - counter),
-            "culprits_left_behind": len(decision.culprits), "detail": decision.detail}
+            "culprits_left_behind": len(decision.culprits), "detail": decision.detail,
+            "steps": decision.steps}
     finally:
         stop.set()
         guarding.join(timeout=900)

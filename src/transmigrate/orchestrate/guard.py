@@ -141,6 +141,8 @@ class Decision:
     """From the decision to the services running on the standby (or the failure)."""
     detail: str = ""
     kernel_after: str = ""
+    steps: dict[str, float] = field(default_factory=dict)
+    """Seconds per step of the move or the recovery that served (their reports')."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -304,15 +306,15 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
     try:
         if decision.action == MOVE:
             try:
-                _move(host, name, services, kernel, policy, progress)
+                decision.steps = _move(host, name, services, kernel, policy, progress)
                 decision.outcome = "moved"
             except TransmigrateError as exc:
                 progress(f"the live move failed ({exc}): recovering from memory")
-                lost = _recover(host, name, services, kernel, progress)
+                lost, decision.steps = _recover(host, name, services, kernel, progress)
                 decision.detail = "; ".join(filter(None, [f"live move: {exc}", lost]))
                 decision.outcome = "recovered after the live move failed"
         elif decision.action == RECOVER:
-            decision.detail = _recover(host, name, services, kernel, progress)
+            decision.detail, decision.steps = _recover(host, name, services, kernel, progress)
             decision.outcome = "recovered"
         else:
             decision.outcome = "reported"
@@ -330,7 +332,7 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
 
 
 def _move(host: Host, name: str, services: Sequence[Service], kernel: str, policy: Policy,
-          progress: Progress) -> None:
+          progress: Progress) -> dict[str, float]:
     """Live, onto the warm standby, with a deadline checked before each step: one
     overrun rolls the move back."""
     deadline = time.monotonic() + policy.live_deadline_seconds
@@ -342,13 +344,14 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
 
     warm = next((m for m in host.machines.all() if m.name == f"{name}{STANDBY_SUFFIX}"
                  and m.record.kernel == kernel and m.status() == "running"), None)
-    update(host, name, kernel, pids=find_services(host, name, declared=services),
-           progress=progress, before_step=in_time, standby=warm)
+    return update(host, name, kernel, pids=find_services(host, name, declared=services),
+                  progress=progress, before_step=in_time, standby=warm).steps
 
 
 def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,
-             progress: Progress) -> str:
-    """Recover the services from ``name``'s memory; what was not recovered, if anything.
+             progress: Progress) -> tuple[str, dict[str, float]]:
+    """Recover the services from ``name``'s memory: what was not recovered, if anything,
+    and the recovery's steps.
     A recovery that fails leaves the VM stopped, its memory intact: it is tried once
     more, onto a VM booted for it (the standby may be what failed)."""
     try:
@@ -361,5 +364,6 @@ def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,
             host.machines.remove(host.machines.get(f"{name}{STANDBY_SUFFIX}"),
                                  keep_network=True)
         report = recover(host, name, kernel, services=services, progress=progress)
-    return "; ".join(f"not recovered: {v.pid} ({v.comm or '?'}): {v.reason}"
+    lost = "; ".join(f"not recovered: {v.pid} ({v.comm or '?'}): {v.reason}"
                      for v in report.processes if v.verdict in ("refused", "failed"))
+    return lost, report.steps
