@@ -31,6 +31,15 @@ GUEST_FIXTURES = {"prepared", "old_vm", "new_vm", "old_guest", "new_guest"}
 the shared guests are also asked for by name (``request.getfixturevalue``)."""
 
 
+REDIS_SERVICE = """
+[services.kv]
+vm = "{vm}"
+process = "redis-server"
+start = ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
+         "--dir", "/data", "--appendonly", "yes"]
+"""
+"""transmigrate.toml declaring redis as a service of VM {vm}, its AOF on the data volume."""
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark ``vm`` every test that boots a guest, so ``-m "not vm"`` is the fast layer."""
     for item in items:

@@ -34,7 +34,7 @@ from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_service
 from transmigrate.polling import wait_for
 
-from ..conftest import CLI, cli
+from ..conftest import CLI, REDIS_SERVICE, cli
 
 
 def _policy(tmp_path: Path, text: str) -> Policy:
@@ -96,15 +96,6 @@ def test_decisions_follow_the_fault(seen: list[tuple[str, dict[str, object]]], f
     assert (decision.fault, decision.action, decision.culprits) == (fault, action, culprits)
     assert decision.summary == events[0].summary and decision.evidence == events[0].evidence
     assert abs(decision.detected_at - time.time()) < 5
-
-
-REDIS_SERVICE = """
-[services.kv]
-vm = "{vm}"
-process = "redis-server"
-start = ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
-         "--dir", "/data", "--appendonly", "yes"]
-"""
 
 
 def test_guard_needs_declared_services_and_a_real_kernel(prepared: Host, old_vm: str,

@@ -42,7 +42,7 @@ from transmigrate.orchestrate.services import LoadClient, redis_cli, start_servi
 from transmigrate.polling import wait_for
 from transmigrate.vm.registers import vcpu_states
 
-from ..conftest import cli
+from ..conftest import REDIS_SERVICE, cli
 
 PROGRAM = Path(__file__).parent / "programs" / "counter.c"
 STREAMS = Path(__file__).parent / "programs" / "streams.py"
@@ -307,15 +307,6 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         assert queued > 1 << 20, "megabytes wait in the queues"
     finally:
         agent.sh(f"kill {pid}")
-
-
-REDIS_SERVICE = """
-[services.kv]
-vm = "{vm}"
-process = "redis-server"
-start = ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
-         "--dir", "/data", "--appendonly", "yes"]
-"""
 
 
 @pytest.mark.parametrize(("before", "after", "through"), [
