@@ -98,6 +98,13 @@ def test_decisions_follow_the_fault(seen: list[tuple[str, dict[str, object]]], f
     assert abs(decision.detected_at - time.time()) < 5
 
 
+def _answers(host: Host, address: str) -> bool:
+    try:
+        return redis_cli(host, address, "PING", timeout=5) == "PONG"
+    except (TransmigrateError, subprocess.TimeoutExpired):
+        return False
+
+
 def test_guard_needs_declared_services_and_a_real_kernel(prepared: Host, old_vm: str,
                                                          tmp_path: Path) -> None:
     """Refused in one line, before anything is booted; the VM runs on."""
@@ -191,7 +198,11 @@ def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Pat
         assert not guarding.is_alive()
 
         time.sleep(1)
-        summary, load = load.stop(), None
+        try:
+            summary, load = load.stop(), None
+        except subprocess.TimeoutExpired:
+            sockets = prepared.agent(prepared.machines.get(name)).sh("ss -tnie").text
+            pytest.fail(f"the client's connection stalled; the guest's sockets:\n{sockets}")
         assert summary["errors"] == [] and summary["out_of_order"] == 0, summary
         assert summary["client_id_start"] == summary["client_id_end"], "the same connection"
         assert int(redis_cli(prepared, address, "GET", "transmigrate:counter")) == \
@@ -239,6 +250,8 @@ def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path)
     try:
         holder = start_service(prepared, service)
         address = prepared.machines.get(name).record.ip
+        wait_for(lambda: _answers(prepared, address), timeout=60, interval=0.2,
+                 what="redis did not listen")
         redis_cli(prepared, address, "SET", "kept", "yes")
         first = start_guard()
         wait_for(lambda: says(0, f"guarding {name}"), timeout=300, interval=0.2,
