@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -45,7 +44,12 @@ from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.faults import fault_target
 from transmigrate.orchestrate.guard import Decision, Policy, guard
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.services import LoadClient, redis_cli, start_service
+from transmigrate.orchestrate.services import (
+    LoadClient,
+    redis_answers,
+    redis_cli,
+    start_service,
+)
 from transmigrate.polling import wait_for
 
 VM = "bench-guard"
@@ -74,13 +78,6 @@ def _boot(host: Host) -> str:
         "seq 1 10000 | awk '{print \"SET key:\" $1 \" \" $1}' | redis-cli --pipe",
         what="writing keys")
     return host.machines.get(VM).record.ip
-
-
-def _answers(host: Host, address: str) -> bool:
-    try:
-        return redis_cli(host, address, "PING", timeout=2) == "PONG"
-    except (TransmigrateError, subprocess.TimeoutExpired):
-        return False
 
 
 def _clean(host: Host) -> None:
@@ -116,7 +113,7 @@ def _guarded(host: Host, fault: str, interval_ms: int) -> dict[str, Any]:
         if failed:
             return {"error": str(failed[0]), "said": said[-5:]}
         decision = decisions[0]
-        wait_for(lambda: _answers(host, address), timeout=120, what="redis did not answer")
+        wait_for(lambda: redis_answers(host, address), timeout=120, what="redis did not answer")
         answered = time.monotonic()
         time.sleep(1)
         summary, load = load.stop(), None
@@ -165,7 +162,7 @@ def _kernel_detector(host: Host, fault: str) -> dict[str, Any]:
         host.machines.remove(machine, keep_network=True)
         lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=512, cpus=2, progress=_progress)
         start_service(host, SERVICE)
-        wait_for(lambda: _answers(host, address), timeout=300, what="redis did not answer")
+        wait_for(lambda: redis_answers(host, address), timeout=300, what="redis did not answer")
         return {"inject_to_kernel_detector_s": round(fired, 3),
                 "inject_to_answer_s": round(time.monotonic() - injected, 3)}
     finally:

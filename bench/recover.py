@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from transmigrate.config import ACTIVE_KERNEL
-from transmigrate.errors import TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.recover import prepare_standby, recover
-from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
+from transmigrate.orchestrate.services import LoadClient, redis_answers, start_redis
 from transmigrate.polling import wait_for
 
 VM = "bench-rec"
@@ -102,15 +101,9 @@ def _fill_redis(host: Host, mib: int) -> None:
         timeout=1800, interval=1, what="redis did not finish rewriting its AOF")
 
 
-def _redis_answers(host: Host) -> bool:
-    try:
-        return redis_cli(host, host.machines.get(VM).record.ip, "PING", timeout=5) == "PONG"
-    except (TransmigrateError, subprocess.TimeoutExpired):  # not up yet
-        return False
-
-
 def _wait_redis(host: Host, timeout: float = 600) -> None:
-    wait_for(lambda: _redis_answers(host), timeout=timeout, what="redis did not answer")
+    wait_for(lambda: redis_answers(host, host.machines.get(VM).record.ip),
+             timeout=timeout, what="redis did not answer")
 
 
 def _recover_redis(host: Host, mib: int, *, warm: bool) -> dict[str, Any]:

@@ -31,7 +31,12 @@ from transmigrate.orchestrate.guard import (
     load_policy,
 )
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.services import LoadClient, redis_cli, start_service
+from transmigrate.orchestrate.services import (
+    LoadClient,
+    redis_answers,
+    redis_cli,
+    start_service,
+)
 from transmigrate.polling import wait_for
 
 from ..conftest import CLI, REDIS_SERVICE, cli
@@ -96,13 +101,6 @@ def test_decisions_follow_the_fault(seen: list[tuple[str, dict[str, object]]], f
     assert (decision.fault, decision.action, decision.culprits) == (fault, action, culprits)
     assert decision.summary == events[0].summary and decision.evidence == events[0].evidence
     assert abs(decision.detected_at - time.time()) < 5
-
-
-def _answers(host: Host, address: str) -> bool:
-    try:
-        return redis_cli(host, address, "PING", timeout=5) == "PONG"
-    except (TransmigrateError, subprocess.TimeoutExpired):
-        return False
 
 
 def test_guard_needs_declared_services_and_a_real_kernel(prepared: Host, old_vm: str,
@@ -250,7 +248,7 @@ def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path)
     try:
         holder = start_service(prepared, service)
         address = prepared.machines.get(name).record.ip
-        wait_for(lambda: _answers(prepared, address), timeout=60, interval=0.2,
+        wait_for(lambda: redis_answers(prepared, address), timeout=60, interval=0.2,
                  what="redis did not listen")
         redis_cli(prepared, address, "SET", "kept", "yes")
         first = start_guard()

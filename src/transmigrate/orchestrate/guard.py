@@ -31,7 +31,12 @@ from transmigrate.detect.events import Event
 from transmigrate.errors import MachineNotFound, TransmigrateError
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, with_settings
-from transmigrate.orchestrate.recover import STANDBY_SUFFIX, prepare_standby, recover
+from transmigrate.orchestrate.recover import (
+    STANDBY_SUFFIX,
+    prepare_standby,
+    recover,
+    warm_standby,
+)
 from transmigrate.orchestrate.update import find_services, recover_interrupted, update
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
@@ -342,10 +347,9 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
             raise _DeadlineExceeded(f"the live move passed its deadline "
                                     f"({policy.live_deadline_seconds:.0f} s) before {step}")
 
-    warm = next((m for m in host.machines.all() if m.name == f"{name}{STANDBY_SUFFIX}"
-                 and m.record.kernel == kernel and m.status() == "running"), None)
     return update(host, name, kernel, pids=find_services(host, name, declared=services),
-                  progress=progress, before_step=in_time, standby=warm).steps
+                  progress=progress, before_step=in_time,
+                  standby=warm_standby(host, name, kernel)).steps
 
 
 def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,

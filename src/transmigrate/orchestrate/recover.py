@@ -36,7 +36,7 @@ from transmigrate.vm.registers import vcpu_states
 from transmigrate.vm.volume import directory_disk
 
 __all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dead_name", "dump",
-           "prepare_standby", "recover"]
+           "prepare_standby", "recover", "warm_standby"]
 
 GUEST_IMAGES = "/run/transmigrate-import"
 """Where the new VM mounts the disk of images (read-only) it restores from."""
@@ -318,7 +318,7 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
     ``keep_partial``: a process CRIU fails to restore is marked failed and the others
     go on (the old kernel is dead: nothing runs there any more); else it fails all."""
     mark = time.monotonic()
-    warm = _warm_standby(host, name, kernel)
+    warm = warm_standby(host, name, kernel)
     if warm is not None:
         progress(f"writing the images onto {warm.name}'s disk (a warm standby on "
                  f"{warm.record.kernel})")
@@ -416,7 +416,7 @@ def prepare_standby(host: Host, name: str, kernel_spec: str | None = None, *,
         raise
 
 
-def _warm_standby(host: Host, name: str, kernel: str) -> Machine | None:
+def warm_standby(host: Host, name: str, kernel: str) -> Machine | None:
     """NAME's warm standby, if it runs on ``kernel``."""
     standby = next((m for m in host.machines.all() if m.name == f"{name}{STANDBY_SUFFIX}"),
                    None)

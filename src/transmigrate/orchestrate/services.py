@@ -20,9 +20,9 @@ from transmigrate.orchestrate.lifecycle import exec_in, running
 from transmigrate.polling import wait_for
 from transmigrate.vm.volume import DATA_MOUNT
 
-__all__ = ["REDIS_PORT", "LoadClient", "ServiceStatus", "oldest_process", "redis_cli",
-           "service_root",
-           "service_status", "start_redis", "start_service", "stop_service"]
+__all__ = ["REDIS_PORT", "LoadClient", "ServiceStatus", "oldest_process", "redis_answers",
+           "redis_cli", "service_root", "service_status", "start_redis", "start_service",
+           "stop_service"]
 
 HOLDERS = f"{DATA_MOUNT}/.transmigrate/services"
 """Where tm-service keeps each held service's pid (and output), on the volume."""
@@ -178,6 +178,14 @@ def redis_cli(host: Host, address: str, *args: str, timeout: float = 30.0) -> st
         raise TransmigrateError(f"redis-cli {' '.join(args)} failed: "
                                 f"{done.stderr.decode(errors='replace').strip()}")
     return done.stdout.decode(errors="replace").strip()
+
+
+def redis_answers(host: Host, address: str, timeout: float = 5.0) -> bool:
+    """Whether redis at ``address`` answers PING now (False while it is not up)."""
+    try:
+        return redis_cli(host, address, "PING", timeout=timeout) == "PONG"
+    except (TransmigrateError, subprocess.TimeoutExpired):
+        return False
 
 
 class LoadClient:
