@@ -46,6 +46,10 @@ class MachineDead(MachineError):
     """The VM's QEMU process is gone."""
 
 
+class BootPanic(MachineError):
+    """The guest kernel panicked while booting, before anything ran on it."""
+
+
 class AgentError(TransmigrateError):
     """The guest agent did not answer, or answered out of protocol."""
 
