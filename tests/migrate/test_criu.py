@@ -1,13 +1,23 @@
-"""CRIU's stats images, decoded as CRIU's own crit decodes them."""
+"""CRIU's stats images, decoded as CRIU's own crit decodes them; connections' timestamps
+handed over in milliseconds."""
 
 from __future__ import annotations
 
+import base64
+import io
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from transmigrate.errors import TransmigrateError
-from transmigrate.migrate.criu import RESTORE_ROOT, DumpStats, Images, parse_stats
+from transmigrate.migrate.criu import (
+    RESTORE_ROOT,
+    DumpStats,
+    Images,
+    parse_stats,
+    with_millisecond_timestamps,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -59,3 +69,50 @@ def test_a_tree_in_its_own_mount_namespace_keeps_the_vms_mounts_external() -> No
     restore = images.restore(2, "/run/p")
     assert restore[restore.index("--root") + 1] == RESTORE_ROOT
     assert [a for a in restore if a.startswith("--external")] == externals
+
+
+def _tcp_stream_image(timestamp: int) -> bytes:
+    import pycriu.images  # type: ignore[import-untyped]
+
+    out = io.BytesIO()
+    pycriu.images.dump({"magic": "TCP_STREAM", "entries": [{
+        "inq_len": 3, "inq_seq": 7, "outq_len": 5, "outq_seq": 9, "opt_mask": 7,
+        "snd_wscale": 7, "mss_clamp": 1460, "rcv_wscale": 7, "timestamp": timestamp,
+        "extra": {"inq": base64.encodebytes(b"abc").decode(),
+                  "outq": base64.encodebytes(b"hello").decode()}}]}, out)
+    return out.getvalue()
+
+
+def _archive(tmp_path: Path, timestamp: int) -> bytes:
+    """Packed as HandOver packs it: GNU tar, images and carried files in two streams."""
+    images = tmp_path / "var/lib/transmigrate/migration/0/1"
+    images.mkdir(parents=True)
+    (images / "tcp-stream-2a.img").write_bytes(_tcp_stream_image(timestamp))
+    (images / "core-1.img").write_bytes(b"not a stream")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/carried").write_text("carried\n")
+    return subprocess.run(
+        ["sh", "-c", "tar -c var/lib/transmigrate/migration/0/1 && tar -c etc/carried"],
+        cwd=tmp_path, check=True, capture_output=True).stdout
+
+
+def test_handed_over_connections_get_millisecond_timestamps(tmp_path: Path) -> None:
+    import pycriu.images
+
+    rewritten = with_millisecond_timestamps(_archive(tmp_path / "source", 4_000_001))
+    target = tmp_path / "target"
+    target.mkdir()
+    subprocess.run(["tar", "-x", "--ignore-zeros"], cwd=target, input=rewritten, check=True)
+    directory = target / "var/lib/transmigrate/migration/0/1"
+    with (directory / "tcp-stream-2a.img").open("rb") as image:
+        entry = pycriu.images.load(image)["entries"][0]
+    assert entry["timestamp"] == 4_000_002
+    assert (entry["inq_len"], entry["outq_len"], entry["mss_clamp"]) == (3, 5, 1460)
+    assert base64.b64decode(entry["extra"]["outq"]) == b"hello"
+    assert (directory / "core-1.img").read_bytes() == b"not a stream"
+    assert (target / "etc/carried").read_text() == "carried\n"
+
+
+def test_an_archive_with_even_timestamps_is_handed_over_as_it_is(tmp_path: Path) -> None:
+    archive = _archive(tmp_path, 4_000_002)
+    assert with_millisecond_timestamps(archive) is archive

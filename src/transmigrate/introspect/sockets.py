@@ -24,7 +24,7 @@ from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
 from transmigrate.errors import Unrecoverable
 from transmigrate.introspect.kernel import Guest
 
-__all__ = ["SocketState", "TcpStream", "read_socket"]
+__all__ = ["SocketState", "TcpStream", "millisecond_timestamp", "read_socket"]
 
 # include/net/tcp_states.h, uapi; the same in 6.1 and 6.12.
 _TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
@@ -199,8 +199,7 @@ def _stream(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> TcpStream:
         "outq_len": len(outq), "outq_seq": seq["write_seq"],
         "opt_mask": mask, "snd_wscale": int(options.snd_wscale),
         "mss_clamp": int(options.mss_clamp), "rcv_wscale": int(options.rcv_wscale),
-        # TCP_TIMESTAMP: the clock the peer last saw from us (tcp_time_stamp_ts).
-        "timestamp": (seq["tcp_mstamp"] // 1000 + seq["tsoffset"]) & 0xFFFF_FFFF,
+        "timestamp": _last_tsval(tcp, seq["tcp_mstamp"], seq["tsoffset"]),
         "unsq_len": (seq["write_seq"] - seq["snd_nxt"]) & 0xFFFF_FFFF,
         **{name: seq[name] for name in ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd",
                                         "rcv_wup")}}
@@ -208,6 +207,28 @@ def _stream(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> TcpStream:
         if nagle & bit:  # CRIU writes them only when set
             fields[name] = True
     return TcpStream(fields=fields, inq=inq, outq=outq)
+
+
+def millisecond_timestamp(clock: int) -> int:
+    """What to give ``TCP_TIMESTAMP`` so that a restored connection goes on from
+    ``clock``, the last timestamp (TSval) its peer saw, in milliseconds.
+
+    Linux 6.7 and later read the value's low bit as a request for microsecond TSvals,
+    a bit CRIU 3.17 passes on unknowingly: an odd value dumped on 6.1 made every other
+    connection restored on 6.12 run on microseconds, whose 32-bit TSvals wrap in 36
+    minutes, after which a peer that keeps PAWS's 24 days (Linux before 6.7) drops
+    every segment of a connection idle that long. Rounding up keeps the value no older
+    than what the peer saw, which PAWS requires.
+    """
+    return (clock + (clock & 1)) & 0xFFFF_FFFF
+
+
+def _last_tsval(tcp: drgn.Object, mstamp: int, offset: int) -> int:
+    """The clock the peer last saw from us (tcp_time_stamp_ts): milliseconds, or, on a
+    6.7+ socket with ``tcp_usec_ts`` (one that CRIU restored from an odd timestamp),
+    microseconds."""
+    usec = tcp.type_.type.has_member("tcp_usec_ts") and bool(tcp.tcp_usec_ts)
+    return ((mstamp if usec else mstamp // 1000) + offset) & 0xFFFF_FFFF
 
 
 def _skb_list(head: drgn.Object) -> Iterator[drgn.Object]:

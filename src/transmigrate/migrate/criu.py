@@ -8,10 +8,13 @@ to its images, so a failure can always be explained.
 
 from __future__ import annotations
 
+import io
 import struct
+import tarfile
 from dataclasses import dataclass
 
 from transmigrate.errors import TransmigrateError
+from transmigrate.introspect.sockets import millisecond_timestamp
 
 __all__ = [
     "HOLD_SCRIPT",
@@ -24,6 +27,7 @@ __all__ = [
     "Images",
     "RestoreStats",
     "parse_stats",
+    "with_millisecond_timestamps",
 ]
 
 IMAGES_ROOT = "/var/lib/transmigrate/migration"
@@ -194,3 +198,38 @@ def parse_stats(image: bytes) -> DumpStats | RestoreStats:
         raw = _fields(restore)
         return RestoreStats(**{name: int(raw.get(n, 0)) for n, name in _RESTORE_FIELDS.items()})
     raise TransmigrateError("CRIU stats image holds neither dump nor restore statistics")
+
+
+def with_millisecond_timestamps(archive: bytes) -> bytes:
+    """``archive`` (tar streams of CRIU image directories) with each TCP connection's
+    timestamp made a :func:`millisecond_timestamp`; unchanged if all already are."""
+    # Here, not at the top: pycriu loads ~80 protobuf modules, which every other
+    # transmigrate command would pay at start-up.
+    import pycriu.images  # type: ignore[import-untyped]
+
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    changed = False
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:", ignore_zeros=True) as tar:
+        for member in tar:
+            extracted = tar.extractfile(member)
+            data = extracted.read() if extracted is not None else None
+            name = member.name.rsplit("/", 1)[-1]
+            if data is not None and name.startswith("tcp-stream-") and name.endswith(".img"):
+                image = pycriu.images.load(io.BytesIO(data))
+                for entry in image["entries"]:
+                    even = millisecond_timestamp(int(entry.get("timestamp", 0)))
+                    if "timestamp" in entry and even != entry["timestamp"]:
+                        entry["timestamp"], changed = even, True
+                rewritten = io.BytesIO()
+                pycriu.images.dump(image, rewritten)
+                data = rewritten.getvalue()
+            members.append((member, data))
+    if not changed:
+        return archive
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.GNU_FORMAT) as tar:
+        for member, data in members:
+            if data is not None:
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()

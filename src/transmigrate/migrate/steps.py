@@ -32,6 +32,7 @@ from transmigrate.migrate.criu import (
     DumpStats,
     RestoreStats,
     parse_stats,
+    with_millisecond_timestamps,
 )
 from transmigrate.migrate.engine import Step
 from transmigrate.migrate.plan import GUEST_TOOLS, Plan, Side, Tree, criu_error
@@ -197,7 +198,8 @@ def _wait_exit(agent: GuestAgent, pid: int, timeout: float) -> ExecResult:
 class HandOver:
     """Hand the dumps to the target: freeze the data volume, copy the non-page images
     and the files the precheck chose to carry (outside the volume, small, and absent,
-    different or being written), now that nothing changes them.
+    different or being written), now that nothing changes them. On the way, the
+    connections' timestamps are kept in milliseconds (``millisecond_timestamp``).
 
     One command on each side keeps it short. The source's freeze flushes the
     volume; pages already went by the page server. The target mounts the
@@ -220,8 +222,8 @@ class HandOver:
             f"if mountpoint -q {DATA_MOUNT}; then {GUEST_TOOLS}/tm-data freeze || exit 1; fi; "
             f"tar -C / -c {pages}--exclude='*.log' --exclude=parent {directories}{carry}",
             what="freezing data and packing images").stdout
-        plan.target.agent.run(["tar", "-C", "/", "-x", "--ignore-zeros"], input=archive,
-                              what="unpacking images")
+        plan.target.agent.run(["tar", "-C", "/", "-x", "--ignore-zeros"],
+                              input=with_millisecond_timestamps(archive), what="unpacking images")
 
     def undo(self, plan: Plan) -> None:
         """Thaw the source's volume (Restore's undo has made sure the target let go)."""

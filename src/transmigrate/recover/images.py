@@ -31,7 +31,7 @@ from transmigrate.introspect.process import (
     ThreadState,
 )
 from transmigrate.introspect.ram import GuestRam
-from transmigrate.introspect.sockets import SocketState
+from transmigrate.introspect.sockets import SocketState, millisecond_timestamp
 
 __all__ = ["WRITEBACK", "write_images"]
 
@@ -211,6 +211,7 @@ def _streams(processes: list[ProcessState], directory: Path) -> list[Path]:
             stream = state.stream
             written.append(_dump(directory / f"tcp-stream-{state.ino:x}.img", "TCP_STREAM", [
                 {**stream.fields,
+                 "timestamp": millisecond_timestamp(int(stream.fields["timestamp"])),
                  "extra": {"inq": _base64(stream.inq), "outq": _base64(stream.outq)}}]))
     return written
 
