@@ -38,8 +38,9 @@ def memory(t_ms: float, free_mib: int, total_mib: int = 1024, low_mib: int = 8) 
                                                       int(t_ms * MS)))
 
 
-def task(pid: int, state: str, comm: str = "cat", kernel_thread: bool = False) -> Task:
-    return Task(pid=pid, tgid=pid, comm=comm, state=state, ppid=1,
+def task(pid: int, state: str, comm: str = "cat", kernel_thread: bool = False,
+         ppid: int = 1) -> Task:
+    return Task(pid=pid, tgid=pid, comm=comm, state=state, ppid=ppid,
                 kernel_thread=kernel_thread, address=0xFFFF_0000_0000 + pid * 0x1000)
 
 

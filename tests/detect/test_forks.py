@@ -1,10 +1,12 @@
-"""Fork storms pile processes up; fork-exec loops do not. Memory running out."""
+"""Fork storms pile processes up; fork-exec loops do not; the tree that forks is named.
+Memory running out."""
 
 from __future__ import annotations
 
-from transmigrate.detect.forks import ForkStormDetector, MemoryExhaustionDetector
+from transmigrate.detect.forks import ForkStormDetector, MemoryExhaustionDetector, forking_tree
+from transmigrate.introspect.tasks import Task, TaskSample
 
-from .samples import counters, memory
+from .samples import counters, memory, task
 
 
 def test_fork_bomb_is_reported() -> None:
@@ -53,3 +55,31 @@ def test_memory_exhaustion_and_recovery() -> None:
 def test_watermarks_raise_the_floor() -> None:
     detector = MemoryExhaustionDetector(min_free_fraction=0.0)
     assert detector.observe(memory(0, 60, low_mib=64))
+
+
+def _system(*extra: Task) -> TaskSample:
+    """init, a kernel thread, the guest agent with a shell, redis, and ``extra``."""
+    return TaskSample((task(1, "S", "init", ppid=0), task(2, "S", "kthreadd", True, ppid=0),
+                       task(300, "S", "tm-agent"), task(310, "S", "sh", ppid=300),
+                       task(400, "S", "redis-server"), *extra), 0)
+
+
+def test_a_linear_bomb_is_blamed_on_the_process_that_forks() -> None:
+    children = [task(1000 + n, "S", "tm-forkbomb", ppid=999) for n in range(60)]
+    sample = _system(task(999, "S", "tm-forkbomb", ppid=310), *children,
+                     task(1100, "S", "cron-job"))  # started meanwhile by someone else
+    root, size = forking_tree(sample, newest=50) or (None, 0)
+    assert root is not None and (root.pid, root.comm, size) == (999, "tm-forkbomb", 61)
+
+
+def test_an_exponential_bomb_is_blamed_on_its_first_process() -> None:
+    tree = [task(2000, "S", "bomb", ppid=310)]
+    for pid in range(2001, 2064):  # every process forks: a binary tree
+        tree.append(task(pid, "S", "bomb", ppid=2000 + (pid - 2001) // 2))
+    root, size = forking_tree(_system(*tree), newest=40) or (None, 0)
+    assert root is not None and (root.pid, size) == (2000, 64)
+
+
+def test_processes_from_many_parents_blame_no_one() -> None:
+    scattered = [task(3000 + n, "S", "job", ppid=[300, 400, 1][n % 3]) for n in range(45)]
+    assert forking_tree(_system(*scattered), newest=40) is None

@@ -89,6 +89,7 @@ def test_bad_policy_is_refused_naming_the_key(tmp_path: Path, text: str, error: 
      "lockup", "recover", [812]),
     ([("hung-driver", {"pids": [901, 902, 903]})], "hung-driver", "move", [901, 902, 903]),
     ([("fork-storm", {"growth": 200})], "fork-storm", "move", []),
+    ([("fork-storm", {"growth": 200, "culprit": 999})], "fork-storm", "move", [999]),
     ([("memory-exhaustion", {"free_mib": 3})], "memory-exhaustion", "move", []),
     ([("vm-dead", {})], "vm-dead", "report", []),
 ])

@@ -9,6 +9,9 @@ that an interval that does not divide it does not shorten it. Growth, not
 speed, is the signal: a bomb throttled to a few forks a second is still a bomb.
 Memory exhaustion is free memory below ``min_free_fraction`` of the total, or
 below the zones' own low watermarks, whichever is higher.
+
+The culprit of a storm is the forking tree (:func:`forking_tree`): the deepest
+process that is, or is an ancestor of, nearly all of the newest processes.
 """
 
 from __future__ import annotations
@@ -17,10 +20,49 @@ from collections import deque
 
 from transmigrate.detect.events import Event, Sample
 from transmigrate.introspect.counters import Counters, fork_rate
+from transmigrate.introspect.tasks import Task, TaskSample
 
-__all__ = ["ForkStormDetector", "MemoryExhaustionDetector"]
+__all__ = ["ForkStormDetector", "MemoryExhaustionDetector", "forking_tree"]
 
 MIB = 1024 * 1024
+TREE_SHARE = 0.9
+"""The share of the newest processes the forking tree must hold: a few processes that
+something else started meanwhile do not move the blame up to a common ancestor."""
+
+
+def forking_tree(sample: TaskSample, newest: int) -> tuple[Task, int] | None:
+    """The root of the tree that made the ``newest`` processes (by pid, the order the
+    kernel hands them out until pid_max wraps), and how many processes that tree holds
+    now; None if no process other than init holds enough of them."""
+    processes = {task.pid: task for task in sample.processes if not task.kernel_thread}
+    if not processes or newest < 1:
+        return None
+    new = sorted(processes, reverse=True)[:newest]
+    covered: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    for pid in new:
+        chain = _ancestry(processes, pid)
+        for level, ancestor in enumerate(reversed(chain)):
+            covered[ancestor] = covered.get(ancestor, 0) + 1
+            depth[ancestor] = level
+    candidates = [pid for pid, count in covered.items()
+                  if count >= TREE_SHARE * len(new) and pid != 1]
+    if not candidates:
+        return None
+    root = max(candidates, key=lambda pid: depth[pid])
+    size = sum(1 for pid in processes if root in _ancestry(processes, pid))
+    return processes[root], size
+
+
+def _ancestry(processes: dict[int, Task], pid: int) -> list[int]:
+    """``pid`` and its ancestors up to the first one not in ``processes``; bounded,
+    since a torn walk may leave a loop."""
+    chain = [pid]
+    while (parent := processes[chain[-1]].ppid) in processes and len(chain) < len(processes):
+        if parent in chain:
+            break
+        chain.append(parent)
+    return chain
 
 
 class ForkStormDetector:

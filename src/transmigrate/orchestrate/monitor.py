@@ -28,7 +28,11 @@ from types import TracebackType
 from typing import Any
 
 from transmigrate.detect.events import READERS, Detector, Event, Sample
-from transmigrate.detect.forks import ForkStormDetector, MemoryExhaustionDetector
+from transmigrate.detect.forks import (
+    ForkStormDetector,
+    MemoryExhaustionDetector,
+    forking_tree,
+)
 from transmigrate.detect.hung import HungDriverDetector
 from transmigrate.detect.lockup import LockupDetector
 from transmigrate.detect.panic import PanicDetector
@@ -73,6 +77,8 @@ _RIP_LOOKS = 7
 """Looks at a CPU's registers to name the function of an event."""
 _SPIN_LOOKS = 3
 """Looks at a stuck CPU's registers to tell whether it spins on a lock (~2.5 ms each)."""
+_TREE_WALKS = 3
+"""Task walks to name a fork storm's culprit; the storm can tear each one."""
 
 
 def _by_accel(setting: float | None, defaults: dict[str, float], accel: str) -> float:
@@ -269,6 +275,8 @@ class Monitor:
         """A monitor of the running VM ``vm``."""
         _check(config)
         needs = frozenset().union(*(_DETECTOR_CLASSES[name].needs for name in config.detectors))
+        if "fork-storm" in config.detectors:  # its culprit is found in the task list
+            needs |= {"tasks"}
         return cls(guest_readers(host, vm, needs, config.locks), config)
 
     def _detectors(self, config: MonitorConfig) -> list[Detector]:
@@ -370,6 +378,8 @@ class Monitor:
         return stats
 
     def _enrich(self, event: Event) -> Event:
+        if event.kind == "fork-storm":
+            return self._with_forking_tree(event)
         if event.kind not in ("lockup", "hung-driver"):
             return event
         summary, evidence = event.summary, dict(event.evidence)
@@ -385,6 +395,27 @@ class Monitor:
         if held:
             summary += f"; held: {', '.join(lock.name for lock in held)}"
         return Event(event.kind, event.monotonic_ns, summary, evidence)
+
+    def _with_forking_tree(self, event: Event) -> Event:
+        """``event`` naming the tree that made the storm's new processes (a task walk
+        torn by the storm is tried again, a few times)."""
+        read = self.readers.samplers.get("tasks")
+        for _ in range(_TREE_WALKS):
+            if read is None:
+                break
+            try:
+                found = forking_tree(read(), int(event.evidence["growth"]))
+            except IntrospectionError:
+                continue
+            if found is None:
+                break
+            root, size = found
+            evidence = {**event.evidence, "culprit": root.pid, "culprit_comm": root.comm,
+                        "culprit_tree": size}
+            return Event(event.kind, event.monotonic_ns,
+                         f"{event.summary}; made by {root.comm} (pid {root.pid}), "
+                         f"{size} processes in its tree", evidence)
+        return event
 
     def _cpu_function(self, cpu: int, looks: int) -> str | None:
         """The kernel function CPU ``cpu`` executes: the most frequent of ``looks`` looks
