@@ -3,8 +3,8 @@
  * tm-forkbomb: the research's user-space fault, unbounded process creation
  * with heavy memory allocation. Built static on the host, run in the guest.
  *
- *   tm-forkbomb [--seconds S] [--max N] [--mib M] [--delay-ms D] [--linear] [--daemon]
- *               [--sid-file PATH]
+ *   tm-forkbomb [--seconds S] [--max N] [--mib M] [--delay-ms D] [--linear | --hog]
+ *               [--daemon] [--sid-file PATH]
  *
  * Every process keeps forking, and every child first allocates M MiB
  * (default 16) and touches each page, then forks on its own: the number of
@@ -14,6 +14,8 @@
  * Each process waits D ms (default 0) between forks. After S seconds
  * (default 60) every process exits, so the bomb is bounded in time; N
  * (default 0: no limit) bounds the number of processes created.
+ * With --hog it is a memory bomb instead: the one process forks nothing and
+ * allocates and touches M MiB every D ms, keeping all of it.
  *
  * It puts itself in its own session (setsid), so the whole bomb is killed with
  * `kill -KILL -SID`, and asks the OOM killer to take its processes first
@@ -44,8 +46,8 @@ static double now(void)
 
 static void usage(void)
 {
-	fputs("usage: tm-forkbomb [--seconds S] [--max N] [--mib M] [--delay-ms D] [--linear]"
-	      " [--daemon]\n", stderr);
+	fputs("usage: tm-forkbomb [--seconds S] [--max N] [--mib M] [--delay-ms D]"
+	      " [--linear | --hog] [--daemon] [--sid-file PATH]\n", stderr);
 	exit(2);
 }
 
@@ -79,7 +81,7 @@ int main(int argc, char **argv)
 {
 	double seconds = 60, deadline;
 	long max = 0, mib = 16, delay_ms = 0;
-	int daemon = 0, linear = 0, fd;
+	int daemon = 0, linear = 0, hog = 0, fd;
 	const char *sid_file = NULL;
 	atomic_long *created;
 
@@ -88,6 +90,8 @@ int main(int argc, char **argv)
 			daemon = 1;
 		else if (!strcmp(argv[i], "--linear"))
 			linear = 1;
+		else if (!strcmp(argv[i], "--hog"))
+			hog = 1;
 		else if (i + 1 >= argc)
 			usage();
 		else if (!strcmp(argv[i], "--seconds"))
@@ -163,6 +167,11 @@ int main(int argc, char **argv)
 	while (now() < deadline) {
 		pid_t pid;
 
+		if (hog) {
+			touch_memory((size_t)mib);
+			usleep((useconds_t)delay_ms * 1000);
+			continue;
+		}
 		if (max && atomic_load(created) >= max)
 			break;
 		pid = fork();

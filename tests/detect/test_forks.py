@@ -3,10 +3,15 @@ Memory running out."""
 
 from __future__ import annotations
 
-from transmigrate.detect.forks import ForkStormDetector, MemoryExhaustionDetector, forking_tree
+from transmigrate.detect.forks import (
+    ForkStormDetector,
+    MemoryExhaustionDetector,
+    biggest_grower,
+    forking_tree,
+)
 from transmigrate.introspect.tasks import Task, TaskSample
 
-from .samples import counters, memory, task
+from .samples import MIB, counters, memory, task
 
 
 def test_fork_bomb_is_reported() -> None:
@@ -83,3 +88,15 @@ def test_an_exponential_bomb_is_blamed_on_its_first_process() -> None:
 def test_processes_from_many_parents_blame_no_one() -> None:
     scattered = [task(3000 + n, "S", "job", ppid=[300, 400, 1][n % 3]) for n in range(45)]
     assert forking_tree(_system(*scattered), newest=40) is None
+
+
+def test_the_biggest_grower_is_blamed_not_the_biggest() -> None:
+    before = {400: 300 * MIB, 500: 40 * MIB, 600: 2 * MIB}
+    after = {400: 300 * MIB, 500: 90 * MIB, 600: 2 * MIB, 700: 1 * MIB}
+    assert biggest_grower(before, after) == 500
+
+
+def test_without_growth_the_biggest_is_blamed() -> None:
+    sizes = {400: 300 * MIB, 500: 40 * MIB}
+    assert biggest_grower(sizes, sizes) == 400
+    assert biggest_grower({}, {}) is None

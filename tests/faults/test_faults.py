@@ -19,6 +19,7 @@ from transmigrate.faults import (
     FaultTarget,
     ForkBomb,
     HungDriver,
+    MemoryBomb,
     Oops,
     build_module,
     clear,
@@ -34,14 +35,15 @@ from transmigrate.process import run
 
 
 def test_specs_by_name_take_only_their_own_options() -> None:
-    assert FAULTS == ("deadlock", "hung-driver", "fork-bomb", "oops", "panic")
+    assert FAULTS == ("deadlock", "hung-driver", "fork-bomb", "memory-bomb", "oops", "panic")
     assert spec_for("deadlock", cpu=1, irqs_off=None) == Deadlock(cpu=1)
     assert spec_for("fork-bomb", seconds=5) == ForkBomb(seconds=5)
     assert spec_for("oops") == Oops()
     for fault, options, message in (("meltdown", {}, "unknown fault 'meltdown'"),
                                     ("oops", {"cpu": 1}, "oops takes no cpu"),
                                     ("hung-driver", {"readers": 0}, "at least one reader"),
-                                    ("fork-bomb", {"seconds": 0}, "a duration")):
+                                    ("fork-bomb", {"seconds": 0}, "a duration"),
+                                    ("memory-bomb", {"mib": 0}, "a size in MiB")):
         with pytest.raises(FaultError, match=message):
             spec_for(fault, **options)
 
@@ -122,11 +124,32 @@ def test_fork_bomb_grows_and_clear_stops_it(vm: FaultTarget) -> None:
     assert samples[0][0] < procs, "the number of processes grew while we watched"
 
     cleared = clear(vm)
-    assert "fork-bomb" in cleared.cleared
+    assert "bombs" in cleared.cleared
     assert session_pids(vm, report.session) == []
     procs1, avail1 = _load(vm)
     assert procs1 <= procs0 + 3
     assert avail1 > avail0 - 64 * 1024
+
+
+def test_memory_bomb_grows_one_process_and_clear_stops_it(vm: FaultTarget) -> None:
+    procs0, avail0 = _load(vm)
+    report = inject(vm, MemoryBomb(seconds=300, mib=8, delay_ms=50))
+    assert report.session is not None
+    samples = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        samples.append(_load(vm))
+        if samples[-1][1] < avail0 - 150 * 1024:
+            break
+        time.sleep(0.3)
+    procs, avail = samples[-1]
+    assert avail < avail0 - 150 * 1024, samples
+    assert procs <= procs0 + 3, "one process grows; none are forked"
+    assert len(session_pids(vm, report.session)) == 1
+
+    assert "bombs" in clear(vm).cleared
+    assert session_pids(vm, report.session) == []
+    assert _load(vm)[1] > avail0 - 64 * 1024
 
 
 def _sched_counts(vm: FaultTarget) -> dict[str, int]:

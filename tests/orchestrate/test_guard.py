@@ -91,6 +91,8 @@ def test_bad_policy_is_refused_naming_the_key(tmp_path: Path, text: str, error: 
     ([("fork-storm", {"growth": 200})], "fork-storm", "move", []),
     ([("fork-storm", {"growth": 200, "culprit": 999})], "fork-storm", "move", [999]),
     ([("memory-exhaustion", {"free_mib": 3})], "memory-exhaustion", "move", []),
+    ([("memory-exhaustion", {"free_mib": 3, "culprit": 77})], "memory-exhaustion", "move",
+     [77]),
     ([("vm-dead", {})], "vm-dead", "report", []),
 ])
 def test_decisions_follow_the_fault(seen: list[tuple[str, dict[str, object]]], fault: str,

@@ -11,7 +11,8 @@ Memory exhaustion is free memory below ``min_free_fraction`` of the total, or
 below the zones' own low watermarks, whichever is higher.
 
 The culprit of a storm is the forking tree (:func:`forking_tree`): the deepest
-process that is, or is an ancestor of, nearly all of the newest processes.
+process that is, or is an ancestor of, nearly all of the newest processes. The
+culprit of memory running out is the biggest grower (:func:`biggest_grower`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transmigrate.detect.events import Event, Sample
 from transmigrate.introspect.counters import Counters, fork_rate
 from transmigrate.introspect.tasks import Task, TaskSample
 
-__all__ = ["ForkStormDetector", "MemoryExhaustionDetector", "forking_tree"]
+__all__ = ["ForkStormDetector", "MemoryExhaustionDetector", "biggest_grower", "forking_tree"]
 
 MIB = 1024 * 1024
 TREE_SHARE = 0.9
@@ -52,6 +53,15 @@ def forking_tree(sample: TaskSample, newest: int) -> tuple[Task, int] | None:
     root = max(candidates, key=lambda pid: depth[pid])
     size = sum(1 for pid in processes if root in _ancestry(processes, pid))
     return processes[root], size
+
+
+def biggest_grower(before: dict[int, int], after: dict[int, int]) -> int | None:
+    """The process whose resident memory grew most from ``before`` to ``after`` (two looks
+    by pid, a moment apart); if none grew, the biggest: memory may have run out just as
+    it stopped growing (or as the OOM killer took it)."""
+    if not after:
+        return None
+    return max(after, key=lambda pid: (after[pid] - before.get(pid, after[pid]), after[pid]))
 
 
 def _ancestry(processes: dict[int, Task], pid: int) -> list[int]:

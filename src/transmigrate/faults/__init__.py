@@ -7,6 +7,8 @@
   uninterruptibly in ``tm_hang_read`` and is never woken, even after a write.
 - ``fork-bomb``: ``tm-forkbomb``, a static program that forks without bound,
   each child touching 16 MiB, in its own session, bounded by a duration.
+- ``memory-bomb``: the same program with ``--hog``: one process that allocates and
+  touches 8 MiB every 100 ms and keeps it, until the OOM killer takes it.
 - ``oops``: ``BUG()`` in the module's ``tm_oops``; the kernel runs on, tainted.
 - ``panic``: ``panic()`` through ``/proc/sysrq-trigger``; QEMU pauses the VM.
 
@@ -49,6 +51,7 @@ from transmigrate.faults.specs import (
     FaultSpec,
     ForkBomb,
     HungDriver,
+    MemoryBomb,
     Oops,
     Panic,
     spec_for,
@@ -73,6 +76,7 @@ __all__ = [
     "ForkBomb",
     "HungDriver",
     "InjectReport",
+    "MemoryBomb",
     "Oops",
     "Panic",
     "build_forkbomb",

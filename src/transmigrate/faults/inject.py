@@ -22,7 +22,15 @@ from typing import TypeVar
 
 from transmigrate.errors import AgentError, FaultError
 from transmigrate.faults.build import FORKBOMB_NAME, MODULE_NAME, build_forkbomb, build_module
-from transmigrate.faults.specs import Deadlock, FaultSpec, ForkBomb, HungDriver, Oops, Panic
+from transmigrate.faults.specs import (
+    Deadlock,
+    FaultSpec,
+    ForkBomb,
+    HungDriver,
+    MemoryBomb,
+    Oops,
+    Panic,
+)
 from transmigrate.guest.agent import ExecResult, GuestAgent
 from transmigrate.polling import Deadline, wait_for
 from transmigrate.progress import Progress, silent
@@ -92,7 +100,7 @@ class InjectReport:
     """deadlock: the CPU that spins."""
     irqs_off: bool = False
     session: int | None = None
-    """hung-driver and fork-bomb: the guest session id of the processes started."""
+    """hung-driver and the bombs: the guest session id of the processes started."""
     pids: tuple[int, ...] = ()
     """hung-driver: the readers blocked when inject returned."""
     details: dict[str, str] = field(default_factory=dict)
@@ -102,7 +110,7 @@ class InjectReport:
 class ClearReport:
     vm: str
     cleared: tuple[str, ...]
-    """What was stopped: "fork-bomb", "hung-driver", "module"."""
+    """What was stopped: "bombs", "hung-driver", "module"."""
     remaining: tuple[str, ...]
     """What could not be: "deadlock" (the VM must be stopped)."""
 
@@ -170,8 +178,8 @@ def inject(target: FaultTarget, spec: FaultSpec, progress: Progress = silent) ->
     """Inject the fault ``spec`` describes; return once it is triggered (see
     :mod:`transmigrate.faults.specs` for what each one does)."""
     match spec:
-        case ForkBomb():
-            return _fork_bomb(target, spec, progress)
+        case ForkBomb() | MemoryBomb():
+            return _bomb(target, spec, progress)
         case Panic():
             triggered = time.monotonic()
             target.agent.spawn(["sh", "-c", "echo c > /proc/sysrq-trigger"])  # never answers
@@ -258,14 +266,20 @@ def _read_sid(agent: GuestAgent, path: str) -> int:
     return wait_for(session, timeout=30, error=FaultError, what=f"the guest did not write {path}")
 
 
-def _fork_bomb(target: FaultTarget, spec: ForkBomb, progress: Progress) -> InjectReport:
+def _bomb(target: FaultTarget, spec: ForkBomb | MemoryBomb,
+          progress: Progress) -> InjectReport:
+    """tm-forkbomb, forking or (a memory bomb) hogging, in a session of its own."""
     agent = target.agent
     binary = build_forkbomb(target.cache, progress)
     path = f"{GUEST_DIR}/{FORKBOMB_NAME}"
     _copy(agent, binary, path, mode="0755")
+    if isinstance(spec, ForkBomb):
+        mode = ["--max", str(spec.maximum), *(["--linear"] if spec.linear else [])]
+        details = {"growth": "linear" if spec.linear else "exponential"}
+    else:
+        mode, details = ["--hog"], {"growth": f"{spec.mib} MiB every {spec.delay_ms} ms"}
     argv = [path, "--daemon", "--seconds", str(spec.seconds), "--mib", str(spec.mib),
-            "--max", str(spec.maximum), "--delay-ms", str(spec.delay_ms), "--sid-file",
-            BOMB_SID, *(["--linear"] if spec.linear else [])]
+            "--delay-ms", str(spec.delay_ms), "--sid-file", BOMB_SID, *mode]
     # Keep the host's only channel into the guest alive under the bomb.
     _try(agent, "for p in $(pidof qemu-ga); do renice -n -20 -p $p; "
                 "echo -1000 > /proc/$p/oom_score_adj; done > /dev/null")
@@ -278,8 +292,7 @@ def _fork_bomb(target: FaultTarget, spec: ForkBomb, progress: Progress) -> Injec
     return InjectReport(target.vm, spec.name, target.kernel.release, triggered, returned,
                         session=int(text), details={
                             "program": path, "seconds": str(spec.seconds),
-                            "mib": str(spec.mib),
-                            "growth": "linear" if spec.linear else "exponential"})
+                            "mib": str(spec.mib), **details})
 
 
 def _retry(what: str, deadline: Deadline, action: Callable[[], T]) -> T:
@@ -309,7 +322,7 @@ def _kill_session(agent: GuestAgent, session: int, wake: bool, deadline: Deadlin
 
 
 def clear(target: FaultTarget, *, unload: bool = True, timeout: float = 120.0) -> ClearReport:
-    """Stop the fork bombs and free the hung readers; unload the module.
+    """Stop the bombs and free the hung readers; unload the module.
 
     A deadlock cannot be cleared: it stays in ``remaining`` and the VM must be stopped.
     Retries while the guest is too loaded to answer, up to ``timeout`` seconds.
@@ -318,12 +331,12 @@ def clear(target: FaultTarget, *, unload: bool = True, timeout: float = 120.0) -
     deadline = Deadline(timeout)
     cleared: list[str] = []
     remaining: list[str] = []
-    bombs = _retry("list the fork bombs", deadline, lambda: _sessions(agent, BOMB_SID))
+    bombs = _retry("list the bombs", deadline, lambda: _sessions(agent, BOMB_SID))
     for session in bombs:
         _kill_session(agent, session, False, deadline)
     if bombs:
-        _retry("forget the fork bombs", deadline, lambda: agent.sh(f"rm -f {BOMB_SID}"))
-        cleared.append("fork-bomb")
+        _retry("forget the bombs", deadline, lambda: agent.sh(f"rm -f {BOMB_SID}"))
+        cleared.append("bombs")
     status = _retry("read the fault module's state", deadline, lambda: _status(agent))
     readers = _retry("list the readers", deadline, lambda: _sessions(agent, READERS_SID))
     for session in readers:

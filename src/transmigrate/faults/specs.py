@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 from transmigrate.errors import FaultError
 
-__all__ = ["FAULTS", "SPECS", "Deadlock", "FaultSpec", "ForkBomb", "HungDriver", "Oops",
-           "Panic", "spec_for"]
+__all__ = ["FAULTS", "SPECS", "Deadlock", "FaultSpec", "ForkBomb", "HungDriver", "MemoryBomb",
+           "Oops", "Panic", "spec_for"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,22 @@ class ForkBomb:
 
 
 @dataclass(frozen=True)
+class MemoryBomb:
+    """One process (tm-forkbomb ``--hog``) that allocates and touches ``mib`` MiB every
+    ``delay_ms`` and keeps it all, for ``seconds`` or until the OOM killer takes it
+    (it asks to be taken first)."""
+
+    seconds: int = 60
+    mib: int = 8
+    delay_ms: int = 100
+    name: ClassVar[str] = "memory-bomb"
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0 or self.mib <= 0:
+            raise FaultError("the memory bomb needs a duration in seconds and a size in MiB")
+
+
+@dataclass(frozen=True)
 class Oops:
     """``BUG()`` in the module, in a shell that writes the command: the kernel oopses,
     kills that shell and runs on, tainted."""
@@ -72,9 +88,9 @@ class Panic:
     name: ClassVar[str] = "panic"
 
 
-FaultSpec = Deadlock | HungDriver | ForkBomb | Oops | Panic
+FaultSpec = Deadlock | HungDriver | ForkBomb | MemoryBomb | Oops | Panic
 SPECS: dict[str, type[FaultSpec]] = {
-    spec.name: spec for spec in (Deadlock, HungDriver, ForkBomb, Oops, Panic)}
+    spec.name: spec for spec in (Deadlock, HungDriver, ForkBomb, MemoryBomb, Oops, Panic)}
 FAULTS = tuple(SPECS)
 
 

@@ -7,19 +7,25 @@ The same numbers the guest's ``/proc/meminfo`` and ``/proc/zoneinfo`` show
 killing: the number a memory-exhaustion detector watches.
 
 The zones (which nodes are online, which zones have memory) are found once with
-drgn; their counters are read with ``struct`` at every sample.
+drgn; their counters are read with ``struct`` at every sample. A process's resident
+memory (:func:`resident_bytes`, ``ps``'s RSS) is read with drgn, on demand: to name
+who ate the memory, not at every sample.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import drgn
+from drgn.helpers.linux.mm import task_rss
 from drgn.helpers.linux.nodemask import for_each_online_node
 
 from transmigrate.introspect.kernel import Guest, Record, drgn_errors
+from transmigrate.introspect.tasks import Task
 
-__all__ = ["MemoryReader", "MemorySample", "ZoneState"]
+__all__ = ["MemoryReader", "MemorySample", "ZoneState", "resident_bytes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +90,21 @@ class MemoryReader:
                                    low_min * page, low * page, high * page))
         return MemorySample(total * page, max(free, 0) * page, tuple(zones),
                             time.monotonic_ns())
+
+
+def resident_bytes(guest: Guest, tasks: Iterable[Task]) -> dict[int, int]:
+    """Resident memory (anonymous, file and shared) of each process of ``tasks``, by pid;
+    a process that exited since ``tasks`` were read is left out."""
+    page = int(guest.vmcoreinfo.fields["PAGESIZE"])
+    resident = {}
+    for task in tasks:
+        if task.kernel_thread or task.pid != task.tgid:
+            continue
+        try:
+            pages = task_rss(guest.prog, drgn.Object(guest.prog, "struct task_struct *",
+                                                      task.address)).total
+        except (drgn.FaultError, LookupError, ValueError):
+            continue
+        if pages >= 0:  # per-CPU counters can be briefly negative
+            resident[task.pid] = pages * page
+    return resident

@@ -168,7 +168,7 @@ def decide(vm: str, events: Sequence[Event], policy: Policy, *, cpus: int) -> De
     elif first.kind == "lockup":
         culprits = sorted({int(e.evidence["pid"]) for e in events
                            if e.kind == "lockup" and e.evidence.get("pid")})
-    elif first.kind == "fork-storm" and "culprit" in first.evidence:
+    elif first.kind in ("fork-storm", "memory-exhaustion") and "culprit" in first.evidence:
         culprits = [int(first.evidence["culprit"])]
     lag = max(0.0, (time.monotonic_ns() - first.monotonic_ns) / 1e9)
     return Decision(vm=vm, fault=fault, action=policy.actions.get(fault, REPORT),

@@ -22,15 +22,17 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from types import TracebackType
 from typing import Any
 
 from transmigrate.detect.events import READERS, Detector, Event, Sample
 from transmigrate.detect.forks import (
+    MIB,
     ForkStormDetector,
     MemoryExhaustionDetector,
+    biggest_grower,
     forking_tree,
 )
 from transmigrate.detect.hung import HungDriverDetector
@@ -41,7 +43,7 @@ from transmigrate.introspect.counters import CounterReader
 from transmigrate.introspect.cpus import CpuReader
 from transmigrate.introspect.kernel import attach
 from transmigrate.introspect.locks import LockReader, LockState
-from transmigrate.introspect.mm import MemoryReader
+from transmigrate.introspect.mm import MemoryReader, resident_bytes
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.symbols import symbolize
 from transmigrate.introspect.tasks import Task, TaskReader, wait_site
@@ -79,6 +81,8 @@ _SPIN_LOOKS = 3
 """Looks at a stuck CPU's registers to tell whether it spins on a lock (~2.5 ms each)."""
 _TREE_WALKS = 3
 """Task walks to name a fork storm's culprit; the storm can tear each one."""
+_GROWTH_LOOK_S = 0.2
+"""Between the two looks at every process's resident memory that name the biggest grower."""
 
 
 def _by_accel(setting: float | None, defaults: dict[str, float], accel: str) -> float:
@@ -192,6 +196,8 @@ class GuestReaders:
     """The kernel function a CPU executes now (one look)."""
     wait_site: Callable[[Task], str | None] = _nothing
     """The kernel function a blocked task sleeps in."""
+    resident: Callable[[Sequence[Task]], dict[int, int]] = lambda _: {}
+    """Resident memory in bytes of each of these processes that still exists."""
     locks: Callable[[], tuple[LockState, ...]] | None = None
     """The named locks' states; None when no lock was named."""
     vm_ended: Callable[[], Event | None] = _nothing
@@ -237,7 +243,7 @@ def guest_readers(host: Host, vm: str, needs: frozenset[str],
         guest.close()
 
     return GuestReaders(samplers, f"{vm} ({guest.release})", machine.record.accel,
-                        cpu_function, site,
+                        cpu_function, site, lambda tasks: resident_bytes(guest, tasks),
                         LockReader(guest, locks).sample if locks else None,
                         _vm_ended(machine), close)
 
@@ -275,8 +281,8 @@ class Monitor:
         """A monitor of the running VM ``vm``."""
         _check(config)
         needs = frozenset().union(*(_DETECTOR_CLASSES[name].needs for name in config.detectors))
-        if "fork-storm" in config.detectors:  # its culprit is found in the task list
-            needs |= {"tasks"}
+        if {"fork-storm", "memory-exhaustion"} & set(config.detectors):
+            needs |= {"tasks"}  # their culprits are found in the task list
         return cls(guest_readers(host, vm, needs, config.locks), config)
 
     def _detectors(self, config: MonitorConfig) -> list[Detector]:
@@ -380,6 +386,8 @@ class Monitor:
     def _enrich(self, event: Event) -> Event:
         if event.kind == "fork-storm":
             return self._with_forking_tree(event)
+        if event.kind == "memory-exhaustion":
+            return self._with_biggest_grower(event)
         if event.kind not in ("lockup", "hung-driver"):
             return event
         summary, evidence = event.summary, dict(event.evidence)
@@ -416,6 +424,31 @@ class Monitor:
                          f"{event.summary}; made by {root.comm} (pid {root.pid}), "
                          f"{size} processes in its tree", evidence)
         return event
+
+    def _with_biggest_grower(self, event: Event) -> Event:
+        """``event`` naming the process whose resident memory grew most in
+        :data:`_GROWTH_LOOK_S` (see ``biggest_grower``)."""
+        read = self.readers.samplers.get("tasks")
+        if read is None:
+            return event
+        try:
+            processes = read().processes
+        except IntrospectionError:
+            return event
+        before = self.readers.resident(processes)
+        time.sleep(_GROWTH_LOOK_S)
+        after = self.readers.resident(processes)
+        pid = biggest_grower(before, after)
+        if pid is None:
+            return event
+        comm = next(task.comm for task in processes if task.pid == pid)
+        grew = (after[pid] - before.get(pid, after[pid])) // MIB
+        evidence = {**event.evidence, "culprit": pid, "culprit_comm": comm,
+                    "culprit_mib": after[pid] // MIB, "culprit_grew_mib": grew}
+        return Event(event.kind, event.monotonic_ns,
+                     f"{event.summary}; biggest grower {comm} (pid {pid}), "
+                     f"{after[pid] // MIB} MiB resident, +{grew} MiB in "
+                     f"{_GROWTH_LOOK_S:g} s", evidence)
 
     def _cpu_function(self, cpu: int, looks: int) -> str | None:
         """The kernel function CPU ``cpu`` executes: the most frequent of ``looks`` looks
