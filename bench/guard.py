@@ -35,6 +35,7 @@ from transmigrate.faults import (
     FaultSpec,
     ForkBomb,
     HungDriver,
+    MemoryBomb,
     Oops,
     Panic,
     inject,
@@ -57,11 +58,12 @@ SERVICE = Service("kv", VM, "redis-server", start=(
     "redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
     "--dir", "/data", "--appendonly", "yes"))
 FAULTS: dict[str, FaultSpec] = {
-    "deadlock-one-cpu": Deadlock(cpu=1), "hung-driver": HungDriver(readers=5),
-    "fork-bomb": ForkBomb(seconds=30, mib=8), "oops": Oops(), "panic": Panic()}
-"""Every CPU deadlocked and the memory bomb are not here yet: see the README."""
-KERNEL_DETECTS = ("deadlock-one-cpu", "hung-driver", "oops", "panic")
-"""The faults the kernel's own watchdogs can be set to panic on (none sees a fork bomb)."""
+    "deadlock-one-cpu": Deadlock(cpu=1), "deadlock-all-cpus": Deadlock(all_cpus=True),
+    "hung-driver": HungDriver(readers=5), "fork-bomb": ForkBomb(seconds=30, mib=8),
+    "memory-bomb": MemoryBomb(mib=4, delay_ms=100), "oops": Oops(), "panic": Panic()}
+KERNEL_DETECTS = ("deadlock-one-cpu", "deadlock-all-cpus", "hung-driver", "oops", "panic")
+"""The faults the kernel's own watchdogs can be set to panic on. None sees a fork bomb;
+a memory bomb meets the OOM killer, which takes the bomb and panics nothing."""
 ORTHROS_RECOVERY_S, ORTHROS_REBOOT_S = 1.5, 30.0
 """Orthros's longest downtime, and the reboot-and-restart it is weighed against
 (its paper's order of magnitude for a VM reboot with a service restart)."""
@@ -128,7 +130,8 @@ def _guarded(host: Host, fault: str, interval_ms: int) -> dict[str, Any]:
             "requests_lost": len(summary["errors"]) + summary["out_of_order"],
             "same_connection": summary["client_id_start"] == summary["client_id_end"],
             "acknowledged_writes_lost": max(0, summary["last_value"] - counter),
-            "culprits_left_behind": len(decision.culprits), "detail": decision.detail,
+            "culprits_left_behind": len(decision.culprits),
+            "culprit": decision.evidence.get("culprit_comm"), "detail": decision.detail,
             "steps": decision.steps}
     finally:
         stop.set()

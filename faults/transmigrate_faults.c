@@ -12,6 +12,11 @@
  *                     else ever runs there again). Cannot be undone.
  *   deadlock-irq CPU  the same with interrupts off as well (spin_lock_irq):
  *                     the CPU's timer interrupts stop too.
+ *   deadlock-all      the same deadlock on the first online CPU, and on every
+ *                     other one a kthread "tm_deadlock/CPU" that waits for
+ *                     tm_fault_lock: every CPU spins with preemption off. The
+ *                     writer's own CPU is taken too, so the write may never
+ *                     return.
  *   wake              release the readers blocked on /dev/tm_hang (the fix
  *                     the buggy driver lacks), so that they can be killed.
  *   oops              BUG() in tm_oops, in the writer's context: a kernel
@@ -34,6 +39,7 @@
 #include <linux/err.h>
 #include <linux/fs.h>
 #include <linux/kernel.h>
+#include <linux/jiffies.h>
 #include <linux/kthread.h>
 #include <linux/miscdevice.h>
 #include <linux/module.h>
@@ -58,6 +64,7 @@ EXPORT_SYMBOL_GPL(tm_fault_lock);
 
 static int tm_deadlock_cpu = -1;       /* CPU wedged, -1 while none */
 static int tm_deadlock_irqs_off;
+static int tm_deadlock_all;            /* every CPU wedged */
 static atomic_t tm_deadlock_spinning = ATOMIC_INIT(0);
 static DEFINE_MUTEX(tm_control_mutex);
 
@@ -81,6 +88,72 @@ static noinline int tm_deadlock_thread(void *data)
 	else
 		spin_unlock(&tm_fault_lock);
 	return 0;
+}
+
+/* On every CPU but the holder's: wait for the lock that is never released. */
+static noinline int tm_deadlock_waiter(void *data)
+{
+	spin_lock(&tm_fault_lock);
+	spin_unlock(&tm_fault_lock);  /* unreachable */
+	return 0;
+}
+
+static int tm_start_deadlock(unsigned int cpu, bool irqs_off);
+
+/*
+ * The waiters are created first (creating a kthread sleeps), then the holder
+ * takes the lock on another CPU than the writer's, then every waiter is woken
+ * at once: the last runs on the writer's CPU, which never gets it back.
+ */
+static int tm_start_deadlock_all(void)
+{
+	struct task_struct **waiters;
+	unsigned int cpu, holder;
+	unsigned long until;
+	int err = 0;
+
+	if (tm_deadlock_cpu >= 0)
+		return -EBUSY;
+	waiters = kcalloc(nr_cpu_ids, sizeof(*waiters), GFP_KERNEL);
+	if (!waiters)
+		return -ENOMEM;
+	holder = cpumask_any_but(cpu_online_mask, raw_smp_processor_id());
+	if (holder >= nr_cpu_ids)
+		holder = raw_smp_processor_id();  /* one CPU: the writer's own */
+	for_each_online_cpu(cpu) {
+		struct task_struct *task;
+
+		if (cpu == holder)
+			continue;
+		task = kthread_create(tm_deadlock_waiter, NULL, "tm_deadlock/%u", cpu);
+		if (IS_ERR(task)) {
+			err = PTR_ERR(task);
+			goto out;
+		}
+		kthread_bind(task, cpu);
+		waiters[cpu] = task;
+	}
+	err = tm_start_deadlock(holder, false);
+	if (err)
+		goto out;
+	tm_deadlock_all = 1;
+	until = jiffies + 10 * HZ;
+	while (!atomic_read(&tm_deadlock_spinning) && time_before(jiffies, until))
+		cond_resched();
+	preempt_disable();
+	for_each_online_cpu(cpu) {
+		if (waiters[cpu]) {
+			wake_up_process(waiters[cpu]);
+			waiters[cpu] = NULL;
+		}
+	}
+	preempt_enable();
+out:
+	for_each_online_cpu(cpu)
+		if (waiters[cpu])
+			kthread_stop(waiters[cpu]);  /* never woken: its function never runs */
+	kfree(waiters);
+	return err;
 }
 
 static int tm_start_deadlock(unsigned int cpu, bool irqs_off)
@@ -185,6 +258,7 @@ static int tm_control_show(struct seq_file *m, void *v)
 {
 	seq_printf(m, "deadlock_cpu %d\n", tm_deadlock_cpu);
 	seq_printf(m, "deadlock_irqs_off %d\n", tm_deadlock_irqs_off);
+	seq_printf(m, "deadlock_all %d\n", tm_deadlock_all);
 	seq_printf(m, "deadlock_spinning %d\n", atomic_read(&tm_deadlock_spinning));
 	seq_printf(m, "hang_readers %d\n", atomic_read(&tm_hang_readers));
 	seq_printf(m, "hang_reads %ld\n", atomic_long_read(&tm_hang_reads));
@@ -223,6 +297,8 @@ static ssize_t tm_control_write(struct file *file, const char __user *ubuf, size
 	if (!strcmp(cmd, "deadlock") || !strcmp(cmd, "deadlock-irq")) {
 		err = (arg && !kstrtouint(arg, 10, &cpu)) ?
 			tm_start_deadlock(cpu, !strcmp(cmd, "deadlock-irq")) : -EINVAL;
+	} else if (!strcmp(cmd, "deadlock-all")) {
+		err = tm_start_deadlock_all();
 	} else if (!strcmp(cmd, "wake")) {
 		tm_hang_wake();
 		err = 0;

@@ -43,7 +43,9 @@ def test_specs_by_name_take_only_their_own_options() -> None:
                                     ("oops", {"cpu": 1}, "oops takes no cpu"),
                                     ("hung-driver", {"readers": 0}, "at least one reader"),
                                     ("fork-bomb", {"seconds": 0}, "a duration"),
-                                    ("memory-bomb", {"mib": 0}, "a size in MiB")):
+                                    ("memory-bomb", {"mib": 0}, "a size in MiB"),
+                                    ("deadlock", {"all_cpus": True, "cpu": 1},
+                                     "neither a cpu nor irqs_off")):
         with pytest.raises(FaultError, match=message):
             spec_for(fault, **options)
 

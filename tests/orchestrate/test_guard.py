@@ -3,6 +3,7 @@ under a client's load, survived one after the other."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,14 @@ import pytest
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
 from transmigrate.detect.events import Event
 from transmigrate.errors import TransmigrateError
-from transmigrate.faults import HungDriver, Panic, inject
-from transmigrate.faults.build import MODULE_NAME
+from transmigrate.faults import Deadlock, HungDriver, MemoryBomb, Panic, inject
+from transmigrate.faults.build import FORKBOMB_NAME, MODULE_NAME
+from transmigrate.guest.agent import GuestAgent
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.faults import fault_target
 from transmigrate.orchestrate.guard import (
     DEFAULT_ACTIONS,
+    MOVE,
     Decision,
     Policy,
     decide,
@@ -125,103 +128,158 @@ def test_guard_needs_declared_services_and_a_real_kernel(prepared: Host, old_vm:
     assert prepared.machines.get(old_vm).status() == "running"
 
 
+class _Guarded:
+    """redis with 10,000 keys in VM ``name`` under our client's load, guarded in a
+    thread: what guard decided and said so far."""
+
+    def __init__(self, prepared: Host, name: str, load: LoadClient) -> None:
+        self.prepared, self.name, self.load = prepared, name, load
+        self.address = prepared.machines.get(name).record.ip
+        self.decisions: list[Decision] = []
+        self.said: list[str] = []
+        self.failed: list[BaseException] = []
+        self.stop = threading.Event()
+
+    def wait(self, what: str, done: Callable[[], bool], timeout: float = 600) -> None:
+        def check() -> bool:
+            assert not self.failed, f"guard failed: {self.failed[0]!r}; it said {self.said[-10:]}"
+            return done()
+        wait_for(check, timeout=timeout, interval=0.2, what=what)
+
+    def decision(self, number: int, what: str) -> Decision:
+        """The ``number``-th decision, once guard is watching again after it."""
+        self.wait(f"no decision on {what}", lambda: len(self.decisions) >= number)
+        self.wait(f"guard did not watch again after {what}",
+                  lambda: self.said[-1] == f"guarding {self.name}")
+        return self.decisions[number - 1]
+
+    def agent(self) -> GuestAgent:
+        return self.prepared.agent(self.prepared.machines.get(self.name))
+
+    def client_went_on(self) -> None:
+        """The client's one connection answered throughout, with every acknowledged
+        write; a stalled one fails with the guest's socket states."""
+        time.sleep(1)
+        try:
+            summary = self.load.stop()
+        except subprocess.TimeoutExpired:
+            pytest.fail("the client's connection stalled; the guest's sockets:\n"
+                        + self.agent().sh("ss -tnie").text)
+        assert summary["errors"] == [] and summary["out_of_order"] == 0, summary
+        assert summary["client_id_start"] == summary["client_id_end"], "the same connection"
+        assert int(redis_cli(self.prepared, self.address, "GET", "transmigrate:counter")) == \
+            summary["last_value"], "every acknowledged write"
+        assert int(redis_cli(self.prepared, self.address, "DBSIZE")) == 10001
+
+
+@contextlib.contextmanager
+def _guarded_redis(prepared: Host, tmp_path: Path, name: str,
+                   policy: Policy) -> Iterator[_Guarded]:
+    """redis on 6.1 (2 CPUs), guarded with ``policy`` and a warm standby; everything
+    stopped and removed afterwards."""
+    config = tmp_path / "transmigrate.toml"
+    config.write_text(REDIS_SERVICE.format(vm=name))
+    service = load_config(config).services_of(name)[0]
+    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512, cpus=2)
+    guarded: _Guarded | None = None
+    guarding: threading.Thread | None = None
+    try:
+        start_service(prepared, service)
+        prepared.agent(prepared.machines.get(name)).sh(
+            "seq 1 10000 | awk '{print \"SET key:\" $1 \" \" $1}' | redis-cli --pipe",
+            what="writing keys")
+        guarded = _Guarded(prepared, name, LoadClient(
+            prepared, prepared.machines.get(name).record.ip))
+        watched = guarded
+
+        def run() -> None:
+            try:
+                guard(prepared, name, [service], policy, on_decision=watched.decisions.append,
+                      progress=watched.said.append, stop=watched.stop)
+            except BaseException as exc:
+                watched.failed.append(exc)
+                raise
+
+        guarding = threading.Thread(target=run, name="guard")
+        guarding.start()
+        guarded.wait("guard did not start", lambda: f"guarding {name}" in watched.said)
+        assert prepared.machines.get(f"{name}-standby").record.kernel.startswith(STANDBY_KERNEL)
+        yield guarded
+        guarded.stop.set()
+        guarding.join(timeout=60)
+        assert not guarding.is_alive()
+    finally:
+        if guarded is not None:
+            guarded.stop.set()
+            if guarding is not None:
+                guarding.join(timeout=600)
+            if guarded.load.process.poll() is None:
+                guarded.load.process.kill()
+                guarded.load.process.wait()
+        for vm in [m.name for m in prepared.machines.all() if m.name.startswith(name)]:
+            lifecycle.down(prepared, vm)
+
+
 def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Path) -> None:
-    """redis as a declared service under a client's load, guarded with a warm standby on
-    6.12. A driver hangs: redis moves live to 6.12, the hung readers stay behind, the
+    """A driver hangs: redis moves live to 6.12, the hung readers stay behind, the
     client's connection goes on. Then the standby dies, and the new kernel panics: redis
     (in the time namespace and with the vdso proxy of its first restore) is rebuilt from
     its memory on a VM booted for it, the connection goes on again, and a new standby
     boots. No acknowledged write is lost."""
     name = "t-guard"
-    config = tmp_path / "transmigrate.toml"
-    config.write_text(REDIS_SERVICE.format(vm=name))
-    service = load_config(config).services_of(name)[0]
-    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512, cpus=2)
-    stop, decisions, said = threading.Event(), list[Decision](), list[str]()
-    failed: list[BaseException] = []
-    guarding: threading.Thread | None = None
-    load = None
-    try:
-        start_service(prepared, service)
-        address = prepared.machines.get(name).record.ip
-        prepared.agent(prepared.machines.get(name)).sh(
-            "seq 1 10000 | awk '{print \"SET key:\" $1 \" \" $1}' | redis-cli --pipe",
-            what="writing keys")
-        load = LoadClient(prepared, address)
-
-        def run() -> None:
-            try:
-                guard(prepared, name, [service], Policy(standby_kernel=STANDBY_KERNEL),
-                      on_decision=decisions.append, progress=said.append, stop=stop)
-            except BaseException as exc:
-                failed.append(exc)
-                raise
-
-        def guard_says(what: str, done: Callable[[], bool], timeout: float = 600) -> None:
-            def check() -> bool:
-                assert not failed, f"guard failed: {failed[0]!r}; it said {said[-10:]}"
-                return done()
-            wait_for(check, timeout=timeout, interval=0.2, what=what)
-
-        guarding = threading.Thread(target=run, name="guard")
-        guarding.start()
-        guard_says("guard did not start", lambda: f"guarding {name}" in said)
-        assert prepared.machines.get(f"{name}-standby").record.kernel.startswith(STANDBY_KERNEL)
-
+    with _guarded_redis(prepared, tmp_path, name, Policy(standby_kernel=STANDBY_KERNEL)) as g:
         hung = inject(fault_target(prepared, name), HungDriver(readers=5))
-        guard_says("no decision on the hang", lambda: len(decisions) == 1)
-        moved = decisions[0]
+        moved = g.decision(1, "the hang")
         assert (moved.fault, moved.action, moved.outcome) == ("hung-driver", "move", "moved"), \
             moved
         assert len(moved.culprits) >= 3 and moved.kernel_after.startswith(STANDBY_KERNEL)
-        agent = prepared.agent(prepared.machines.get(name))
-        assert MODULE_NAME not in agent.sh("cat /proc/modules").text, "the driver stayed"
-        assert not agent.sh(f"ps -o pid= -p {','.join(map(str, moved.culprits))} || true"
-                            ).text.strip(), "the hung readers stayed behind"
+        assert MODULE_NAME not in g.agent().sh("cat /proc/modules").text, "the driver stayed"
+        assert not g.agent().sh(f"ps -o pid= -p {','.join(map(str, moved.culprits))} || true"
+                                ).text.strip(), "the hung readers stayed behind"
         assert hung.details  # the fault was injected for real
-        guard_says("guard did not watch the new VM", lambda: said[-1] == f"guarding {name}")
 
         # An accident first: the warm standby dies. The recovery boots a VM for itself.
         standby = prepared.machines.get(f"{name}-standby")
         assert standby.pid is not None
         os.kill(standby.pid, signal.SIGKILL)
         inject(fault_target(prepared, name), Panic())
-        guard_says("no decision on the panic", lambda: len(decisions) == 2)
-        recovered = decisions[1]
+        recovered = g.decision(2, "the panic")
         assert (recovered.fault, recovered.action, recovered.outcome) == \
             ("panic", "recover", "recovered"), recovered
         assert recovered.detail == "", recovered.detail
-        guard_says("guard did not boot a new standby and watch again",
-                   lambda: said[-1] == f"guarding {name}")
         assert prepared.machines.get(f"{name}-standby").status() == "running"
-        stop.set()
-        guarding.join(timeout=60)
-        assert not guarding.is_alive()
-
-        time.sleep(1)
-        try:
-            summary, load = load.stop(), None
-        except subprocess.TimeoutExpired:
-            sockets = prepared.agent(prepared.machines.get(name)).sh("ss -tnie").text
-            pytest.fail(f"the client's connection stalled; the guest's sockets:\n{sockets}")
-        assert summary["errors"] == [] and summary["out_of_order"] == 0, summary
-        assert summary["client_id_start"] == summary["client_id_end"], "the same connection"
-        assert int(redis_cli(prepared, address, "GET", "transmigrate:counter")) == \
-            summary["last_value"], "every acknowledged write"
-        assert int(redis_cli(prepared, address, "DBSIZE")) == 10001
+        g.client_went_on()
         names = {m.name: m for m in prepared.machines.all() if m.name.startswith(name)}
         assert set(names) == {name, f"{name}-dead", f"{name}-standby"}, names
         assert names[f"{name}-dead"].status() == "guest-panicked", "kept for diagnosis"
-    finally:
-        stop.set()
-        if guarding is not None:
-            guarding.join(timeout=600)
-        if load is not None:
-            load.process.kill()
-            load.process.wait()
-        for vm in (name, f"{name}-dead", f"{name}-standby", f"{name}-next"):
-            if any(m.name == vm for m in prepared.machines.all()):
-                lifecycle.down(prepared, vm)
+
+
+def test_redis_survives_a_memory_bomb_then_every_cpu_deadlocked(prepared: Host,
+                                                                 tmp_path: Path) -> None:
+    """A memory bomb: redis moves live to 6.12 and the bomb, named as the biggest
+    grower, stays behind. Then every CPU of 6.12 deadlocks. Lockups on one CPU move
+    live by this policy, so guard waits out the grace, sees every CPU locked, and
+    recovers redis from memory onto the warm standby. The client's connection goes on
+    through both, with every acknowledged write."""
+    name = "t-guard-mem"
+    policy = Policy(standby_kernel=STANDBY_KERNEL, actions={**DEFAULT_ACTIONS, "lockup": MOVE},
+                    lockup_grace_seconds=5)
+    with _guarded_redis(prepared, tmp_path, name, policy) as g:
+        bomb = inject(fault_target(prepared, name), MemoryBomb(mib=4, delay_ms=100))
+        moved = g.decision(1, "the memory bomb")
+        assert (moved.fault, moved.action, moved.outcome) == \
+            ("memory-exhaustion", "move", "moved"), moved
+        assert moved.evidence["culprit_comm"] == FORKBOMB_NAME, moved.evidence
+        assert moved.culprits == [moved.evidence["culprit"]] and bomb.session is not None
+        assert moved.kernel_after.startswith(STANDBY_KERNEL)
+        assert FORKBOMB_NAME not in g.agent().sh("ps -eo comm").text, "the bomb stayed"
+
+        inject(fault_target(prepared, name), Deadlock(all_cpus=True))
+        recovered = g.decision(2, "the deadlock")
+        assert (recovered.fault, recovered.action, recovered.outcome) == \
+            ("lockup-all", "recover", "recovered"), recovered
+        g.client_went_on()
+        assert prepared.machines.get(f"{name}-dead").status() == "paused", "kept for diagnosis"
 
 
 def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path) -> None:

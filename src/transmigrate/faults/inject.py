@@ -202,6 +202,15 @@ def inject(target: FaultTarget, spec: FaultSpec, progress: Progress = silent) ->
 
 def _deadlock(target: FaultTarget, spec: Deadlock) -> InjectReport:
     agent, cpus = target.agent, target.cpus
+    if spec.all_cpus:
+        if _status(agent).get("deadlock_cpu", -1) >= 0:
+            raise FaultError(f"vm {target.vm!r} is already deadlocked")
+        triggered = time.monotonic()
+        # The trigger takes the writer's CPU too: fire and forget.
+        agent.spawn(["sh", "-c", f"echo deadlock-all > {CONTROL_FILE}"])
+        return InjectReport(target.vm, spec.name, target.kernel.release, triggered, None,
+                            details={"thread": DEADLOCK_THREAD.format(cpu="*"),
+                                     "note": "every CPU: the whole guest stops"})
     cpu = cpus - 1 if spec.cpu is None else spec.cpu
     if not 0 <= cpu < cpus:
         raise FaultError(f"vm {target.vm!r} has CPUs 0..{cpus - 1}, not {cpu}")

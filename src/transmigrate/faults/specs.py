@@ -16,11 +16,18 @@ __all__ = ["FAULTS", "SPECS", "Deadlock", "FaultSpec", "ForkBomb", "HungDriver",
 class Deadlock:
     """A kthread bound to ``cpu`` (default: the VM's last CPU) takes the module's
     spinlock twice and spins forever with preemption off (and interrupts off with
-    ``irqs_off``). Cannot be cleared; on a 1-CPU VM the whole guest stops."""
+    ``irqs_off``). With ``all_cpus``, a kthread on every other CPU waits for that
+    lock: the whole guest stops. Cannot be cleared; on a 1-CPU VM the whole guest
+    stops too."""
 
     cpu: int | None = None
     irqs_off: bool = False
+    all_cpus: bool = False
     name: ClassVar[str] = "deadlock"
+
+    def __post_init__(self) -> None:
+        if self.all_cpus and (self.cpu is not None or self.irqs_off):
+            raise FaultError("a deadlock on all CPUs takes neither a cpu nor irqs_off")
 
 
 @dataclass(frozen=True)

@@ -448,11 +448,14 @@ def inject_fault(
         name: Annotated[str, typer.Argument(help="VM to break.")],
         fault: Annotated[str, typer.Argument(help=f"One of: {', '.join(faults.FAULTS)}.")],
         cpu: Annotated[int | None, typer.Option(help="deadlock: the CPU to wedge.")] = None,
+        all_cpus: Annotated[bool, typer.Option(
+            "--all-cpus", help="deadlock: wedge every CPU (the guest stops).")] = False,
         readers: Annotated[int, typer.Option(help="hung-driver: readers to block.")] = 16,
         json_: JsonOption = False) -> None:
-    """Inject a real fault: a spinlock deadlock, a hung driver, a fork and memory bomb,
-    a kernel oops or a kernel panic."""
+    """Inject a real fault: a spinlock deadlock, a hung driver, a fork bomb, a memory
+    bomb, a kernel oops or a kernel panic."""
     report = faults.inject_by_name(Host.from_environment(), name, fault, cpu=cpu,
+                                   all_cpus=all_cpus or None,
                                    readers=readers if fault == "hung-driver" else None,
                                    progress=_Progress())
     if json_:
