@@ -617,6 +617,32 @@ def demo(json_: JsonOption = False) -> None:
     out.print(_steps_table(steps, timing))
 
 
+@app.command()
+def serve(listen: Annotated[str, typer.Option(
+              help="HOST:PORT to listen on; off loopback, --token-file is required.")
+          ] = "127.0.0.1:8742",
+          token_file: Annotated[Path | None, typer.Option(
+              help="A file holding the token every request must carry "
+                   "(Authorization: Bearer TOKEN).")] = None,
+          config: ConfigOption = None) -> None:
+    """Run the controller: an HTTP API over the VMs (described at /openapi.json), their
+    operations' history, and Prometheus metrics at /metrics, until SIGINT or SIGTERM.
+    Its log is key=value lines on stderr."""
+    # Here, not at the top: the web stack costs every other command its start-up time.
+    from transmigrate.interfaces.api import serve as serve_api
+
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise TransmigrateError(f"cannot read the token file {token_file}: "
+                                    f"{exc.strerror}") from exc
+        if not token:
+            raise TransmigrateError(f"the token file {token_file} is empty")
+    serve_api(Host.from_environment(), load_config(config), listen, token=token)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,141 @@
+"""The controller's HTTP API (``transmigrate serve``): JSON under ``/api``, described
+by OpenAPI at ``/openapi.json``, and Prometheus metrics at ``/metrics``.
+
+Bound to loopback by default. Anywhere else every request must carry the token
+(``Authorization: Bearer TOKEN``), and the server refuses to start without one:
+the API moves services between kernels.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from transmigrate.config import Config
+from transmigrate.errors import MachineNotFound, TransmigrateError
+from transmigrate.orchestrate.controller import Busy, Controller, VmView
+from transmigrate.orchestrate.history import Operation
+from transmigrate.orchestrate.host import Host
+
+__all__ = ["DEFAULT_LISTEN", "create_app", "parse_listen", "serve"]
+
+DEFAULT_LISTEN = "127.0.0.1:8742"
+
+
+@dataclass
+class UpdateRequest:
+    kernel: str
+    """The kernel to move the VM's declared services to (a release or a prefix)."""
+    copy: Literal["auto", "pre", "post", "stop"] = "auto"
+
+
+@dataclass
+class Started:
+    operation: int
+
+
+def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
+    """The API over ``controller``; with ``token``, every request must carry it."""
+
+    app = FastAPI(title="transmigrate", summary="Keep services running while their kernel "
+                  "is replaced or fails", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def authorized(request: Request,
+                         call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Every path, the schema and the metrics included, when there is a token."""
+        if token is not None:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return JSONResponse({"detail": "a valid token is required "
+                                     "(Authorization: Bearer TOKEN)"}, status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(TransmigrateError)
+    def refused(_: Request, exc: TransmigrateError) -> JSONResponse:
+        status = 404 if isinstance(exc, MachineNotFound) else \
+            409 if isinstance(exc, Busy) else 400
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.get("/api/vms")
+    def vms() -> list[VmView]:
+        """Every VM (standbys shown on the VM they stand by for)."""
+        return controller.vms()
+
+    @app.get("/api/vms/{name}")
+    def vm(name: str) -> VmView:
+        return controller.vm(name)
+
+    @app.post("/api/vms/{name}/update", status_code=202)
+    def update(name: str, request: UpdateRequest) -> Started:
+        """Move the VM's declared services live to another kernel, in the background;
+        follow it at ``/api/operations/{operation}``. 409 while the VM has an
+        operation running."""
+        return Started(operation=controller.start_update(name, request.kernel,
+                                                         copy=request.copy))
+
+    @app.get("/api/operations")
+    def operations(vm: str | None = None) -> list[Operation]:
+        """The newest operations first (updates; with their reports once done)."""
+        return controller.operations(vm)
+
+    @app.get("/api/operations/{operation}")
+    def operation(operation: int) -> Operation:
+        found = controller.operation(operation)
+        if found is None:
+            raise HTTPException(404, f"no operation {operation}")
+        return found
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(controller.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets)."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TransmigrateError(f"--listen takes HOST:PORT, not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _log(line: str) -> None:
+    print(f"time={time.time():.3f} {line}", file=sys.stderr, flush=True)
+
+
+def serve(host: Host, config: Config, listen: str = DEFAULT_LISTEN, *,
+          token: str | None = None) -> None:
+    """Run the controller until SIGINT or SIGTERM."""
+    address, port = parse_listen(listen)
+    if not _loopback(address) and not token:
+        raise TransmigrateError(f"refusing to listen on {address} without a token: give "
+                                "--token-file (loopback needs none)")
+    controller = Controller(host, config, log=_log)
+    try:
+        _log(f"listen={address}:{port} vms={len(controller.vms())}")
+        uvicorn.run(create_app(controller, token=token), host=address, port=port,
+                    log_level="warning")
+    finally:
+        controller.wait()
+        controller.close()

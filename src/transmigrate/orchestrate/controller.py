@@ -1,0 +1,187 @@
+"""The long-running controller behind ``transmigrate serve``: it runs operations on the
+VMs in the background, one at a time per VM, keeps their history and counts them
+for Prometheus.
+
+The VMs themselves are the host's state directory (``Host.machines``), as for every
+one-shot command, so a controller killed and started again finds them; what it
+adds on disk is the history (``<state>/history.sqlite``). At start it marks the
+operations a dead controller left running as interrupted, and finishes or undoes
+an update of each VM that was cut short, as the next CLI command would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from transmigrate.config import Config, Service
+from transmigrate.errors import MachineNotFound, TransmigrateError
+from transmigrate.orchestrate import update as update_job
+from transmigrate.orchestrate.history import History, Operation
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.recover import STANDBY_SUFFIX
+
+__all__ = ["Busy", "Controller", "VmView"]
+
+_STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+
+
+class Busy(TransmigrateError):
+    """The VM already has an operation running."""
+
+
+@dataclass(frozen=True)
+class VmView:
+    """A VM as the controller shows it."""
+
+    name: str
+    kernel: str
+    status: str
+    address: str
+    services: list[str]
+    standby: str | None
+    """Its warm standby's name, if one is booted."""
+    operation: int | None
+    """The operation running on it, if any."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Controller:
+    """Operations on ``host``'s VMs, for the services declared in ``config``."""
+
+    def __init__(self, host: Host, config: Config,
+                 log: Callable[[str], None] = lambda _: None) -> None:
+        self.host, self.config, self.log = host, config, log
+        self.history = History(host.state / "history.sqlite")
+        self.registry = CollectorRegistry()
+        self._operations = Counter(
+            "transmigrate_operations", "Operations that ended, by kind and outcome.",
+            ["kind", "outcome"], registry=self.registry)
+        self._step_seconds = Histogram(
+            "transmigrate_update_step_seconds", "Seconds per step of a live update.",
+            ["step"], buckets=_STEP_BUCKETS, registry=self.registry)
+        self._downtime = Histogram(
+            "transmigrate_downtime_seconds",
+            "How long the services were frozen or gone, per operation.",
+            ["kind"], buckets=_STEP_BUCKETS, registry=self.registry)
+        self.registry.register(_VmStates(self))
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}
+        self._threads: list[threading.Thread] = []
+        for op in self.history.close_interrupted():
+            self.log(f"operation={op.id} kind={op.kind} vm={op.vm} outcome=interrupted")
+        for machine in self.host.machines.all():
+            if machine.name.endswith(("-next", STANDBY_SUFFIX)) or "-dead" in machine.name:
+                continue
+            try:
+                done = update_job.recover_interrupted(self.host, machine.name, self.log)
+            except TransmigrateError as exc:
+                self.log(f"vm={machine.name} error={exc!r}")
+                continue
+            if done:
+                self.log(f"vm={machine.name} interrupted-update={done!r}")
+
+    def vms(self) -> list[VmView]:
+        machines = {m.name: m for m in self.host.machines.all()}
+        with self._lock:
+            running = dict(self._running)
+        return [VmView(name, machine.record.kernel, machine.status(), machine.record.ip,
+                       [s.name for s in self.config.services_of(name)],
+                       f"{name}{STANDBY_SUFFIX}" if f"{name}{STANDBY_SUFFIX}" in machines
+                       else None, running.get(name))
+                for name, machine in sorted(machines.items())
+                if not name.endswith(STANDBY_SUFFIX)]
+
+    def vm(self, name: str) -> VmView:
+        for view in self.vms():
+            if view.name == name:
+                return view
+        raise MachineNotFound(f"no VM named {name!r}")
+
+    def start_update(self, name: str, kernel: str, *, copy: str = "auto") -> int:
+        """Start moving ``name``'s declared services to ``kernel``; the operation's id.
+        Refused at once for an unknown VM or kernel, a VM with nothing declared, or one
+        with an operation running."""
+        self.vm(name)
+        release = self.host.catalog.resolve(kernel)
+        declared = self.config.services_of(name)
+        if not declared:
+            raise TransmigrateError(f"nothing declared to move in {name}: declare its "
+                                    "services in the configuration")
+        request = {"kernel": release, "copy": copy}
+        with self._lock:
+            if name in self._running:
+                raise Busy(f"{name} has operation {self._running[name]} running")
+            operation = self.history.start("update", name, request)
+            self._running[name] = operation
+        thread = threading.Thread(target=self._update, name=f"update-{name}",
+                                  args=(operation, name, release, copy, declared), daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return operation
+
+    def operations(self, vm: str | None = None) -> list[Operation]:
+        return self.history.recent(vm=vm)
+
+    def operation(self, operation: int) -> Operation | None:
+        return self.history.get(operation)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the operations under way (tests, and a clean shutdown)."""
+        for thread in list(self._threads):
+            thread.join(timeout)
+
+    def close(self) -> None:
+        self.history.close()
+
+    def _update(self, operation: int, name: str, kernel: str, copy: str,
+                declared: Sequence[Service]) -> None:
+        start = time.monotonic()
+        self.log(f"operation={operation} kind=update vm={name} kernel={kernel} started")
+        try:
+            roots = update_job.find_services(self.host, name, declared=declared)
+            report = update_job.update(self.host, name, kernel, pids=roots, copy=copy,
+                                       progress=lambda line: self.log(
+                                           f"operation={operation} {line}"))
+        except Exception as exc:  # every failure is on record; the thread ends here
+            self.history.finish(operation, "failed", error=str(exc))
+            self._operations.labels("update", "failed").inc()
+            self.log(f"operation={operation} outcome=failed error={exc!r}")
+        else:
+            for step, seconds in report.steps.items():
+                self._step_seconds.labels(step).observe(seconds)
+            self._downtime.labels("update").observe(report.frozen_seconds)
+            self.history.finish(operation, "done", report=report.as_dict(),
+                                downtime_seconds=report.frozen_seconds)
+            self._operations.labels("update", "done").inc()
+            self.log(f"operation={operation} outcome=done frozen={report.frozen_seconds:.3f}s "
+                     f"total={time.monotonic() - start:.1f}s")
+        finally:
+            with self._lock:
+                self._running.pop(name, None)
+
+
+class _VmStates(Collector):
+    """``transmigrate_vms{state}``, read when Prometheus scrapes."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("transmigrate_vms", "VMs by QEMU's run state.",
+                                   labels=["state"])
+        counts: dict[str, int] = {}
+        for view in self.controller.vms():
+            counts[view.status] = counts.get(view.status, 0) + 1
+        for state, count in sorted(counts.items()):
+            family.add_metric([state], count)
+        yield family

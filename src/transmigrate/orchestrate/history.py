@@ -1,0 +1,120 @@
+"""What was done to the VMs, kept: every update, recovery and failover, in SQLite.
+
+One row per operation, written when it starts and again when it ends, so an
+operation whose controller was killed is still on record: the next controller
+marks it ``interrupted`` (:meth:`History.close_interrupted`). The report is the
+operation's own (``UpdateReport.as_dict()`` and the like), kept whole as JSON;
+the columns are what a list of operations shows. SQLite, because operators read
+it for months with the tools they have, and one writer (the controller) at a
+time needs no server.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["History", "Operation"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS operations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    vm TEXT NOT NULL,
+    request TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    outcome TEXT NOT NULL,
+    downtime_seconds REAL,
+    error TEXT NOT NULL DEFAULT '',
+    report TEXT NOT NULL DEFAULT '{}'
+)
+"""
+RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation as the history keeps it (times are the host's wall clock)."""
+
+    id: int
+    kind: str
+    """'update', 'recover' or 'failover'."""
+    vm: str
+    request: dict[str, Any]
+    started_at: float
+    finished_at: float | None
+    outcome: str
+    """'running', 'done', 'failed' or 'interrupted'."""
+    downtime_seconds: float | None
+    """How long the service was frozen or gone, when the operation measured it."""
+    error: str
+    report: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class History:
+    """The operations in ``path`` (created if missing); safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(_SCHEMA)
+
+    def start(self, kind: str, vm: str, request: dict[str, Any]) -> int:
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO operations (kind, vm, request, started_at, outcome) "
+                "VALUES (?, ?, ?, ?, ?)", (kind, vm, json.dumps(request), time.time(), RUNNING))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def finish(self, operation: int, outcome: str, *, report: dict[str, Any] | None = None,
+               downtime_seconds: float | None = None, error: str = "") -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE operations SET finished_at = ?, outcome = ?, downtime_seconds = ?, "
+                "error = ?, report = ? WHERE id = ?",
+                (time.time(), outcome, downtime_seconds, error, json.dumps(report or {}),
+                 operation))
+
+    def close_interrupted(self) -> list[Operation]:
+        """Mark the operations left running by a controller that died; return them."""
+        left = [op for op in self.recent() if op.outcome == RUNNING]
+        for op in left:
+            self.finish(op.id, "interrupted",
+                        error="the controller stopped before the operation ended")
+        return left
+
+    def get(self, operation: int) -> Operation | None:
+        rows = self._select("WHERE id = ?", (operation,))
+        return rows[0] if rows else None
+
+    def recent(self, *, vm: str | None = None, limit: int = 100) -> list[Operation]:
+        """The newest ``limit`` operations first, of ``vm`` or of every VM."""
+        if vm is None:
+            return self._select("ORDER BY id DESC LIMIT ?", (limit,))
+        return self._select("WHERE vm = ? ORDER BY id DESC LIMIT ?", (vm, limit))
+
+    def _select(self, where: str, arguments: tuple[Any, ...]) -> list[Operation]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, kind, vm, request, started_at, finished_at, outcome, "
+                f"downtime_seconds, error, report FROM operations {where}", arguments
+            ).fetchall()
+        return [Operation(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6],
+                          row[7], row[8], json.loads(row[9])) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,172 @@
+"""The controller's HTTP API and metrics, served for real on loopback: first over a
+host with no VM (bad input, the token, the schema), then moving redis in a real guest."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
+from transmigrate.interfaces.api import create_app
+from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.controller import Controller
+from transmigrate.orchestrate.history import History
+from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.services import redis_cli, start_service
+from transmigrate.polling import wait_for
+
+from ..conftest import CLI, REDIS_SERVICE
+
+
+@contextlib.contextmanager
+def _serving(controller: Controller, token: str | None = None) -> Iterator[httpx.Client]:
+    """The API on a free loopback port, and a client of it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(controller, token=token),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="api")
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=20, interval=0.05, what="the API did not start")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def empty_host(host: Host, tmp_path: Path) -> Host:
+    """A host of its own with no VM (the kernels' cache shared)."""
+    return Host(host.cache, tmp_path / "state", tmp_path / "shm", tmp_path / "data",
+                "tm-api-test")
+
+
+def _metrics(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples}
+
+
+def test_unknown_vms_and_operations_and_malformed_requests(empty_host: Host) -> None:
+    controller = Controller(empty_host, load_config(None))
+    with _serving(controller) as api:
+        assert api.get("/api/vms").json() == []
+        missing = api.get("/api/vms/nope")
+        assert missing.status_code == 404 and missing.json() == {"detail": "no VM named 'nope'"}
+        assert api.post("/api/vms/nope/update", json={"kernel": STANDBY_KERNEL}
+                        ).status_code == 404
+        malformed = api.post("/api/vms/nope/update", json={"kernel": "6.12", "copy": "fast"})
+        assert malformed.status_code == 422 and "copy" in malformed.text
+        assert api.get("/api/operations").json() == []
+        assert api.get("/api/operations/7").status_code == 404
+        paths = api.get("/openapi.json").json()["paths"]
+        assert {"/api/vms", "/api/vms/{name}", "/api/vms/{name}/update", "/api/operations",
+                "/api/operations/{operation}"} <= set(paths)
+        assert _metrics(api) == {}, "no VM, no operation"
+        text = api.get("/metrics").text
+        for family in ("transmigrate_operations_total", "transmigrate_update_step_seconds",
+                       "transmigrate_downtime_seconds", "transmigrate_vms"):
+            assert f"# TYPE {family} " in text, family
+
+
+def test_operations_a_dead_controller_left_are_shown_interrupted(empty_host: Host) -> None:
+    dead = History(empty_host.state / "history.sqlite")
+    left = dead.start("update", "web", {"kernel": STANDBY_KERNEL})
+    dead.close()
+    with _serving(Controller(empty_host, load_config(None))) as api:
+        shown = api.get(f"/api/operations/{left}").json()
+        assert (shown["vm"], shown["outcome"]) == ("web", "interrupted"), shown
+
+
+def test_with_a_token_every_request_must_carry_it(empty_host: Host) -> None:
+    with _serving(Controller(empty_host, load_config(None)), token="s3cret") as api:
+        for path in ("/api/vms", "/metrics", "/openapi.json"):
+            assert api.get(path).status_code == 401, path
+            assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert api.get(path, headers={"Authorization": "Bearer s3cret"}
+                           ).status_code == 200, path
+
+
+def test_serve_refuses_to_listen_off_loopback_without_a_token(tmp_path: Path) -> None:
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(CLI), "serve", *args], capture_output=True, text=True,
+                              timeout=60, check=False,
+                              env={**os.environ, "TRANSMIGRATE_STATE": str(tmp_path / "s")})
+
+    refused = serve("--listen", "0.0.0.0:8742")
+    assert refused.returncode == 1
+    assert "refusing to listen on 0.0.0.0 without a token" in refused.stderr
+    (tmp_path / "token").write_text("\n")
+    empty = serve("--listen", "0.0.0.0:8742", "--token-file", str(tmp_path / "token"))
+    assert empty.returncode == 1 and "is empty" in empty.stderr
+    malformed = serve("--listen", "8742")
+    assert malformed.returncode == 1 and "HOST:PORT" in malformed.stderr
+
+
+def test_an_update_through_the_api_moves_redis_and_is_counted(prepared: Host,
+                                                              tmp_path: Path) -> None:
+    """redis with data in a 6.1 guest, moved to 6.12 by POST: a second update of the same
+    VM meanwhile is refused (409) and an unknown kernel too (400); the first completes,
+    the history has it with its downtime, and the metrics moved."""
+    name = "t-api"
+    config_path = tmp_path / "transmigrate.toml"
+    config_path.write_text(REDIS_SERVICE.format(vm=name))
+    config = load_config(config_path)
+    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512)
+    try:
+        start_service(prepared, config.services_of(name)[0])
+        address = prepared.machines.get(name).record.ip
+        wait_for(lambda: redis_cli(prepared, address, "SET", "kept", "yes") == "OK",
+                 timeout=60, interval=0.2, what="redis did not take a write")
+        controller = Controller(prepared, config)
+        with _serving(controller) as api:
+            view = api.get(f"/api/vms/{name}").json()
+            assert view["kernel"].startswith(ACTIVE_KERNEL) and view["services"] == ["kv"]
+            started = api.post(f"/api/vms/{name}/update", json={"kernel": STANDBY_KERNEL})
+            assert started.status_code == 202, started.text
+            operation = started.json()["operation"]
+            again = api.post(f"/api/vms/{name}/update", json={"kernel": STANDBY_KERNEL})
+            assert again.status_code == 409 and f"operation {operation}" in again.text
+            unknown = api.post(f"/api/vms/{name}/update", json={"kernel": "9.9.9"})
+            assert unknown.status_code == 400 and "9.9.9" in unknown.text
+            assert api.get(f"/api/vms/{name}").json()["operation"] == operation
+
+            def ended() -> bool:
+                return bool(api.get(f"/api/operations/{operation}").json()["outcome"]
+                            != "running")
+            wait_for(ended, timeout=600, interval=1, what="the update did not end")
+            done = api.get(f"/api/operations/{operation}").json()
+            assert done["outcome"] == "done", done["error"]
+            assert 0 < done["downtime_seconds"] < done["report"]["total_seconds"]
+            assert done["report"]["kernel_after"].startswith(STANDBY_KERNEL)
+            assert api.get(f"/api/vms/{name}").json()["kernel"].startswith(STANDBY_KERNEL)
+            newest = api.get("/api/operations", params={"vm": name}).json()[0]
+            assert newest["id"] == operation
+            metrics = _metrics(api)
+            assert metrics[("transmigrate_operations_total",
+                            (("kind", "update"), ("outcome", "done")))] == 1
+            assert metrics[("transmigrate_downtime_seconds_count", (("kind", "update"),))] == 1
+            assert metrics[("transmigrate_downtime_seconds_sum", (("kind", "update"),))] == \
+                pytest.approx(done["downtime_seconds"])
+            steps = {labels for sample, labels in metrics
+                     if sample == "transmigrate_update_step_seconds_count"}
+            assert len(steps) >= 3, steps
+        controller.close()
+        assert redis_cli(prepared, address, "GET", "kept") == "yes"
+    finally:
+        lifecycle.down(prepared, name)
