@@ -9,7 +9,8 @@ setup:
 demo: setup
 	.venv/bin/transmigrate demo
 
-test: setup
+test:
+	@scripts/setup --tests
 	.venv/bin/pytest
 
 lint: setup

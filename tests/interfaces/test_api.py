@@ -1,5 +1,6 @@
-"""The controller's HTTP API and metrics, served for real on loopback: first over a
-host with no VM (bad input, the token, the schema), then moving redis in a real guest."""
+"""The controller's HTTP API, metrics and dashboard, served for real on loopback: first
+over a host with no VM (bad input, the token, the schema), then moving redis in a
+real guest from the dashboard in a real browser (Debian's chromium, by Playwright)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from playwright.sync_api import Browser, Playwright, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
@@ -25,7 +27,11 @@ from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import redis_cli, start_service
 from transmigrate.polling import wait_for
 
-from ..conftest import CLI, REDIS_SERVICE
+from ..conftest import CLI, REDIS_SERVICE, ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+"""Kept after the run: the dashboard's screenshot."""
 
 
 @contextlib.contextmanager
@@ -118,45 +124,67 @@ def test_serve_refuses_to_listen_off_loopback_without_a_token(tmp_path: Path) ->
     assert malformed.returncode == 1 and "HOST:PORT" in malformed.stderr
 
 
-def test_an_update_through_the_api_moves_redis_and_is_counted(prepared: Host,
-                                                              tmp_path: Path) -> None:
-    """redis with data in a 6.1 guest, moved to 6.12 by POST: a second update of the same
-    VM meanwhile is refused (409) and an unknown kernel too (400); the first completes,
-    the history has it with its downtime, and the metrics moved."""
+def _browser(playwright: Playwright) -> Browser:
+    """Debian's chromium, headless, kept off every network but loopback."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+
+
+def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Host,
+                                                                     tmp_path: Path) -> None:
+    """redis with data in a 6.1 guest, in a real browser: the page shows the VM and its
+    live chart moves; an update to 6.12 started from the page completes and shows on
+    the timeline with its downtime. Meanwhile a second update of the same VM is refused
+    (409) and an unknown kernel too (400). The history and the metrics have it."""
     name = "t-api"
     config_path = tmp_path / "transmigrate.toml"
     config_path.write_text(REDIS_SERVICE.format(vm=name))
     config = load_config(config_path)
     lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512)
+    controller = None
     try:
         start_service(prepared, config.services_of(name)[0])
         address = prepared.machines.get(name).record.ip
         wait_for(lambda: redis_cli(prepared, address, "SET", "kept", "yes") == "OK",
                  timeout=60, interval=0.2, what="redis did not take a write")
         controller = Controller(prepared, config)
-        with _serving(controller) as api:
-            view = api.get(f"/api/vms/{name}").json()
-            assert view["kernel"].startswith(ACTIVE_KERNEL) and view["services"] == ["kv"]
-            started = api.post(f"/api/vms/{name}/update", json={"kernel": STANDBY_KERNEL})
-            assert started.status_code == 202, started.text
-            operation = started.json()["operation"]
+        with _serving(controller) as api, sync_playwright() as playwright:
+            browser = _browser(playwright)
+            page = browser.new_page(viewport={"width": 1300, "height": 1100})
+            page.goto(str(api.base_url))
+            row = page.locator(f'#vms tr[data-vm="{name}"]')
+            expect(row).to_contain_text(ACTIVE_KERNEL, timeout=30_000)
+            expect(row).to_contain_text("running")
+            expect(page.locator("#live-title")).to_have_text(f"Live: {name}")
+            page.wait_for_function("series.t.length >= 3", timeout=60_000)
+            points = page.evaluate("series.t.length")
+            page.wait_for_function(f"series.t.length > {points} + 3", timeout=30_000)
+            assert page.evaluate("series.free.filter(x => x > 0).length") > 0, "memory read"
+
+            row.locator("input.kernel").fill(STANDBY_KERNEL)
+            row.locator("button.update").click()
+            expect(page.locator("#message")).to_contain_text("started: operation #",
+                                                             timeout=30_000)
+            operation = int(page.locator("#message").inner_text().rsplit("#", 1)[1])
             again = api.post(f"/api/vms/{name}/update", json={"kernel": STANDBY_KERNEL})
             assert again.status_code == 409 and f"operation {operation}" in again.text
             unknown = api.post(f"/api/vms/{name}/update", json={"kernel": "9.9.9"})
             assert unknown.status_code == 400 and "9.9.9" in unknown.text
-            assert api.get(f"/api/vms/{name}").json()["operation"] == operation
 
-            def ended() -> bool:
-                return bool(api.get(f"/api/operations/{operation}").json()["outcome"]
-                            != "running")
-            wait_for(ended, timeout=600, interval=1, what="the update did not end")
+            done_row = page.locator(f'#operations tr[data-operation="{operation}"]')
+            expect(done_row).to_have_attribute("data-outcome", "done", timeout=600_000)
+            expect(done_row.locator(".downtime")).to_contain_text(" s")
+            expect(row).to_contain_text(STANDBY_KERNEL, timeout=30_000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=ARTIFACTS / "dashboard.png", full_page=True)
+            browser.close()
+
             done = api.get(f"/api/operations/{operation}").json()
             assert done["outcome"] == "done", done["error"]
             assert 0 < done["downtime_seconds"] < done["report"]["total_seconds"]
             assert done["report"]["kernel_after"].startswith(STANDBY_KERNEL)
-            assert api.get(f"/api/vms/{name}").json()["kernel"].startswith(STANDBY_KERNEL)
-            newest = api.get("/api/operations", params={"vm": name}).json()[0]
-            assert newest["id"] == operation
+            assert api.get(f"/api/vms/{name}").json()["operation"] is None
             metrics = _metrics(api)
             assert metrics[("transmigrate_operations_total",
                             (("kind", "update"), ("outcome", "done")))] == 1
@@ -166,7 +194,8 @@ def test_an_update_through_the_api_moves_redis_and_is_counted(prepared: Host,
             steps = {labels for sample, labels in metrics
                      if sample == "transmigrate_update_step_seconds_count"}
             assert len(steps) >= 3, steps
-        controller.close()
         assert redis_cli(prepared, address, "GET", "kept") == "yes"
     finally:
+        if controller is not None:
+            controller.close()
         lifecycle.down(prepared, name)

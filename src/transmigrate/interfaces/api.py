@@ -1,5 +1,6 @@
 """The controller's HTTP API (``transmigrate serve``): JSON under ``/api``, described
-by OpenAPI at ``/openapi.json``, and Prometheus metrics at ``/metrics``.
+by OpenAPI at ``/openapi.json``, Prometheus metrics at ``/metrics``, and the
+dashboard at ``/`` (``dashboard/``: plain JavaScript over this API, uPlot for charts).
 
 Bound to loopback by default. Anywhere else every request must carry the token
 (``Authorization: Bearer TOKEN``), and the server refuses to start without one:
@@ -8,28 +9,34 @@ the API moves services between kernels.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from transmigrate.config import Config
 from transmigrate.errors import MachineNotFound, TransmigrateError
-from transmigrate.orchestrate.controller import Busy, Controller, VmView
+from transmigrate.orchestrate.controller import LIVE_INTERVAL_S, Busy, Controller, VmView
 from transmigrate.orchestrate.history import Operation
 from transmigrate.orchestrate.host import Host
 
 __all__ = ["DEFAULT_LISTEN", "create_app", "parse_listen", "serve"]
 
 DEFAULT_LISTEN = "127.0.0.1:8742"
+DASHBOARD = Path(__file__).parent / "dashboard"
+UPLOT = Path(sys.prefix) / "share" / "transmigrate" / "uplot"
+"""The charting library, fetched from the npm registry by scripts/setup."""
 
 
 @dataclass
@@ -53,8 +60,9 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
     @app.middleware("http")
     async def authorized(request: Request,
                          call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """Every path, the schema and the metrics included, when there is a token."""
-        if token is not None:
+        """Every path but the page itself (which holds no data and asks for the token),
+        the schema and the metrics included, when there is a token."""
+        if token is not None and not _page(request.url.path):
             given = request.headers.get("authorization", "").removeprefix("Bearer ")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return JSONResponse({"detail": "a valid token is required "
@@ -84,6 +92,30 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
         return Started(operation=controller.start_update(name, request.kernel,
                                                          copy=request.copy))
 
+    @app.get("/api/vms/{name}/live")
+    async def live(name: str) -> dict[str, Any]:
+        """What the monitor reads in the VM now (tasks by state, memory, forks, CPUs)
+        and the faults it saw; the first call attaches the monitor."""
+        return await asyncio.to_thread(controller.live, name)
+
+    @app.get("/api/vms/{name}/live/stream", response_class=StreamingResponse)
+    async def live_stream(name: str) -> StreamingResponse:
+        """The same as server-sent events, LIVE_INTERVAL_S apart, until the client goes."""
+        first = await asyncio.to_thread(controller.live, name)  # errors as JSON, here
+
+        async def events() -> AsyncIterator[str]:
+            reading = first
+            while True:
+                yield f"data: {json.dumps(reading)}\n\n"
+                await asyncio.sleep(LIVE_INTERVAL_S)
+                try:
+                    reading = await asyncio.to_thread(controller.live, name)
+                except TransmigrateError as exc:
+                    yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n"
+                    return
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     @app.get("/api/operations")
     def operations(vm: str | None = None) -> list[Operation]:
         """The newest operations first (updates; with their reports once done)."""
@@ -96,11 +128,29 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
             raise HTTPException(404, f"no operation {operation}")
         return found
 
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(DASHBOARD / "index.html")
+
+    @app.get("/static/dashboard.js", include_in_schema=False)
+    def dashboard_script() -> FileResponse:
+        return FileResponse(DASHBOARD / "dashboard.js", media_type="text/javascript")
+
+    @app.get("/static/uplot/{name}", include_in_schema=False)
+    def uplot(name: str) -> FileResponse:
+        if name not in ("uPlot.iife.min.js", "uPlot.min.css") or not (UPLOT / name).exists():
+            raise HTTPException(404, f"no {name} (scripts/setup fetches uPlot into {UPLOT})")
+        return FileResponse(UPLOT / name)
+
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
         return Response(generate_latest(controller.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _page(path: str) -> bool:
+    return path == "/" or path.startswith("/static/")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

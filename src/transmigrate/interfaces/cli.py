@@ -35,6 +35,7 @@ from transmigrate.orchestrate.monitor import (
     MonitorConfig,
     MonitorStats,
     parse_interval,
+    readings,
     with_settings,
 )
 from transmigrate.vm.image import ImageSpec
@@ -403,25 +404,19 @@ def _live_view(watcher: Monitor, duration: float | None) -> MonitorStats:
         table = Table(title=watcher.readers.label, expand=True)
         table.add_column("what")
         table.add_column("now")
-        if latest:
-            sample = Sample(0, **latest)
-            if sample.tasks:
-                states: dict[str, int] = {}
-                for task in sample.tasks.tasks:
-                    states[task.state] = states.get(task.state, 0) + 1
-                table.add_row("tasks by state", "  ".join(f"{k}:{v}" for k, v in
-                                                          sorted(states.items())))
-            if sample.memory:
-                table.add_row("memory", f"{sample.memory.free >> 20} MiB free of "
-                                        f"{sample.memory.total >> 20} MiB")
-            if sample.counters:
-                table.add_row("processes / threads / forks",
-                              f"{sample.counters.processes} / {sample.counters.threads} / "
-                              f"{sample.counters.total_forks}")
-            for cpu in sample.cpus.cpus if sample.cpus else ():
-                table.add_row(f"cpu {cpu.cpu}", f"{'idle' if cpu.idle else cpu.current_comm} "
-                                                f"switches {cpu.context_switches} "
-                                                f"preempt {cpu.preempt_count}")
+        shown = readings(latest)
+        if "tasks" in shown:
+            table.add_row("tasks by state", "  ".join(f"{k}:{v}" for k, v in
+                                                      shown["tasks"].items()))
+        if "memory_free_mib" in shown:
+            table.add_row("memory", f"{shown['memory_free_mib']} MiB free of "
+                                    f"{shown['memory_total_mib']} MiB")
+        if "processes" in shown:
+            table.add_row("processes / threads / forks",
+                          f"{shown['processes']} / {shown['threads']} / {shown['forks']}")
+        for cpu in shown.get("cpus", ()):
+            table.add_row(f"cpu {cpu['cpu']}", f"{cpu['running']} switches {cpu['switches']} "
+                                               f"preempt {cpu['preempt']}")
         for lock in watcher.lock_states():
             holder = f" by {lock.holder_pid} {lock.holder_comm}" if lock.holder_pid else ""
             table.add_row(f"lock {lock.name}", ("held" + holder if lock.held else "free")

@@ -2,6 +2,7 @@
 VMs in the background, one at a time per VM, keeps their history and counts them
 for Prometheus.
 
+It also watches a VM live, on demand (:meth:`Controller.live`), with the monitor.
 The VMs themselves are the host's state directory (``Host.machines``), as for every
 one-shot command, so a controller killed and started again finds them; what it
 adds on disk is the history (``<state>/history.sqlite``). At start it marks the
@@ -11,6 +12,7 @@ an update of each VM that was cut short, as the next CLI command would.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,15 +24,19 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from transmigrate.config import Config, Service
+from transmigrate.detect.events import READERS
 from transmigrate.errors import MachineNotFound, TransmigrateError
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.history import History, Operation
 from transmigrate.orchestrate.host import Host
+from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, Watch, readings
 from transmigrate.orchestrate.recover import STANDBY_SUFFIX
 
 __all__ = ["Busy", "Controller", "VmView"]
 
 _STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+LIVE_INTERVAL_S = 0.25
+"""How often the live view's monitor samples: several updates a second, at little cost."""
 
 
 class Busy(TransmigrateError):
@@ -77,6 +83,7 @@ class Controller:
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
+        self._watches: dict[str, Watch] = {}
         for op in self.history.close_interrupted():
             self.log(f"operation={op.id} kind={op.kind} vm={op.vm} outcome=interrupted")
         for machine in self.host.machines.all():
@@ -129,6 +136,29 @@ class Controller:
         thread.start()
         return operation
 
+    def live(self, name: str) -> dict[str, Any]:
+        """What the monitor reads in VM ``name`` now, and the faults it saw: a monitor is
+        attached on the first asking (:data:`LIVE_INTERVAL_S`), and again once the VM it
+        watched is gone (an update replaces the VM)."""
+        self.vm(name)
+        with self._lock:
+            watch = self._watches.get(name)
+        if watch is None or not watch.running:
+            if watch is not None:
+                with contextlib.suppress(TransmigrateError):
+                    watch.stop()
+            watch = Monitor.attach(self.host, name, MonitorConfig(
+                interval_s=LIVE_INTERVAL_S)).start()
+            with self._lock:
+                self._watches[name] = watch
+        sample = watch.latest
+        latest = {} if sample is None else {
+            reader: getattr(sample, reader) for reader in READERS
+            if getattr(sample, reader) is not None}
+        return {"vm": name, "at": time.time(), "readings": readings(latest),
+                "events": [{"kind": e.kind, "summary": e.summary, "evidence": e.evidence}
+                           for e in watch.events[-20:]]}
+
     def operations(self, vm: str | None = None) -> list[Operation]:
         return self.history.recent(vm=vm)
 
@@ -141,6 +171,11 @@ class Controller:
             thread.join(timeout)
 
     def close(self) -> None:
+        with self._lock:
+            watches, self._watches = list(self._watches.values()), {}
+        for watch in watches:
+            with contextlib.suppress(TransmigrateError):
+                watch.stop()
         self.history.close()
 
     def _update(self, operation: int, name: str, kernel: str, copy: str,

@@ -56,7 +56,7 @@ from transmigrate.vm.vcpus import VcpuClock
 
 __all__ = ["DETECTORS", "LOCKUP_MIN_MS", "LOCKUP_SPIN_MS", "GuestReaders", "Monitor",
            "MonitorConfig", "MonitorStats", "Watch", "guest_readers", "parse_interval",
-           "with_settings"]
+           "readings", "with_settings"]
 
 _DETECTOR_CLASSES: dict[str, type[Detector]] = {
     "lockup": LockupDetector, "fork-storm": ForkStormDetector,
@@ -459,6 +459,32 @@ class Monitor:
         return seen.most_common(1)[0][0] if seen else None
 
 
+def readings(latest: Mapping[str, Any]) -> dict[str, Any]:
+    """What a person watches, from the newest reading of each reader (by name, as in
+    :class:`Sample`): tasks by state, memory in MiB, processes, threads and forks so
+    far, and per CPU what runs there, its context switches and preemption count."""
+    shown: dict[str, Any] = {}
+    tasks = latest.get("tasks")
+    if tasks is not None:
+        states: dict[str, int] = {}
+        for task in tasks.tasks:
+            states[task.state] = states.get(task.state, 0) + 1
+        shown["tasks"] = dict(sorted(states.items()))
+    memory = latest.get("memory")
+    if memory is not None:
+        shown["memory_free_mib"], shown["memory_total_mib"] = memory.free >> 20, memory.total >> 20
+    counters = latest.get("counters")
+    if counters is not None:
+        shown.update(processes=counters.processes, threads=counters.threads,
+                     forks=counters.total_forks)
+    cpus = latest.get("cpus")
+    if cpus is not None:
+        shown["cpus"] = [{"cpu": cpu.cpu, "running": "idle" if cpu.idle else cpu.current_comm,
+                          "switches": cpu.context_switches, "preempt": cpu.preempt_count}
+                         for cpu in cpus.cpus]
+    return shown
+
+
 class Watch:
     """A monitor running in a background thread: the events so far, when each kind first
     arrived, and the latest sample. Stop it (or leave its ``with`` block) to get the
@@ -494,6 +520,11 @@ class Watch:
                                              stop=self._stopping.is_set)
         except BaseException as exc:  # handed to whoever stops the watch
             self._outcome = exc
+
+    @property
+    def running(self) -> bool:
+        """Whether it still samples (it ends by itself when the VM does)."""
+        return self._thread.is_alive()
 
     def wait(self, kind: str, timeout: float) -> Event | None:
         """The first event of ``kind``, waiting up to ``timeout`` seconds; None if none."""
