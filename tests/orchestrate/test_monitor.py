@@ -35,11 +35,13 @@ from transmigrate.orchestrate.monitor import (
     Monitor,
     MonitorConfig,
     parse_interval,
+    readings,
     with_settings,
 )
 from transmigrate.orchestrate.soak import SOAK_IMAGE, soak
 
 from ..conftest import CLI, cli
+from ..detect.samples import counters, cpu, cpus, memory, task, tasks
 
 KERNELS = [ACTIVE_KERNEL, STANDBY_KERNEL]
 
@@ -190,6 +192,20 @@ def test_settings_name_intervals_and_thresholds() -> None:
                          ("lockup=20s", "outside"), ("lockup", "NAME=VALUE")):
         with pytest.raises(TransmigrateError, match=message):
             with_settings(MonitorConfig(), [bad])
+
+
+def test_readings_are_what_a_person_watches() -> None:
+    shown = readings({
+        "tasks": tasks(1, task(1, "S"), task(2, "R"), task(3, "D"), task(4, "D")).tasks,
+        "memory": memory(1, free_mib=300, total_mib=512).memory,
+        "counters": counters(1, forks=900, processes=4).counters,
+        "cpus": cpus(1, cpu(0, 10, pid=2, comm="redis-server"), cpu(1, 5, idle=True)).cpus})
+    assert shown == {
+        "tasks": {"D": 2, "R": 1, "S": 1}, "memory_free_mib": 300, "memory_total_mib": 512,
+        "processes": 4, "threads": 4, "forks": 900,
+        "cpus": [{"cpu": 0, "running": "redis-server", "switches": 10, "preempt": 0},
+                 {"cpu": 1, "running": "idle", "switches": 5, "preempt": 0}]}
+    assert readings({}) == {}
 
 
 def test_bad_monitor_input(prepared: Host) -> None:
