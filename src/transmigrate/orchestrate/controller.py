@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -56,9 +56,6 @@ class VmView:
     """Its warm standby's name, if one is booted."""
     operation: int | None
     """The operation running on it, if any."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Controller:
