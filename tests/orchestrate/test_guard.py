@@ -227,7 +227,10 @@ def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Pat
     its memory on a VM booted for it, the connection goes on again, and a new standby
     boots. No acknowledged write is lost."""
     name = "t-guard"
-    with _guarded_redis(prepared, tmp_path, name, Policy(standby_kernel=STANDBY_KERNEL)) as g:
+    # Readers blocked 5 s before it counts: the injection's own last agent calls come
+    # first, before the move takes the VM away.
+    policy = Policy(standby_kernel=STANDBY_KERNEL, monitor=("hung_min_blocked_ms=5000",))
+    with _guarded_redis(prepared, tmp_path, name, policy) as g:
         hung = inject(fault_target(prepared, name), HungDriver(readers=5))
         moved = g.decision(1, "the hang")
         assert (moved.fault, moved.action, moved.outcome) == ("hung-driver", "move", "moved"), \

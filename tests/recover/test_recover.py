@@ -418,8 +418,9 @@ def test_redis_under_load_survives_the_death_of_its_kernel(
 
 def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
-    """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init:
-    one line each, a non-zero exit, and the VM runs on as before."""
+    """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init, a
+    process in the middle of a write: one line each, a non-zero exit, and the VM runs on
+    as before."""
     out = str(tmp_path / "images")
     for args, error in [
             (["dump", "no-such-vm", "--pid", "1", "--out", out], "no VM named 'no-such-vm'"),
@@ -440,6 +441,18 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
     assert json.loads(done.stdout)["processes"][0]["verdict"] == "dumped"
     assert prepared.machines.get(old_vm).status() == "running", "a dump lets the VM run on"
     assert (tmp_path / "images" / str(sleeper) / f"core-{sleeper}.img").exists()
+    # A writer blocked on a full pipe has copied part of its write already: doing the
+    # call again would write that part twice.
+    agent = prepared.agent(prepared.machines.get(old_vm))
+    writer = int(agent.sh("setsid -f sh -c 'yes | sleep 600' </dev/null >/dev/null 2>&1; "
+                          "sleep 1; pgrep -nx yes").text)
+    try:
+        done = cli("dump", old_vm, "--pid", str(writer), "--out", out)
+        assert done.returncode == 1
+        assert f"{writer}: refused: it was inside write() when the kernel stopped" in \
+            done.stderr, done.stderr
+    finally:
+        agent.sh(f"kill -KILL -$(ps -o sid= -p {writer})")
 
 
 def _overwrite(host: Host, vm: str, address: int, value: int) -> None:

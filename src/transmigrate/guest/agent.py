@@ -173,12 +173,16 @@ class GuestAgent:
         """The VM's name, for errors."""
 
     @contextlib.contextmanager
-    def _conversation(self, timeout: float) -> Iterator[_Connection]:
-        """A locked, freshly synchronised connection (stale replies are discarded)."""
-        deadline = Deadline(timeout)
+    def _conversation(self, timeout: float, lock_wait: float | None = None
+                      ) -> Iterator[_Connection]:
+        """A locked, freshly synchronised connection (stale replies are discarded).
+        Another client may hold the agent for as long as its command runs (a CRIU dump,
+        say): the lock is waited for up to ``lock_wait`` (default ``timeout``)."""
         with open(self.lock_path, "a") as lock:
-            wait_for(lambda: _try_lock(lock), timeout=timeout, interval=0.02, error=AgentError,
+            wait_for(lambda: _try_lock(lock), timeout=timeout if lock_wait is None else lock_wait,
+                     interval=0.02, error=AgentError,
                      what="the guest agent was not freed by another client")
+            deadline = Deadline(timeout)
             connection = _Connection(self.socket_path, timeout)
             try:
                 token = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
@@ -275,7 +279,7 @@ class GuestAgent:
         arguments = self._exec_arguments(argv, input, env)
         deadline = Deadline(timeout)
         step = min(timeout, 10.0)
-        with self._conversation(step) as connection:
+        with self._conversation(step, lock_wait=timeout) as connection:
             started = self._call(connection, "guest-exec", arguments, time.monotonic() + step)
             pid = _field(started, "pid", int)
             fast = Deadline(_POLL_FAST_FOR)

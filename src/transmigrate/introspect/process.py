@@ -24,7 +24,7 @@ from drgn.helpers.linux.fs import d_path, for_each_file, inode_for_each_page
 from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.mm import PageDirty, PageWriteback, for_each_vma, page_to_phys
 from drgn.helpers.linux.pid import find_task, for_each_task_in_group
-from drgn.helpers.linux.sched import task_cpu, task_on_cpu
+from drgn.helpers.linux.sched import task_cpu, task_on_cpu, task_state_to_char
 
 from transmigrate.errors import IntrospectionError, Unrecoverable
 from transmigrate.introspect.epoll import EpollState, read_epoll
@@ -61,6 +61,11 @@ _VM_SPECIAL = 0x4000 | 0x400 | 0x400000 | 0x10000000  # IO, PFNMAP, HUGETLB, MIX
 _RWSEM_WRITER_LOCKED = 1
 _ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ENOSYS = 512, 513, 514, 38
 _ERESTART_RESTARTBLOCK, _EINTR = 516, 4
+_WRITES = {1: "write", 18: "pwrite64", 20: "writev", 40: "sendfile", 44: "sendto",
+           46: "sendmsg", 275: "splice", 276: "tee", 278: "vmsplice", 296: "pwritev",
+           307: "sendmmsg", 326: "copy_file_range", 328: "pwritev2"}
+_READS = {0: "read", 19: "readv", 45: "recvfrom", 47: "recvmsg", 299: "recvmmsg"}
+"""x86-64 system calls that move data, by number (their side effects cannot be undone)."""
 _SIGKILL, _SIGSTOP = 9, 19
 _XFEATURE_PKRU = 9
 _XFEATURE_X87, _XFEATURE_SSE, _XFEATURE_AVX_INDEX = 0x1, 0x2, 2
@@ -407,6 +412,11 @@ class _Reader:
                 and not self.allow_panicking and self._in_syscall(task)):
             raise self.refuse(f"{who} is the task that panicked the kernel (its syscall "
                               "could crash the new one too)")
+        moving = self._moving_data(task)
+        if moving:
+            raise self.refuse(f"{who} was inside {moving}() when the kernel stopped: whether "
+                              "its data went through is unknown, and doing it again could "
+                              "write it twice")
         if self._live_fpu(task) and task_cpu(task) not in self.vcpus:
             raise self.refuse(f"{who} was on vCPU {task_cpu(task)} with its registers "
                               "there, and the vCPU's state was not read")
@@ -451,6 +461,21 @@ class _Reader:
         exception or an NMI that came while it ran user code)."""
         orig_ax = int(self._saved_user_registers(task).orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
         return orig_ax < 1 << 63  # -1 for every other entry
+
+    def _moving_data(self, task: drgn.Object) -> str | None:
+        """The system call, if ``task`` was inside one that moves data and may have moved
+        some of it already: a write of any kind (the kernel copies before it can block),
+        or a read that was running rather than waiting (it may have taken bytes off a
+        queue). Restarting either could write twice or lose bytes."""
+        regs = self._saved_user_registers(task)
+        number = int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
+        if int(regs.ax) & 0xFFFF_FFFF_FFFF_FFFF != (-_ENOSYS) & 0xFFFF_FFFF_FFFF_FFFF:
+            return None  # not in one, or it finished or chose to restart
+        if number in _WRITES:
+            return _WRITES[number]
+        if number in _READS and (task_on_cpu(task) or task_state_to_char(task) == "R"):
+            return _READS[number]
+        return None
 
     def _live_fpu(self, task: drgn.Object) -> bool:
         """Whether ``task`` was on a CPU with its FPU registers loaded there (the kernel
