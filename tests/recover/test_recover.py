@@ -444,15 +444,16 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
     # A writer blocked on a full pipe has copied part of its write already: doing the
     # call again would write that part twice.
     agent = prepared.agent(prepared.machines.get(old_vm))
-    writer = int(agent.sh("setsid -f sh -c 'yes | sleep 600' </dev/null >/dev/null 2>&1; "
-                          "sleep 1; pgrep -nx yes").text)
+    session, writer = map(int, agent.sh(
+        "setsid -f sh -c 'echo $$ > /run/tm-writer.sid; yes | sleep 600' </dev/null "
+        ">/dev/null 2>&1; sleep 1; cat /run/tm-writer.sid; pgrep -nx yes").text.split())
     try:
         done = cli("dump", old_vm, "--pid", str(writer), "--out", out)
         assert done.returncode == 1
         assert f"{writer}: refused: it was inside write() when the kernel stopped" in \
             done.stderr, done.stderr
     finally:
-        agent.sh(f"kill -KILL -$(ps -o sid= -p {writer})")
+        agent.sh(f"kill -KILL -{session}")
 
 
 def _overwrite(host: Host, vm: str, address: int, value: int) -> None:
