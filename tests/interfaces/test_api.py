@@ -5,12 +5,14 @@ real guest from the dashboard in a real browser (Debian's chromium, by Playwrigh
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -78,6 +80,8 @@ def test_unknown_vms_and_operations_and_malformed_requests(empty_host: Host) -> 
                         ).status_code == 404
         malformed = api.post("/api/vms/nope/update", json={"kernel": "6.12", "copy": "fast"})
         assert malformed.status_code == 422 and "copy" in malformed.text
+        assert api.get("/api/vms/nope/live").status_code == 404
+        assert api.get("/api/vms/nope/live/stream").status_code == 404
         assert api.get("/api/operations").json() == []
         assert api.get("/api/operations/7").status_code == 404
         paths = api.get("/openapi.json").json()["paths"]
@@ -161,6 +165,17 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             points = page.evaluate("series.t.length")
             page.wait_for_function(f"series.t.length > {points} + 3", timeout=30_000)
             assert page.evaluate("series.free.filter(x => x > 0).length") > 0, "memory read"
+
+            with api.stream("GET", f"/api/vms/{name}/live/stream") as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                sent: list[dict[str, Any]] = []
+                for line in stream.iter_lines():
+                    if line.startswith("data: "):
+                        sent.append(json.loads(line.removeprefix("data: ")))
+                    if len(sent) == 2:
+                        break
+            assert all(event["readings"]["memory_total_mib"] > 0 for event in sent), sent
+            assert sent[1]["at"] > sent[0]["at"], "a new reading each time"
 
             row.locator("input.kernel").fill(STANDBY_KERNEL)
             row.locator("button.update").click()

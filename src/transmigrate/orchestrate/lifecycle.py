@@ -65,7 +65,7 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
     ``import_disk`` (a raw disk image) is attached read-only, serial ``tm-import``.
     ``accel`` defaults to the host's (:meth:`Host.accelerator`). A kernel that panics
     while booting has nothing on it yet, so it is booted once more (6.12 guests panicked
-    in interrupt context ~2 s into boot in two of some 400 boots on a busy TCG host; the
+    in interrupt context ~2 s into boot twice in several hundred boots on a busy TCG host; the
     console of a failed boot is kept, see :func:`failed_console`). A KVM guest
     that prints nothing is stopped and booted again under TCG, which is then
     the host's answer until it reboots (unless ``TRANSMIGRATE_ACCEL`` forces KVM).
