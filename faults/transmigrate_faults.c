@@ -12,10 +12,10 @@
  *                     else ever runs there again). Cannot be undone.
  *   deadlock-irq CPU  the same with interrupts off as well (spin_lock_irq):
  *                     the CPU's timer interrupts stop too.
- *   deadlock-all      the same deadlock on the first online CPU, and on every
- *                     other one a kthread "tm_deadlock/CPU" that waits for
- *                     tm_fault_lock: every CPU spins with preemption off. The
- *                     writer's own CPU is taken too, so the write may never
+ *   deadlock-all      the same deadlock on a CPU other than the writer's, and
+ *                     on every other one a kthread "tm_deadlock/CPU" that waits
+ *                     for tm_fault_lock: every CPU spins with preemption off.
+ *                     The writer's own CPU is taken too, so the write may never
  *                     return.
  *   wake              release the readers blocked on /dev/tm_hang (the fix
  *                     the buggy driver lacks), so that they can be killed.
