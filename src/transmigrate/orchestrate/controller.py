@@ -31,6 +31,7 @@ from transmigrate.orchestrate.history import History, Operation
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, Watch, readings
 from transmigrate.orchestrate.recover import STANDBY_SUFFIX
+from transmigrate.vm.machine import Machine
 
 __all__ = ["Busy", "Controller", "VmView"]
 
@@ -95,27 +96,34 @@ class Controller:
                 self.log(f"vm={machine.name} interrupted-update={done!r}")
 
     def vms(self) -> list[VmView]:
-        machines = {m.name: m for m in self.host.machines.all()}
-        with self._lock:
-            running = dict(self._running)
-        return [VmView(name, machine.record.kernel, machine.status(), machine.record.ip,
-                       [s.name for s in self.config.services_of(name)],
-                       f"{name}{STANDBY_SUFFIX}" if f"{name}{STANDBY_SUFFIX}" in machines
-                       else None, running.get(name))
-                for name, machine in sorted(machines.items())
-                if not name.endswith(STANDBY_SUFFIX)]
+        machines = self.host.machines.all()
+        names = {m.name for m in machines}
+        return [self._view(m, names) for m in sorted(machines, key=lambda m: m.name)
+                if not m.name.endswith(STANDBY_SUFFIX)]
 
     def vm(self, name: str) -> VmView:
-        for view in self.vms():
-            if view.name == name:
-                return view
-        raise MachineNotFound(f"no VM named {name!r}")
+        """One VM's view (its QEMU asked for its state, no other's)."""
+        return self._view(self._machine(name), {m.name for m in self.host.machines.all()})
+
+    def _machine(self, name: str) -> Machine:
+        """The VM ``name``; a standby is shown with its VM, not on its own."""
+        if name.endswith(STANDBY_SUFFIX):
+            raise MachineNotFound(f"no VM named {name!r}")
+        return self.host.machines.get(name)
+
+    def _view(self, machine: Machine, names: set[str]) -> VmView:
+        standby = f"{machine.name}{STANDBY_SUFFIX}"
+        with self._lock:
+            operation = self._running.get(machine.name)
+        return VmView(machine.name, machine.record.kernel, machine.status(),
+                      machine.record.ip, [s.name for s in self.config.services_of(machine.name)],
+                      standby if standby in names else None, operation)
 
     def start_update(self, name: str, kernel: str, *, copy: str = "auto") -> int:
         """Start moving ``name``'s declared services to ``kernel``; the operation's id.
         Refused at once for an unknown VM or kernel, a VM with nothing declared, or one
         with an operation running."""
-        self.vm(name)
+        self._machine(name)
         release = self.host.catalog.resolve(kernel)
         declared = self.config.services_of(name)
         if not declared:
@@ -137,7 +145,7 @@ class Controller:
         """What the monitor reads in VM ``name`` now, and the faults it saw: a monitor is
         attached on the first asking (:data:`LIVE_INTERVAL_S`), and again once the VM it
         watched is gone (an update replaces the VM)."""
-        self.vm(name)
+        self._machine(name)
         with self._lock:
             watch = self._watches.get(name)
         if watch is None or not watch.running:
