@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from transmigrate.errors import AgentError, GuestCommandFailed
-from transmigrate.guest.agent import MAX_MESSAGE, GuestAgent
+from transmigrate.guest.agent import FILE_PIECE, GUEST_EXEC_MAX_OUTPUT, MAX_MESSAGE, GuestAgent
 from transmigrate.orchestrate.host import Host
 
 
@@ -50,6 +50,27 @@ def test_processes_include_init_and_agent(agent: GuestAgent) -> None:
 def test_large_output_arrives_whole(agent: GuestAgent) -> None:
     result = agent.exec(["head", "-c", "3000000", "/dev/zero"])
     assert len(result.stdout) == 3_000_000
+
+
+def test_output_past_the_agents_limit_is_an_error_not_a_cut(agent: GuestAgent) -> None:
+    with pytest.raises(AgentError, match="limit"):
+        agent.exec(["head", "-c", str(GUEST_EXEC_MAX_OUTPUT + 1), "/dev/zero"])
+
+
+def test_a_file_larger_than_one_message_goes_both_ways(agent: GuestAgent) -> None:
+    """Three pieces and a ragged end, with every byte value, through a real qemu-ga."""
+    data = bytes(range(256)) * ((2 * FILE_PIECE + 12345) // 256)
+    agent.write_file("/tmp/t-agent-file", data)
+    try:
+        assert agent.exec(["wc", "-c", "/tmp/t-agent-file"]).text.split()[0] == str(len(data))
+        assert agent.read_file("/tmp/t-agent-file") == data
+    finally:
+        agent.exec(["rm", "-f", "/tmp/t-agent-file"])
+
+
+def test_a_missing_file_is_a_clear_error(agent: GuestAgent) -> None:
+    with pytest.raises(AgentError, match="guest-file-open"):
+        agent.read_file("/nonexistent/t-agent")
 
 
 class _HostileAgent:

@@ -27,6 +27,14 @@ from transmigrate.polling import Deadline, wait_for
 __all__ = ["ExecResult", "GuestAgent", "GuestProcess"]
 
 MAX_MESSAGE = 64 * 1024 * 1024
+MAX_FILE = 4 * 1024 * 1024 * 1024
+"""Largest file :meth:`GuestAgent.read_file` takes into the host's memory."""
+FILE_PIECE = 8 * 1024 * 1024
+"""Bytes per file read or write: base64 makes a message of ~11 MiB, well within both
+our ``MAX_MESSAGE`` and qemu-ga's 64 MiB limit on one JSON message."""
+GUEST_EXEC_MAX_OUTPUT = 16 * 1024 * 1024
+"""qemu-ga keeps at most this much of a command's stdout (and of its stderr) and
+drops the rest: bulk data must take another way."""
 _DELIMITER = b"\xff"
 _POLL_FAST = 0.002
 _POLL_FAST_FOR = 0.1
@@ -261,6 +269,9 @@ class GuestAgent:
         if not isinstance(code, int):
             signal = status.get("signal")
             code = 128 + signal if isinstance(signal, int) else 255
+        if status.get("out-truncated") or status.get("err-truncated"):
+            raise AgentError(f"the command's output passed the guest agent's limit "
+                             f"({GUEST_EXEC_MAX_OUTPUT >> 20} MiB) and was cut")
         return ExecResult(code, _decode(status.get("out-data")), _decode(status.get("err-data")))
 
     def spawn(self, argv: Sequence[str], *, env: Sequence[str] = (),
@@ -311,6 +322,45 @@ class GuestAgent:
         """Run a shell script, checked as :meth:`run` does."""
         return self.run(["sh", "-c", script], what=what or script.split()[0], input=input,
                         timeout=timeout)
+
+    def read_file(self, path: str, *, timeout: float = 120.0) -> bytes:
+        """The bytes of the guest's file ``path``, of any size (a command's output is cut
+        at :data:`GUEST_EXEC_MAX_OUTPUT`), read in pieces that keep each reply small."""
+        deadline = Deadline(timeout)
+        data = bytearray()
+        with self._conversation(min(timeout, 10.0), lock_wait=timeout) as connection:
+            handle = self._call(connection, "guest-file-open", {"path": path, "mode": "r"},
+                                deadline.at)
+            try:
+                while True:
+                    piece = self._call(connection, "guest-file-read",
+                                       {"handle": handle, "count": FILE_PIECE}, deadline.at)
+                    data += _decode(_field(piece, "buf-b64", str))
+                    if len(data) > MAX_FILE:
+                        raise AgentError(f"{path} in {self.name} is larger than "
+                                         f"{MAX_FILE >> 20} MiB")
+                    if _field(piece, "eof", bool):
+                        return bytes(data)
+            finally:
+                self._call(connection, "guest-file-close", {"handle": handle}, deadline.at)
+
+    def write_file(self, path: str, data: bytes, *, timeout: float = 120.0) -> None:
+        """Write ``data`` to the guest's file ``path`` (created or emptied first), in
+        pieces that keep each message well under the agent's limit."""
+        deadline = Deadline(timeout)
+        with self._conversation(min(timeout, 10.0), lock_wait=timeout) as connection:
+            handle = self._call(connection, "guest-file-open", {"path": path, "mode": "w"},
+                                deadline.at)
+            try:
+                for start in range(0, len(data), FILE_PIECE):
+                    piece = data[start:start + FILE_PIECE]
+                    written = self._call(connection, "guest-file-write", {
+                        "handle": handle, "buf-b64": base64.b64encode(piece).decode()},
+                        deadline.at)
+                    if _field(written, "count", int) != len(piece):
+                        raise AgentError(f"the guest agent wrote part of {path} in {self.name}")
+            finally:
+                self._call(connection, "guest-file-close", {"handle": handle}, deadline.at)
 
     def processes(self) -> list[GuestProcess]:
         """The guest's processes, as its ``ps`` sees them."""

@@ -44,6 +44,10 @@ from transmigrate.vm.volume import DATA_MOUNT
 
 __all__ = ["migration_steps"]
 
+HANDOVER_ARCHIVE = f"{IMAGES_ROOT}/handover.tar"
+"""On both sides: the images and carried files, as one tar stream (outside any tree's
+directory, so that it never packs itself)."""
+
 COMMIT_WAIT = 10.0
 HOLD_MARGIN = 10.0
 """Seconds of hold that must be left for the commit to say "go" in time."""
@@ -201,7 +205,7 @@ class HandOver:
     different or being written), now that nothing changes them. On the way, the
     connections' timestamps are kept in milliseconds (``millisecond_timestamp``).
 
-    One command on each side keeps it short. The source's freeze flushes the
+    A few agent calls on each side keep it short. The source's freeze flushes the
     volume; pages already went by the page server. The target mounts the
     volume only when it restores, and writes to an overlay until it has taken
     over, so no failure leaves the volume written by both.
@@ -218,16 +222,22 @@ class HandOver:
         # Two archives in one stream: the images' excludes must not touch carried files.
         carried = " ".join(shlex.quote(path.lstrip("/")) for path in plan.report.carried)
         carry = f" && tar -C / -c {carried}" if carried else ""
-        archive = plan.source.agent.sh(
+        plan.source.agent.sh(
             f"if mountpoint -q {DATA_MOUNT}; then {GUEST_TOOLS}/tm-data freeze || exit 1; fi; "
-            f"tar -C / -c {pages}--exclude='*.log' --exclude=parent {directories}{carry}",
-            what="freezing data and packing images").stdout
-        plan.target.agent.run(["tar", "-C", "/", "-x", "--ignore-zeros"],
-                              input=with_millisecond_timestamps(archive), what="unpacking images")
+            f"{{ tar -C / -c {pages}--exclude='*.log' --exclude=parent {directories}{carry}; }}"
+            f" > {HANDOVER_ARCHIVE}", what="freezing data and packing images")
+        # By file, not a command's output: qemu-ga cuts that at 16 MiB, and post-copy's
+        # local pages can be far more (all of them, when CRIU takes a thread's stack
+        # pointer on a page boundary as a stack page: its is_stack() test).
+        archive = plan.source.agent.read_file(HANDOVER_ARCHIVE)
+        plan.target.agent.write_file(HANDOVER_ARCHIVE, with_millisecond_timestamps(archive))
+        plan.target.agent.sh(f"tar -C / -x --ignore-zeros -f {HANDOVER_ARCHIVE} && "
+                             f"rm {HANDOVER_ARCHIVE}", what="unpacking images")
 
     def undo(self, plan: Plan) -> None:
         """Thaw the source's volume (Restore's undo has made sure the target let go)."""
-        plan.source.agent.run([f"{GUEST_TOOLS}/tm-data", "thaw"], what="thawing the data volume")
+        plan.source.agent.sh(f"rm -f {HANDOVER_ARCHIVE}; {GUEST_TOOLS}/tm-data thaw",
+                             what="thawing the data volume")
 
 
 class DetachSource:
