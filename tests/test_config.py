@@ -59,3 +59,25 @@ def test_bad_declarations_name_the_key(tmp_path: Path, body: str, message: str) 
 def test_a_service_declared_twice(tmp_path: Path) -> None:
     with pytest.raises(TransmigrateError, match="service redis-server is declared twice"):
         _load(tmp_path, '[services]\na = ["redis-server"]\nb = ["redis-server"]\n')
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("[vms]\nweb = 1", "unknown key vms; known: guard, image, services, vm"),
+    ("[vm]\nmemory = 512", "unknown key vm.memory; known: cpus, memory_mib"),
+    ("[vm]\ncpus = 0", "vm.cpus must be a positive whole number"),
+    ("[image]\npackage = []", "unknown key image.package"),
+    ("guard = 1", "guard must be a table"),
+    ("[guard]\nweb = 1", "guard.web must be a table"),
+])
+def test_bad_tables_name_the_key(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "transmigrate.toml"
+    path.write_text(body + "\n")
+    with pytest.raises(TransmigrateError, match=message):
+        load_config(path)
+
+
+def test_a_guard_table_is_kept_for_the_controller(tmp_path: Path) -> None:
+    path = tmp_path / "transmigrate.toml"
+    path.write_text('[guard.web]\nstandby_kernel = "6.12"\n[guard.web.actions]\nlockup = "move"\n')
+    assert load_config(path).guards == {"web": {"standby_kernel": "6.12",
+                                                "actions": {"lockup": "move"}}}

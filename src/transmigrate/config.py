@@ -22,12 +22,16 @@ Every key is optional::
 
     [services]
     web = ["redis-server"]      # the short form: processes that `update web` moves
+
+    [guard.web]                 # `transmigrate serve` guards VM web with this policy
+    standby_kernel = "6.12"     # (the keys of `guard --policy`)
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -79,6 +83,9 @@ class Config:
     memory_mib: int = 1024
     cpus: int = 1
     services: tuple[Service, ...] = ()
+    guards: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """VM name -> its guard policy, as ``guard --policy`` reads it (checked by the
+    controller, which runs a guard for each)."""
     source: Path | None = field(default=None, compare=False)
 
     def services_of(self, vm: str) -> tuple[Service, ...]:
@@ -158,17 +165,50 @@ def load_config(path: Path | None = None) -> Config:
         raise TransmigrateError(f"cannot read config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise TransmigrateError(f"config {path} is not valid TOML: {exc}") from exc
-    image = data.get("image", {})
-    vm = data.get("vm", {})
+    _known(data, _TOP_KEYS, "", path)
+    image = _table(data, "image", path)
+    vm = _table(data, "vm", path)
+    _known(image, {"packages", "files"}, "image.", path)
+    _known(vm, {"memory_mib", "cpus"}, "vm.", path)
     packages = image.get("packages", [])
     if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
         raise TransmigrateError(f"config {path}: image.packages must be a list of names")
     files = image.get("files")
+    guards = _table(data, "guard", path)
+    for name, policy in guards.items():
+        if not isinstance(policy, dict):
+            raise TransmigrateError(f"config {path}: guard.{name} must be a table (the "
+                                    f"guard policy of VM {name})")
     return Config(
         image_packages=tuple(packages),
         image_files=(path.parent / files).resolve() if isinstance(files, str) else None,
-        memory_mib=int(vm.get("memory_mib", 1024)),
-        cpus=int(vm.get("cpus", 1)),
+        memory_mib=_count(vm, "memory_mib", 1024, path),
+        cpus=_count(vm, "cpus", 1, path),
         services=_services(data.get("services", {}), path),
+        guards=guards,
         source=path,
     )
+
+
+_TOP_KEYS = {"image", "vm", "services", "guard"}
+
+
+def _known(table: dict[str, Any], known: set[str], prefix: str, path: Path) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise TransmigrateError(f"config {path}: unknown key {prefix}{unknown[0]}; known: "
+                                f"{', '.join(sorted(known))}")
+
+
+def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise TransmigrateError(f"config {path}: {key} must be a table")
+    return value
+
+
+def _count(table: dict[str, Any], key: str, default: int, path: Path) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise TransmigrateError(f"config {path}: vm.{key} must be a positive whole number")
+    return value
