@@ -111,6 +111,11 @@ def test_redis_moves_6_1_to_6_12_with_its_connection(prepared: Host, service_vm:
                                     "merge data"}
     assert not [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
     assert report["warnings"] == []
+    kept = Path(report["logs"])  # a move that went well keeps its logs too
+    assert {f"{VM}.console.log", f"{VM}-next.console.log"} <= {p.name for p in kept.iterdir()}
+    for tar in (f"{VM}.criu-logs.tar", f"{VM}-next.criu-logs.tar"):
+        with tarfile.open(kept / tar) as logs:
+            assert [name for name in logs.getnames() if name.endswith(".log")], tar
     assert machine.record.data_overlay == "" and not machine.data_overlay.exists(), \
         "the new VM's data overlay is merged into the volume"
     # What the new VM wrote before its data overlay was merged is on the volume itself.

@@ -59,6 +59,8 @@ class UpdateReport:
     carried: list[str]
     """Files outside the data volume copied to the new VM inside the freeze."""
     warnings: list[str]
+    logs: str
+    """The directory that keeps both VMs' consoles and CRIU's logs of this move."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +171,8 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
             if isinstance(exc, MigrationFailed) and logs is not None:
                 raise MigrationFailed(f"{exc}; logs in {logs}") from exc
             raise
-    progress(f"retiring {name} ({source.record.kernel})")
+    logs = _keep_logs(host, source, target)
+    progress(f"retiring {name} ({source.record.kernel}); its logs are in {logs}")
     host.machines.remove(source)
     target = host.machines.take_over(target, name)
     _remove_images(host, target)
@@ -189,7 +192,7 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
         frozen_seconds=round(report.frozen_seconds, 3),
         total_seconds=round(time.monotonic() - start, 3),
         criu=[asdict(tree) for tree in report.trees],
-        carried=report.carried, warnings=warnings)
+        carried=report.carried, warnings=warnings, logs=str(logs))
 
 
 def recover_interrupted(host: Host, name: str, progress: Progress = silent) -> str | None:
@@ -230,13 +233,15 @@ def recover_interrupted(host: Host, name: str, progress: Progress = silent) -> s
 
 
 def _keep_logs(host: Host, source: Machine, target: Machine) -> Path:
-    """Keep what explains a failed move before the standby goes: its console, and
-    CRIU's logs from both VMs (a tar each), under the data directory."""
+    """Keep what explains a move, done or failed, before a VM goes: both consoles
+    (the kernels' logs) and CRIU's logs from both VMs (a tar each), under the data
+    directory."""
     directory = paths.data_dir() / "logs" / \
         f"update-{source.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     directory.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        shutil.copyfile(target.console_log, directory / f"{target.name}.console.log")
+    for machine in (source, target):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(machine.console_log, directory / f"{machine.name}.console.log")
     for machine in (source, target):
         if not machine.alive():  # a target fenced by the rollback is gone, logs and all
             continue
