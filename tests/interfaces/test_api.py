@@ -21,9 +21,11 @@ from playwright.sync_api import Browser, Playwright, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
+from transmigrate.faults import Panic, inject
 from transmigrate.interfaces.api import create_app
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.controller import Controller
+from transmigrate.orchestrate.faults import fault_target
 from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import redis_cli, start_service
@@ -34,6 +36,11 @@ from ..conftest import CLI, REDIS_SERVICE, ROOT
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 """Kept after the run: the dashboard's screenshot."""
+GUARDED = f"""
+[guard.{{vm}}]
+standby_kernel = "{STANDBY_KERNEL}"
+"""
+"""The controller guards VM {vm}: its standby on the kernel the update goes to."""
 
 
 @contextlib.contextmanager
@@ -126,6 +133,13 @@ def test_serve_refuses_to_listen_off_loopback_without_a_token(tmp_path: Path) ->
     assert empty.returncode == 1 and "is empty" in empty.stderr
     malformed = serve("--listen", "8742")
     assert malformed.returncode == 1 and "HOST:PORT" in malformed.stderr
+    config = tmp_path / "transmigrate.toml"
+    config.write_text('[guard.web]\nactions = { panic = "pray" }\n')
+    policy = serve("--config", str(config))
+    assert policy.returncode == 1
+    assert f"config {config}: guard.web: actions.panic = 'pray'" in policy.stderr
+    config.write_text('[guard.web]\nlive_deadline = 9\n')
+    assert "guard.web: unknown key 'live_deadline'" in serve("--config", str(config)).stderr
 
 
 def _browser(playwright: Playwright) -> Browser:
@@ -137,13 +151,16 @@ def _browser(playwright: Playwright) -> Browser:
 
 def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Host,
                                                                      tmp_path: Path) -> None:
-    """redis with data in a 6.1 guest, in a real browser: the page shows the VM and its
-    live chart moves; an update to 6.12 started from the page completes and shows on
-    the timeline with its downtime. Meanwhile a second update of the same VM is refused
-    (409) and an unknown kernel too (400). The history and the metrics have it."""
+    """redis with data in a guarded 6.1 guest, in a real browser: the page shows the VM,
+    its guard and standby, and its live chart moves; an update to 6.12 started from the
+    page (the guard standing aside) completes and shows on the timeline with its
+    downtime. Meanwhile a second update of the same VM is refused (409) and an unknown
+    kernel too (400). Then the kernel panics: the guard, watching again, recovers redis
+    onto its new standby, and the failover is on the timeline too. The history and the
+    metrics have both."""
     name = "t-api"
     config_path = tmp_path / "transmigrate.toml"
-    config_path.write_text(REDIS_SERVICE.format(vm=name))
+    config_path.write_text(REDIS_SERVICE.format(vm=name) + GUARDED.format(vm=name))
     config = load_config(config_path)
     lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512)
     controller = None
@@ -160,6 +177,7 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             row = page.locator(f'#vms tr[data-vm="{name}"]')
             expect(row).to_contain_text(ACTIVE_KERNEL, timeout=30_000)
             expect(row).to_contain_text("running")
+            expect(row).to_contain_text(f"{name}-standby", timeout=120_000)
             expect(page.locator("#live-title")).to_have_text(f"Live: {name}")
             page.wait_for_function("series.t.length >= 3", timeout=60_000)
             points = page.evaluate("series.t.length")
@@ -191,10 +209,23 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             expect(done_row).to_have_attribute("data-outcome", "done", timeout=600_000)
             expect(done_row.locator(".downtime")).to_contain_text(" s")
             expect(row).to_contain_text(STANDBY_KERNEL, timeout=30_000)
+
+            # The guard watches again, with a new standby: a panic is now a failover.
+            wait_for(lambda: api.get(f"/api/vms/{name}").json()["standby"] is not None,
+                     timeout=120, interval=0.5, what="no new standby after the update")
+            expect(row).to_contain_text("watching")
+            inject(fault_target(prepared, name), Panic())
+            failover_row = page.locator("#operations tr", has_text="failover: panic -> recover")
+            expect(failover_row).to_have_attribute("data-outcome", "done", timeout=600_000)
+            expect(failover_row.locator(".downtime")).to_contain_text(" s")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=ARTIFACTS / "dashboard.png", full_page=True)
             browser.close()
 
+            failover = api.get("/api/operations").json()[0]
+            assert (failover["kind"], failover["report"]["outcome"]) == \
+                ("failover", "recovered"), failover
+            assert 0 < failover["downtime_seconds"] < 600
             done = api.get(f"/api/operations/{operation}").json()
             assert done["outcome"] == "done", done["error"]
             assert 0 < done["downtime_seconds"] < done["report"]["total_seconds"]
@@ -204,6 +235,10 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             assert metrics[("transmigrate_operations_total",
                             (("kind", "update"), ("outcome", "done")))] == 1
             assert metrics[("transmigrate_downtime_seconds_count", (("kind", "update"),))] == 1
+            assert metrics[("transmigrate_operations_total",
+                            (("kind", "failover"), ("outcome", "done")))] == 1
+            assert metrics[("transmigrate_events_total", (("kind", "panic"),))] == 1
+            assert metrics[("transmigrate_decision_seconds_count", (("kind", "panic"),))] == 1
             assert metrics[("transmigrate_downtime_seconds_sum", (("kind", "update"),))] == \
                 pytest.approx(done["downtime_seconds"])
             steps = {labels for sample, labels in metrics
@@ -213,4 +248,6 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
     finally:
         if controller is not None:
             controller.close()
-        lifecycle.down(prepared, name)
+        for machine in prepared.machines.all():  # the VM, its standby, the one kept dead
+            if machine.name.startswith(name):
+                lifecycle.down(prepared, machine.name)

@@ -1,6 +1,9 @@
 """The long-running controller behind ``transmigrate serve``: it runs operations on the
-VMs in the background, one at a time per VM, keeps their history and counts them
-for Prometheus.
+VMs in the background, one at a time per VM, guards the VMs the configuration names
+(``[guard.NAME]``), keeps the history of both and counts them for Prometheus.
+
+A guarded VM's guard stands aside while an update started here runs (the update
+replaces the VM it watches) and takes up its watch again after it.
 
 It also watches a VM live, on demand (:meth:`Controller.live`), with the monitor.
 The VMs themselves are the host's state directory (``Host.machines``), as for every
@@ -26,11 +29,12 @@ from prometheus_client.registry import Collector
 from transmigrate.config import Config, Service
 from transmigrate.detect.events import READERS
 from transmigrate.errors import MachineNotFound, TransmigrateError
+from transmigrate.orchestrate import guard as guard_job
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.history import History, Operation
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, Watch, readings
-from transmigrate.orchestrate.recover import STANDBY_SUFFIX
+from transmigrate.orchestrate.recover import STANDBY_SUFFIX, warm_standby
 from transmigrate.vm.machine import Machine
 
 __all__ = ["Busy", "Controller", "VmView"]
@@ -57,6 +61,20 @@ class VmView:
     """Its warm standby's name, if one is booted."""
     operation: int | None
     """The operation running on it, if any."""
+    guard: str | None
+    """'watching', 'acting', 'standing aside' or 'stopped: why'; None if not guarded."""
+
+
+@dataclass
+class _Guarding:
+    """One VM's guard thread, and what it is doing."""
+
+    policy: guard_job.Policy
+    stop: threading.Event
+    thread: threading.Thread | None = None
+    state: str = "starting"
+    failover: int | None = None
+    """The failover operation it is carrying out, if any."""
 
 
 class Controller:
@@ -77,11 +95,22 @@ class Controller:
             "transmigrate_downtime_seconds",
             "How long the services were frozen or gone, per operation.",
             ["kind"], buckets=_STEP_BUCKETS, registry=self.registry)
+        self._events = Counter(
+            "transmigrate_events", "Faults the guards acted on, by kind.", ["kind"],
+            registry=self.registry)
+        self._decision_seconds = Histogram(
+            "transmigrate_decision_seconds",
+            "From a guard's monitor seeing a fault to its decision.", ["kind"],
+            buckets=_STEP_BUCKETS, registry=self.registry)
         self.registry.register(_VmStates(self))
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._watches: dict[str, Watch] = {}
+        where = f"config {config.source}" if config.source else "config"
+        self._guards = {name: _Guarding(guard_job.policy_from(table, f"{where}: guard.{name}"),
+                                        threading.Event())
+                        for name, table in config.guards.items()}
         for op in self.history.close_interrupted():
             self.log(f"operation={op.id} kind={op.kind} vm={op.vm} outcome=interrupted")
         for machine in self.host.machines.all():
@@ -94,6 +123,8 @@ class Controller:
                 continue
             if done:
                 self.log(f"vm={machine.name} interrupted-update={done!r}")
+        for name in self._guards:
+            self._start_guard(name)
 
     def vms(self) -> list[VmView]:
         machines = self.host.machines.all()
@@ -114,10 +145,13 @@ class Controller:
     def _view(self, machine: Machine, names: set[str]) -> VmView:
         standby = f"{machine.name}{STANDBY_SUFFIX}"
         with self._lock:
-            operation = self._running.get(machine.name)
+            guarding = self._guards.get(machine.name)
+            operation = self._running.get(machine.name) or (
+                guarding.failover if guarding else None)
+            guard_state = guarding.state if guarding else None
         return VmView(machine.name, machine.record.kernel, machine.status(),
                       machine.record.ip, [s.name for s in self.config.services_of(machine.name)],
-                      standby if standby in names else None, operation)
+                      standby if standby in names else None, operation, guard_state)
 
     def start_update(self, name: str, kernel: str, *, copy: str = "auto") -> int:
         """Start moving ``name``'s declared services to ``kernel``; the operation's id.
@@ -131,8 +165,10 @@ class Controller:
                                     "services in the configuration")
         request = {"kernel": release, "copy": copy}
         with self._lock:
-            if name in self._running:
-                raise Busy(f"{name} has operation {self._running[name]} running")
+            guarding = self._guards.get(name)
+            running = self._running.get(name) or (guarding.failover if guarding else None)
+            if running is not None:
+                raise Busy(f"{name} has operation {running} running")
             operation = self.history.start("update", name, request)
             self._running[name] = operation
         thread = threading.Thread(target=self._update, name=f"update-{name}",
@@ -176,6 +212,12 @@ class Controller:
             thread.join(timeout)
 
     def close(self) -> None:
+        """Stop the guards (a failover under way is finished first) and the live views."""
+        for guarding in self._guards.values():
+            guarding.stop.set()
+        for guarding in self._guards.values():
+            if guarding.thread is not None:
+                guarding.thread.join()
         with self._lock:
             watches, self._watches = list(self._watches.values()), {}
         for watch in watches:
@@ -187,10 +229,12 @@ class Controller:
                 declared: Sequence[Service]) -> None:
         start = time.monotonic()
         self.log(f"operation={operation} kind=update vm={name} kernel={kernel} started")
+        guarded = self._stand_aside(name)
         try:
             roots = update_job.find_services(self.host, name, declared=declared)
+            standby = warm_standby(self.host, name, kernel) if guarded else None
             report = update_job.update(self.host, name, kernel, pids=roots, copy=copy,
-                                       progress=lambda line: self.log(
+                                       standby=standby, progress=lambda line: self.log(
                                            f"operation={operation} {line}"))
         except Exception as exc:  # every failure is on record; the thread ends here
             self.history.finish(operation, "failed", error=str(exc))
@@ -208,6 +252,77 @@ class Controller:
         finally:
             with self._lock:
                 self._running.pop(name, None)
+            if guarded:
+                self._start_guard(name)
+
+    def _start_guard(self, name: str) -> None:
+        guarding = self._guards[name]
+        guarding.stop.clear()
+        guarding.state = "watching"
+        guarding.thread = threading.Thread(target=self._guard, args=(name, guarding),
+                                           name=f"guard-{name}", daemon=True)
+        guarding.thread.start()
+
+    def _stand_aside(self, name: str) -> bool:
+        """Stop ``name``'s guard, if it has one, once the failover it may be carrying
+        out has ended; whether it had one."""
+        guarding = self._guards.get(name)
+        if guarding is None:
+            return False
+        guarding.stop.set()
+        if guarding.thread is not None:
+            guarding.thread.join()
+        guarding.state = "standing aside"
+        self.log(f"vm={name} guard=standing-aside")
+        return True
+
+    def _guard(self, name: str, guarding: _Guarding) -> None:
+        """Run ``name``'s guard until told to stop, or until it can do no more."""
+
+        def acting(decision: guard_job.Decision) -> None:
+            operation = self.history.start("failover", name, {
+                "fault": decision.fault, "action": decision.action,
+                "summary": decision.summary})
+            with self._lock:
+                guarding.state, guarding.failover = "acting", operation
+            self._events.labels(decision.fault).inc()
+            self._decision_seconds.labels(decision.fault).observe(decision.decision_seconds)
+            self.log(f"operation={operation} kind=failover vm={name} fault={decision.fault} "
+                     f"action={decision.action} started")
+
+        def decided(decision: guard_job.Decision) -> None:
+            with self._lock:
+                operation, guarding.failover = guarding.failover, None
+                guarding.state = "watching"
+            if operation is None:  # a dry run, or a fault only reported
+                self._events.labels(decision.fault).inc()
+                operation = self.history.start("failover", name, {"fault": decision.fault,
+                                                                  "action": decision.action})
+            failed = decision.outcome in ("failed", "interrupted")
+            # From the fault's detection to the services running on the standby.
+            downtime = None if failed or decision.action == guard_job.REPORT else round(
+                decision.decision_seconds + decision.action_seconds, 3)
+            self.history.finish(operation, "failed" if failed else "done",
+                                report=decision.as_dict(), downtime_seconds=downtime,
+                                error=decision.detail if failed else "")
+            self._operations.labels("failover", "failed" if failed else "done").inc()
+            if downtime is not None:
+                self._downtime.labels("failover").observe(downtime)
+            self.log(f"operation={operation} outcome={decision.outcome} "
+                     f"fault={decision.fault} seconds={decision.action_seconds:.1f}")
+
+        self.log(f"vm={name} guard=watching")
+        try:
+            guard_job.guard(self.host, name, self.config.services_of(name), guarding.policy,
+                            on_acting=acting, on_decision=decided, stop=guarding.stop,
+                            progress=lambda line: self.log(f"vm={name} guard: {line}"))
+        except Exception as exc:  # the guard can do no more: say why, on the page too
+            guarding.state = f"stopped: {exc}"
+            self.log(f"vm={name} guard=stopped error={exc!r}")
+        else:
+            if not guarding.stop.is_set():
+                guarding.state = "stopped: the services could not be saved"
+                self.log(f"vm={name} guard=stopped")
 
 
 class _VmStates(Collector):

@@ -42,7 +42,7 @@ from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
 
 __all__ = ["ACTIONS", "DEFAULT_ACTIONS", "FAULTS", "Decision", "Policy", "decide", "guard",
-           "load_policy"]
+           "load_policy", "policy_from"]
 
 RECOVER, MOVE, REPORT = "recover", "move", "report"
 ACTIONS = (RECOVER, MOVE, REPORT)
@@ -76,39 +76,45 @@ _POLICY_KEYS = {"actions", "live_deadline_seconds", "lockup_grace_seconds",
 
 
 def load_policy(path: Path) -> Policy:
-    """The policy in TOML ``path``: top-level keys as :class:`Policy`'s fields, ``actions``
-    and ``monitor`` as tables. A key it does not know is refused by name."""
+    """The policy in TOML ``path`` (:func:`policy_from`)."""
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise TransmigrateError(f"policy {path}: {exc}") from exc
+    return policy_from(data, f"policy {path}")
+
+
+def policy_from(data: Mapping[str, Any], where: str) -> Policy:
+    """The policy in ``data``: top-level keys as :class:`Policy`'s fields, ``actions`` and
+    ``monitor`` as tables. A key it does not know is refused by name, after ``where``
+    (the file, or the table of the configuration)."""
     unknown = sorted(set(data) - _POLICY_KEYS)
     if unknown:
-        raise TransmigrateError(f"policy {path}: unknown key {unknown[0]!r}; known: "
+        raise TransmigrateError(f"{where}: unknown key {unknown[0]!r}; known: "
                                 f"{', '.join(sorted(_POLICY_KEYS))}")
     actions = data.get("actions", {})
     if not isinstance(actions, dict):
-        raise TransmigrateError(f"policy {path}: actions must be a table")
+        raise TransmigrateError(f"{where}: actions must be a table")
     for fault, action in actions.items():
         if fault not in FAULTS:
-            raise TransmigrateError(f"policy {path}: unknown key actions.{fault}; faults: "
+            raise TransmigrateError(f"{where}: unknown key actions.{fault}; faults: "
                                     f"{', '.join(FAULTS)}")
         if action not in ACTIONS:
-            raise TransmigrateError(f"policy {path}: actions.{fault} = {action!r}; choose "
+            raise TransmigrateError(f"{where}: actions.{fault} = {action!r}; choose "
                                     f"one of {', '.join(ACTIONS)}")
     monitor = data.get("monitor", {})
     if not isinstance(monitor, dict):
-        raise TransmigrateError(f"policy {path}: monitor must be a table")
+        raise TransmigrateError(f"{where}: monitor must be a table")
     settings = tuple(f"{key}={value}" for key, value in monitor.items())
     try:
         with_settings(MonitorConfig(), list(settings))
     except TransmigrateError as exc:
-        raise TransmigrateError(f"policy {path}: monitor: {exc}") from exc
-    seconds = {key: _positive(data, key, path)
+        raise TransmigrateError(f"{where}: monitor: {exc}") from exc
+    seconds = {key: _positive(data, key, where)
                for key in ("live_deadline_seconds", "lockup_grace_seconds") if key in data}
     kernel = data.get("standby_kernel")
     if kernel is not None and not isinstance(kernel, str):
-        raise TransmigrateError(f"policy {path}: standby_kernel must be a string")
+        raise TransmigrateError(f"{where}: standby_kernel must be a string")
     return Policy(actions={**DEFAULT_ACTIONS, **actions}, monitor=settings,
                   standby_kernel=kernel,
                   live_deadline_seconds=seconds.get("live_deadline_seconds",
@@ -117,10 +123,10 @@ def load_policy(path: Path) -> Policy:
                                                    Policy.lockup_grace_seconds))
 
 
-def _positive(data: dict[str, Any], key: str, path: Path) -> float:
+def _positive(data: Mapping[str, Any], key: str, where: str) -> float:
     value = data[key]
     if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-        raise TransmigrateError(f"policy {path}: {key} must be a positive number of seconds")
+        raise TransmigrateError(f"{where}: {key} must be a positive number of seconds")
     return float(value)
 
 
@@ -182,10 +188,12 @@ class _DeadlineExceeded(TransmigrateError):
 
 def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = Policy(), *,
           dry_run: bool = False, on_decision: Callable[[Decision], None] = lambda _: None,
+          on_acting: Callable[[Decision], None] = lambda _: None,
           progress: Progress = silent, stop: threading.Event | None = None) -> list[Decision]:
     """Keep a warm standby for VM ``name`` and act on the faults the monitor sees, until
-    ``stop`` is set (or for ever). Every decision goes to ``on_decision`` once it is
-    carried out; all of them are returned. ``dry_run``: decide and log, never act."""
+    ``stop`` is set (or for ever). Every decision goes to ``on_acting`` before it is
+    carried out and to ``on_decision`` once it is; all of them are returned.
+    ``dry_run``: decide and log, never act."""
     if not services:
         raise TransmigrateError(f"nothing to guard in {name}: declare its services in "
                                 "transmigrate.toml (guard moves declared services)")
@@ -225,6 +233,7 @@ def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = P
                     if watch is not None:  # it reads the VM that is about to go
                         watch.close()
                         watch = None
+                    on_acting(decision)
                     _carry_out(host, name, services, kernel, policy, decision, progress)
             finally:  # a failed or interrupted action is logged too
                 decisions.append(decision)

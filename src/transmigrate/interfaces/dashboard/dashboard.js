@@ -46,7 +46,8 @@ async function refreshVms() {
     let row = body.querySelector(`tr[data-vm="${vm.name}"]`);
     if (!row) row = vmRow(body, vm.name);
     const texts = [vm.name, vm.kernel, vm.status, vm.services.join(", ") || "none declared",
-                   vm.standby || "", vm.operation === null ? "" : `#${vm.operation} running`];
+                   vm.standby || "", vm.guard || "not guarded",
+                   vm.operation === null ? "" : `#${vm.operation} running`];
     texts.forEach((text, i) => { row.cells[i].textContent = text; });
     row.querySelector("button.watch").textContent = watched === vm.name ? "watching" : "watch";
     row.querySelector("button.update").disabled = vm.operation !== null;
@@ -57,7 +58,7 @@ async function refreshVms() {
 function vmRow(body, name) {
   const row = body.insertRow();
   row.dataset.vm = name;
-  for (let i = 0; i < 6; i++) row.insertCell();
+  for (let i = 0; i < 7; i++) row.insertCell();
   const watch = document.createElement("button");
   watch.className = "watch";
   watch.onclick = () => startWatching(name);
@@ -144,6 +145,9 @@ async function readLive() {
   events.replaceChildren(...live.events.map(e => {
     const item = document.createElement("li");
     item.textContent = `${e.kind}: ${e.summary}`;
+    const evidence = document.createElement("code");
+    evidence.textContent = JSON.stringify(e.evidence);
+    item.append(evidence);
     return item;
   }));
   document.getElementById("status").textContent =
@@ -159,13 +163,15 @@ async function refreshOperations() {
     row.dataset.operation = op.id;
     row.dataset.outcome = op.outcome;
     cell(row, "#" + op.id);
-    cell(row, `${op.kind} to ${op.request.kernel || ""}`);
+    cell(row, op.kind === "failover" ? `failover: ${op.request.fault} -> ${op.request.action}`
+                                      : `${op.kind} to ${op.request.kernel || ""}`);
     cell(row, op.vm);
     cell(row, new Date(op.started_at * 1000).toLocaleString());
     cell(row, op.finished_at ? `${(op.finished_at - op.started_at).toFixed(1)} s` : "");
     cell(row, op.downtime_seconds === null ? "" : `${op.downtime_seconds.toFixed(3)} s`)
       .className = "downtime";
-    cell(row, op.outcome + (op.error ? `: ${op.error}` : ""));
+    cell(row, op.outcome + (op.error ? `: ${op.error}` : "")).title =
+      op.report.logs ? `logs: ${op.report.logs}` : "";
     const steps = op.report.steps || {};
     const total = Object.values(steps).reduce((a, b) => a + b, 0);
     const bar = document.createElement("div");
