@@ -21,11 +21,10 @@ from playwright.sync_api import Browser, Playwright, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
-from transmigrate.faults import Panic, inject
 from transmigrate.interfaces.api import create_app
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.controller import Controller
-from transmigrate.orchestrate.faults import fault_target
+from transmigrate.orchestrate.faults import FAULTS
 from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import redis_cli, start_service
@@ -91,6 +90,9 @@ def test_unknown_vms_and_operations_and_malformed_requests(empty_host: Host) -> 
         assert api.get("/api/vms/nope/live/stream").status_code == 404
         assert api.get("/api/operations").json() == []
         assert api.get("/api/operations/7").status_code == 404
+        assert api.get("/api/faults").json()["lab"] is False
+        lab_only = api.post("/api/vms/nope/faults", json={"fault": "panic"})
+        assert lab_only.status_code == 403 and "--lab" in lab_only.text
         paths = api.get("/openapi.json").json()["paths"]
         assert {"/api/vms", "/api/vms/{name}", "/api/vms/{name}/update", "/api/operations",
                 "/api/operations/{operation}"} <= set(paths)
@@ -99,6 +101,15 @@ def test_unknown_vms_and_operations_and_malformed_requests(empty_host: Host) -> 
         for family in ("transmigrate_operations_total", "transmigrate_update_step_seconds",
                        "transmigrate_downtime_seconds", "transmigrate_vms"):
             assert f"# TYPE {family} " in text, family
+
+
+def test_a_labs_controller_names_its_faults_and_refuses_unknown_ones(empty_host: Host) -> None:
+    with _serving(Controller(empty_host, load_config(None), lab=True)) as api:
+        assert api.get("/api/faults").json() == {"lab": True, "faults": list(FAULTS)}
+        assert api.post("/api/vms/nope/faults", json={"fault": "panic"}).status_code == 404
+        unknown = api.post("/api/vms/nope/faults", json={"fault": "meteor"})
+        assert unknown.status_code == 400 and "unknown fault 'meteor'" in unknown.text
+        assert api.get("/api/operations").json() == [], "nothing injected, nothing on record"
 
 
 def test_operations_a_dead_controller_left_are_shown_interrupted(empty_host: Host) -> None:
@@ -155,8 +166,8 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
     its guard and standby, and its live chart moves; an update to 6.12 started from the
     page (the guard standing aside) completes and shows on the timeline with its
     downtime. Meanwhile a second update of the same VM is refused (409) and an unknown
-    kernel too (400). Then the kernel panics: the guard, watching again, recovers redis
-    onto its new standby, and the failover is on the timeline too. The history and the
+    kernel too (400). Then the page (a lab's) panics the kernel: the guard, watching
+    again, recovers redis onto its new standby, and the failover is on the timeline too. The history and the
     metrics have both."""
     name = "t-api"
     config_path = tmp_path / "transmigrate.toml"
@@ -169,7 +180,7 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
         address = prepared.machines.get(name).record.ip
         wait_for(lambda: redis_cli(prepared, address, "SET", "kept", "yes") == "OK",
                  timeout=60, interval=0.2, what="redis did not take a write")
-        controller = Controller(prepared, config)
+        controller = Controller(prepared, config, lab=True)
         with _serving(controller) as api, sync_playwright() as playwright:
             browser = _browser(playwright)
             page = browser.new_page(viewport={"width": 1300, "height": 1100})
@@ -214,7 +225,10 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             wait_for(lambda: api.get(f"/api/vms/{name}").json()["standby"] is not None,
                      timeout=120, interval=0.5, what="no new standby after the update")
             expect(row).to_contain_text("watching")
-            inject(fault_target(prepared, name), Panic())
+            row.locator("select.fault").select_option("panic")  # a lab's controller
+            row.locator("button.inject").click()
+            expect(page.locator("#message")).to_contain_text(f"panic injected into {name}",
+                                                             timeout=60_000)
             failover_row = page.locator("#operations tr", has_text="failover: panic -> recover")
             expect(failover_row).to_have_attribute("data-outcome", "done", timeout=600_000)
             expect(failover_row.locator(".downtime")).to_contain_text(" s")

@@ -27,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from transmigrate.config import Config
 from transmigrate.errors import MachineNotFound, TransmigrateError
-from transmigrate.orchestrate.controller import LIVE_INTERVAL_S, Busy, Controller, VmView
+from transmigrate.orchestrate.controller import LIVE_INTERVAL_S, Busy, Controller, LabOnly, VmView
+from transmigrate.orchestrate.faults import FAULTS
 from transmigrate.orchestrate.history import Operation
 from transmigrate.orchestrate.host import Host
 
@@ -51,6 +52,19 @@ class Started:
     operation: int
 
 
+@dataclass
+class FaultRequest:
+    fault: str
+    """A fault's name, as ``transmigrate inject`` takes it (``GET /api/faults``)."""
+
+
+@dataclass
+class Faults:
+    lab: bool
+    """Whether this controller injects faults (``serve --lab``)."""
+    faults: list[str]
+
+
 def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
     """The API over ``controller``; with ``token``, every request must carry it."""
 
@@ -72,7 +86,7 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
     @app.exception_handler(TransmigrateError)
     def refused(_: Request, exc: TransmigrateError) -> JSONResponse:
         status = 404 if isinstance(exc, MachineNotFound) else \
-            409 if isinstance(exc, Busy) else 400
+            409 if isinstance(exc, Busy) else 403 if isinstance(exc, LabOnly) else 400
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.get("/api/vms")
@@ -91,6 +105,17 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
         operation running."""
         return Started(operation=controller.start_update(name, request.kernel,
                                                          copy=request.copy))
+
+    @app.get("/api/faults")
+    def faults() -> Faults:
+        """The faults a lab's controller injects, and whether this one is a lab's."""
+        return Faults(lab=controller.lab, faults=list(FAULTS))
+
+    @app.post("/api/vms/{name}/faults")
+    def inject(name: str, request: FaultRequest) -> Operation:
+        """Inject a fault into the VM (a lab's controller only: 403 otherwise); the
+        injection, on record as an operation, once the fault is triggered."""
+        return controller.inject(name, request.fault)
 
     @app.get("/api/vms/{name}/live")
     async def live(name: str) -> dict[str, Any]:
@@ -175,15 +200,15 @@ def _log(line: str) -> None:
 
 
 def serve(host: Host, config: Config, listen: str = DEFAULT_LISTEN, *,
-          token: str | None = None) -> None:
-    """Run the controller until SIGINT or SIGTERM."""
+          token: str | None = None, lab: bool = False) -> None:
+    """Run the controller until SIGINT or SIGTERM; ``lab``: it injects faults too."""
     address, port = parse_listen(listen)
     if not _loopback(address) and not token:
         raise TransmigrateError(f"refusing to listen on {address} without a token: give "
                                 "--token-file (loopback needs none)")
-    controller = Controller(host, config, log=_log)
+    controller = Controller(host, config, log=_log, lab=lab)
     try:
-        _log(f"listen={address}:{port} vms={len(controller.vms())}")
+        _log(f"listen={address}:{port} vms={len(controller.vms())} lab={lab}")
         uvicorn.run(create_app(controller, token=token), host=address, port=port,
                     log_level="warning")
     finally:

@@ -619,10 +619,13 @@ def serve(listen: Annotated[str, typer.Option(
           token_file: Annotated[Path | None, typer.Option(
               help="A file holding the token every request must carry "
                    "(Authorization: Bearer TOKEN).")] = None,
+          lab: Annotated[bool, typer.Option(
+              help="A lab's controller: the API and the page inject faults too.")] = False,
           config: ConfigOption = None) -> None:
     """Run the controller: an HTTP API over the VMs (described at /openapi.json), their
     operations' history, and Prometheus metrics at /metrics, until SIGINT or SIGTERM.
-    Its log is key=value lines on stderr."""
+    It guards the VMs the configuration has a [guard.NAME] table for. Its log is
+    key=value lines on stderr."""
     # Here, not at the top: the web stack costs every other command its start-up time.
     from transmigrate.interfaces.api import serve as serve_api
 
@@ -635,7 +638,7 @@ def serve(listen: Annotated[str, typer.Option(
                                     f"{exc.strerror}") from exc
         if not token:
             raise TransmigrateError(f"the token file {token_file} is empty")
-    serve_api(Host.from_environment(), load_config(config), listen, token=token)
+    serve_api(Host.from_environment(), load_config(config), listen, token=token, lab=lab)
 
 
 def main() -> None:

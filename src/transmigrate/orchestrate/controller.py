@@ -19,7 +19,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -31,13 +31,14 @@ from transmigrate.detect.events import READERS
 from transmigrate.errors import MachineNotFound, TransmigrateError
 from transmigrate.orchestrate import guard as guard_job
 from transmigrate.orchestrate import update as update_job
+from transmigrate.orchestrate.faults import FAULTS, inject_by_name
 from transmigrate.orchestrate.history import History, Operation
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, Watch, readings
 from transmigrate.orchestrate.recover import STANDBY_SUFFIX, warm_standby
 from transmigrate.vm.machine import Machine
 
-__all__ = ["Busy", "Controller", "VmView"]
+__all__ = ["Busy", "Controller", "LabOnly", "VmView"]
 
 _STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 LIVE_INTERVAL_S = 0.25
@@ -46,6 +47,10 @@ LIVE_INTERVAL_S = 0.25
 
 class Busy(TransmigrateError):
     """The VM already has an operation running."""
+
+
+class LabOnly(TransmigrateError):
+    """Asked for what only a lab's controller does (injecting faults)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,10 @@ class Controller:
     """Operations on ``host``'s VMs, for the services declared in ``config``."""
 
     def __init__(self, host: Host, config: Config,
-                 log: Callable[[str], None] = lambda _: None) -> None:
+                 log: Callable[[str], None] = lambda _: None, *, lab: bool = False) -> None:
         self.host, self.config, self.log = host, config, log
+        self.lab = lab
+        """Whether faults may be injected (:meth:`inject`): a lab's controller only."""
         self.history = History(host.state / "history.sqlite")
         self.registry = CollectorRegistry()
         self._operations = Counter(
@@ -176,6 +183,28 @@ class Controller:
         self._threads.append(thread)
         thread.start()
         return operation
+
+    def inject(self, name: str, fault: str) -> Operation:
+        """Inject ``fault`` (a name of :data:`FAULTS`) into VM ``name``, in a lab only; the
+        injection, on record as an operation, once the fault is triggered."""
+        if not self.lab:
+            raise LabOnly("faults are injected only in a lab: start the controller with "
+                          "--lab")
+        if fault not in FAULTS:
+            raise TransmigrateError(f"unknown fault {fault!r}; choose one of "
+                                    f"{', '.join(FAULTS)}")
+        self._machine(name)
+        operation = self.history.start("inject", name, {"fault": fault})
+        self.log(f"operation={operation} kind=inject vm={name} fault={fault} started")
+        try:
+            report = inject_by_name(self.host, name, fault)
+        except TransmigrateError as exc:
+            self.history.finish(operation, "failed", error=str(exc))
+            raise
+        self.history.finish(operation, "done", report=asdict(report))
+        found = self.history.get(operation)
+        assert found is not None
+        return found
 
     def live(self, name: str) -> dict[str, Any]:
         """What the monitor reads in VM ``name`` now, and the faults it saw: a monitor is

@@ -9,6 +9,7 @@ let token = sessionStorage.getItem("transmigrate-token") || "";
 let watched = null;
 let series = null;
 let charts = null;
+let faults = null;  // {lab, faults}: what this controller injects, asked once
 
 async function api(path, options = {}) {
   const headers = {"Content-Type": "application/json"};
@@ -36,6 +37,10 @@ function say(text, error = false) {
 }
 
 async function refreshVms() {
+  if (faults === null) {
+    faults = await api("/api/faults");
+    document.querySelector("#vms th.lab").hidden = !faults.lab;
+  }
   const vms = await api("/api/vms");
   const body = document.querySelector("#vms tbody");
   for (const row of [...body.rows]) {
@@ -71,7 +76,27 @@ function vmRow(body, name) {
   go.className = "update";
   go.onclick = () => startUpdate(name, kernel.value.trim());
   row.insertCell().append(kernel, " ", go);
+  if (faults.lab) {
+    const fault = document.createElement("select");
+    fault.className = "fault";
+    fault.append(...faults.faults.map(name => new Option(name, name)));
+    const inject = document.createElement("button");
+    inject.textContent = "inject";
+    inject.className = "inject";
+    inject.onclick = () => injectFault(name, fault.value);
+    row.insertCell().append(fault, " ", inject);
+  }
   return row;
+}
+
+async function injectFault(vm, fault) {
+  say(`injecting ${fault} into ${vm}`);
+  try {
+    const done = await api(`/api/vms/${vm}/faults`, {method: "POST", body: JSON.stringify({fault})});
+    say(`${fault} injected into ${vm}: operation #${done.id}`);
+  } catch (error) {
+    say(`${fault} not injected into ${vm}: ${error.message}`, true);
+  }
 }
 
 async function startUpdate(vm, kernel) {
@@ -164,7 +189,8 @@ async function refreshOperations() {
     row.dataset.outcome = op.outcome;
     cell(row, "#" + op.id);
     cell(row, op.kind === "failover" ? `failover: ${op.request.fault} -> ${op.request.action}`
-                                      : `${op.kind} to ${op.request.kernel || ""}`);
+              : op.kind === "inject" ? `inject ${op.request.fault}`
+              : `${op.kind} to ${op.request.kernel || ""}`);
     cell(row, op.vm);
     cell(row, new Date(op.started_at * 1000).toLocaleString());
     cell(row, op.finished_at ? `${(op.finished_at - op.started_at).toFixed(1)} s` : "");
