@@ -194,6 +194,9 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             points = page.evaluate("series.t.length")
             page.wait_for_function(f"series.t.length > {points} + 3", timeout=30_000)
             assert page.evaluate("series.free.filter(x => x > 0).length") > 0, "memory read"
+            assert page.evaluate("series.forkRate.some(x => x !== null)"), "a fork rate"
+            assert page.evaluate("charts.cpus !== null && series.cpus[0].some(x => x > 0)"), \
+                "the CPU switches context"
 
             with api.stream("GET", f"/api/vms/{name}/live/stream") as stream:
                 assert stream.headers["content-type"].startswith("text/event-stream")

@@ -10,6 +10,7 @@ let watched = null;
 let series = null;
 let charts = null;
 let faults = null;  // {lab, faults}: what this controller injects, asked once
+let previous = null;  // the last reading: rates are differences over time
 
 async function api(path, options = {}) {
   const headers = {"Content-Type": "application/json"};
@@ -122,8 +123,9 @@ function chart(element, title, labels, colours) {
 function startWatching(vm) {
   watched = vm;
   document.getElementById("live-title").textContent = `Live: ${vm}`;
-  series = {t: [], free: [], R: [], S: [], D: [], processes: []};
-  for (const element of ["memory-chart", "tasks-chart"]) {
+  series = {t: [], free: [], R: [], S: [], D: [], processes: [], forkRate: [], cpus: []};
+  previous = null;
+  for (const element of ["memory-chart", "tasks-chart", "forks-chart", "cpus-chart"]) {
     document.getElementById(element).replaceChildren();
   }
   charts = {
@@ -132,6 +134,9 @@ function startWatching(vm) {
     tasks: chart(document.getElementById("tasks-chart"), "tasks",
                  ["running", "sleeping", "blocked (D)", "processes"],
                  ["#72a84b", "#4878a8", "#c00", "#999"]),
+    forks: chart(document.getElementById("forks-chart"), "forks per second",
+                 ["forks/s"], ["#d9913c"]),
+    cpus: null,  // drawn once the first reading says how many CPUs there are
   };
   refreshVms();
 }
@@ -155,13 +160,33 @@ async function readLive() {
   series.S.push(tasks.S || 0);
   series.D.push(tasks.D || 0);
   series.processes.push(r.processes ?? null);
-  for (const key in series) if (series[key].length > WINDOW) series[key].shift();
+  const cpus = r.cpus || [];
+  const seconds = previous === null ? 0 : live.at - previous.at;
+  const rate = (now, before) =>
+    seconds > 0 && now !== undefined && before !== undefined ? (now - before) / seconds : null;
+  series.forkRate.push(rate(r.forks, previous?.readings.forks));
+  if (charts.cpus === null && cpus.length) {
+    charts.cpus = chart(document.getElementById("cpus-chart"),
+                        "context switches per second, per CPU",
+                        cpus.map(cpu => `CPU ${cpu.cpu}`), STEP_COLOURS);
+    series.cpus = cpus.map(() => series.t.slice(0, -1).map(() => null));
+  }
+  series.cpus.forEach((points, i) => {
+    points.push(rate(cpus[i]?.switches, previous?.readings.cpus?.[i]?.switches));
+    if (points.length > WINDOW) points.shift();
+  });
+  previous = live;
+  for (const key in series) {
+    if (key !== "cpus" && series[key].length > WINDOW) series[key].shift();
+  }
   charts.memory.setData([series.t, series.free]);
   charts.tasks.setData([series.t, series.R, series.S, series.D, series.processes]);
-  const cpus = document.querySelector("#cpus tbody");
-  cpus.replaceChildren();
-  for (const cpu of r.cpus || []) {
-    const row = cpus.insertRow();
+  charts.forks.setData([series.t, series.forkRate]);
+  if (charts.cpus !== null) charts.cpus.setData([series.t, ...series.cpus]);
+  const table = document.querySelector("#cpus tbody");
+  table.replaceChildren();
+  for (const cpu of cpus) {
+    const row = table.insertRow();
     cell(row, `CPU ${cpu.cpu}`);
     cell(row, cpu.running);
     cell(row, `${cpu.switches} switches`);
