@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,3 +106,13 @@ def qemu_pids() -> set[int]:
             if b"qemu-system" in cmdline and b"/run/transmigrate-test/" in cmdline:
                 pids.add(int(proc.name))
     return pids
+
+
+def left_running_by_a_dead_process(path: Path) -> int:
+    """An operation started by a process that then died (it exits without finishing it)."""
+    started = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        from pathlib import Path
+        from transmigrate.orchestrate.history import History
+        print(History(Path({str(path)!r})).start("update", "web", {{"kernel": "6.12.117"}}))
+        """)], capture_output=True, text=True, check=True)
+    return int(started.stdout)

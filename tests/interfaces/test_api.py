@@ -25,12 +25,11 @@ from transmigrate.interfaces.api import create_app
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.controller import Controller
 from transmigrate.orchestrate.faults import FAULTS
-from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import redis_cli, start_service
 from transmigrate.polling import wait_for
 
-from ..conftest import CLI, REDIS_SERVICE, ROOT
+from ..conftest import CLI, REDIS_SERVICE, ROOT, left_running_by_a_dead_process
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -113,9 +112,7 @@ def test_a_labs_controller_names_its_faults_and_refuses_unknown_ones(empty_host:
 
 
 def test_operations_a_dead_controller_left_are_shown_interrupted(empty_host: Host) -> None:
-    dead = History(empty_host.state / "history.sqlite")
-    left = dead.start("update", "web", {"kernel": STANDBY_KERNEL})
-    dead.close()
+    left = left_running_by_a_dead_process(empty_host.state / "history.sqlite")
     with _serving(Controller(empty_host, load_config(None))) as api:
         shown = api.get(f"/api/operations/{left}").json()
         assert (shown["vm"], shown["outcome"]) == ("web", "interrupted"), shown
@@ -167,8 +164,8 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
     page (the guard standing aside) completes and shows on the timeline with its
     downtime. Meanwhile a second update of the same VM is refused (409) and an unknown
     kernel too (400). Then the page (a lab's) panics the kernel: the guard, watching
-    again, recovers redis onto its new standby, and the failover is on the timeline too. The history and the
-    metrics have both."""
+    again, recovers redis onto its new standby, and the failover is on the timeline
+    too. The history and the metrics have both."""
     name = "t-api"
     config_path = tmp_path / "transmigrate.toml"
     config_path.write_text(REDIS_SERVICE.format(vm=name) + GUARDED.format(vm=name))

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from transmigrate.errors import TransmigrateError
 from transmigrate.orchestrate.history import History
+
+from ..conftest import left_running_by_a_dead_process
 
 
 def test_an_operation_is_on_record_from_its_start_to_its_end(tmp_path: Path) -> None:
@@ -23,13 +28,29 @@ def test_an_operation_is_on_record_from_its_start_to_its_end(tmp_path: Path) -> 
     history.close()
 
 
-def test_what_a_dead_controller_left_running_is_marked_interrupted(tmp_path: Path) -> None:
+def test_what_a_dead_process_left_running_is_marked_interrupted(tmp_path: Path) -> None:
     path = tmp_path / "history.sqlite"
-    dead = History(path)
-    left = dead.start("update", "web", {"kernel": "6.12.117"})
-    dead.close()  # as if killed: the row says running
+    left = left_running_by_a_dead_process(path)
     history = History(path)
+    ours = history.start("recover", "db", {})  # this process lives: it is not touched
     assert [op.id for op in history.close_interrupted()] == [left]
     op = history.get(left)
-    assert op is not None and op.outcome == "interrupted" and "controller stopped" in op.error
+    assert op is not None and op.outcome == "interrupted" and "stopped before" in op.error
     assert history.close_interrupted() == []
+    assert [op.outcome for op in history.recent(vm="db")] == ["running"], ours
+
+
+def test_a_recorded_block_is_done_failed_or_interrupted(tmp_path: Path) -> None:
+    history = History.at(tmp_path)
+    with history.recorded("update", "web", {"kernel": "6.12.117"}) as kept:
+        kept.report, kept.downtime_seconds = {"frozen_seconds": 0.8}, 0.8
+    with pytest.raises(TransmigrateError), history.recorded("recover", "web", {}):
+        raise TransmigrateError("vm 'web' is gone")
+    with pytest.raises(KeyboardInterrupt), history.recorded("update", "web", {}):
+        raise KeyboardInterrupt
+    interrupted, failed, done = history.recent()
+    assert (done.outcome, done.downtime_seconds, done.report) == \
+        ("done", 0.8, {"frozen_seconds": 0.8})
+    assert (failed.kind, failed.outcome, failed.error) == \
+        ("recover", "failed", "vm 'web' is gone")
+    assert interrupted.outcome == "interrupted" and interrupted.downtime_seconds is None

@@ -22,6 +22,7 @@ from transmigrate.migrate.engine import MigrationFailed
 from transmigrate.migrate.plan import GUEST_TOOLS, HOLD_DIR
 from transmigrate.migrate.precheck import PrecheckFailed
 from transmigrate.orchestrate import lifecycle
+from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
 from transmigrate.orchestrate.update import find_services, update
@@ -394,6 +395,8 @@ def test_a_killed_update_is_undone_by_the_next_command(prepared: Host,
         killed.kill()
         killed.wait()
         assert [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
+        [cut] = History.at(prepared.state).close_interrupted()  # as a controller starting
+        assert (cut.kind, cut.vm, cut.request["pids"]) == ("update", VM, [pid])
         report = update(prepared, VM, STANDBY_KERNEL, pids=[pid])
         time.sleep(1.0)
     finally:

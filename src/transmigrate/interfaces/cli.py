@@ -28,6 +28,7 @@ from transmigrate.orchestrate import faults, lifecycle, services
 from transmigrate.orchestrate import guard as guard_job
 from transmigrate.orchestrate import recover as recover_job
 from transmigrate.orchestrate import update as update_job
+from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import (
     DETECTORS,
@@ -257,8 +258,11 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
     roots = update_job.find_services(host, name, pids=pid or (), processes=process or (),
                                      cgroups=cgroup or (), declared=declared)
     try:
-        report = update_job.update(host, name, kernel, pids=roots, copy=copy, strict=strict,
-                                   progress=_Progress())
+        with History.at(host.state).recorded("update", name, {
+                "kernel": kernel, "copy": copy, "pids": roots}) as kept:
+            report = update_job.update(host, name, kernel, pids=roots, copy=copy,
+                                       strict=strict, progress=_Progress())
+            kept.report, kept.downtime_seconds = report.as_dict(), report.frozen_seconds
     except update_job.PrecheckFailed as exc:
         if not json_:
             raise
@@ -500,9 +504,14 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
     console log and a compressed memory dump, until `down`. Exits 1 if a process was
     refused or failed to restore (the others are restored)."""
     declared = () if pid or process else load_config(config).services_of(name)
-    report = recover_job.recover(Host.from_environment(), name, kernel, pids=pid or (),
-                                 processes=process or (), services=declared,
-                                 panicking=panicking, progress=_Progress())
+    host = Host.from_environment()
+    with History.at(host.state).recorded("recover", name, {
+            "kernel": kernel, "pids": pid or [], "processes": process or [],
+            "services": [s.name for s in declared]}) as kept:
+        report = recover_job.recover(host, name, kernel, pids=pid or (),
+                                     processes=process or (), services=declared,
+                                     panicking=panicking, progress=_Progress())
+        kept.report, kept.downtime_seconds = report.as_dict(), report.stop_to_serving_seconds
     incomplete = any(v.verdict in ("refused", "failed") for v in report.processes)
     if json_:
         _emit_json(report.as_dict())
@@ -585,9 +594,10 @@ def guard(name: Annotated[str, typer.Argument(help="VM whose services to keep ru
     stop = threading.Event()  # a failover under way is finished first
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    decisions = guard_job.guard(Host.from_environment(), name,
-                                load_config(config).services_of(name), chosen,
-                                dry_run=dry_run, on_decision=log, progress=_Progress(),
+    host = Host.from_environment()
+    decisions = guard_job.guard(host, name, load_config(config).services_of(name), chosen,
+                                dry_run=dry_run, on_decision=log,
+                                history=History.at(host.state), progress=_Progress(),
                                 stop=stop)
     if decisions and decisions[-1].outcome == "reported":
         raise TransmigrateError(f"{name}: {decisions[-1].summary}; guard stops, the "

@@ -90,7 +90,7 @@ class Controller:
         self.host, self.config, self.log = host, config, log
         self.lab = lab
         """Whether faults may be injected (:meth:`inject`): a lab's controller only."""
-        self.history = History(host.state / "history.sqlite")
+        self.history = History.at(host.state)
         self.registry = CollectorRegistry()
         self._operations = Counter(
             "transmigrate_operations", "Operations that ended, by kind and outcome.",
@@ -309,41 +309,30 @@ class Controller:
         """Run ``name``'s guard until told to stop, or until it can do no more."""
 
         def acting(decision: guard_job.Decision) -> None:
-            operation = self.history.start("failover", name, {
-                "fault": decision.fault, "action": decision.action,
-                "summary": decision.summary})
             with self._lock:
-                guarding.state, guarding.failover = "acting", operation
+                guarding.state, guarding.failover = "acting", decision.operation
             self._events.labels(decision.fault).inc()
             self._decision_seconds.labels(decision.fault).observe(decision.decision_seconds)
-            self.log(f"operation={operation} kind=failover vm={name} fault={decision.fault} "
-                     f"action={decision.action} started")
+            self.log(f"operation={decision.operation} kind=failover vm={name} "
+                     f"fault={decision.fault} action={decision.action} started")
 
         def decided(decision: guard_job.Decision) -> None:
             with self._lock:
-                operation, guarding.failover = guarding.failover, None
-                guarding.state = "watching"
-            if operation is None:  # a dry run, or a fault only reported
-                self._events.labels(decision.fault).inc()
-                operation = self.history.start("failover", name, {"fault": decision.fault,
-                                                                  "action": decision.action})
-            failed = decision.outcome in ("failed", "interrupted")
-            # From the fault's detection to the services running on the standby.
-            downtime = None if failed or decision.action == guard_job.REPORT else round(
-                decision.decision_seconds + decision.action_seconds, 3)
-            self.history.finish(operation, "failed" if failed else "done",
-                                report=decision.as_dict(), downtime_seconds=downtime,
-                                error=decision.detail if failed else "")
-            self._operations.labels("failover", "failed" if failed else "done").inc()
-            if downtime is not None:
-                self._downtime.labels("failover").observe(downtime)
-            self.log(f"operation={operation} outcome={decision.outcome} "
+                guarding.state, guarding.failover = "watching", None
+            kept = self.history.get(decision.operation) if decision.operation else None
+            if kept is None:
+                return
+            self._operations.labels("failover", kept.outcome).inc()
+            if kept.downtime_seconds is not None:
+                self._downtime.labels("failover").observe(kept.downtime_seconds)
+            self.log(f"operation={kept.id} outcome={decision.outcome} "
                      f"fault={decision.fault} seconds={decision.action_seconds:.1f}")
 
         self.log(f"vm={name} guard=watching")
         try:
             guard_job.guard(self.host, name, self.config.services_of(name), guarding.policy,
-                            on_acting=acting, on_decision=decided, stop=guarding.stop,
+                            on_acting=acting, on_decision=decided, history=self.history,
+                            stop=guarding.stop,
                             progress=lambda line: self.log(f"vm={name} guard: {line}"))
         except Exception as exc:  # the guard can do no more: say why, on the page too
             guarding.state = f"stopped: {exc}"

@@ -29,6 +29,7 @@ from typing import Any
 from transmigrate.config import Service
 from transmigrate.detect.events import Event
 from transmigrate.errors import MachineNotFound, TransmigrateError
+from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, with_settings
 from transmigrate.orchestrate.recover import (
@@ -154,6 +155,8 @@ class Decision:
     kernel_after: str = ""
     steps: dict[str, float] = field(default_factory=dict)
     """Seconds per step of the move or the recovery that served (their reports')."""
+    operation: int | None = None
+    """The failover's id in the history, if it was acted on and kept."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,11 +192,13 @@ class _DeadlineExceeded(TransmigrateError):
 def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = Policy(), *,
           dry_run: bool = False, on_decision: Callable[[Decision], None] = lambda _: None,
           on_acting: Callable[[Decision], None] = lambda _: None,
-          progress: Progress = silent, stop: threading.Event | None = None) -> list[Decision]:
+          history: History | None = None, progress: Progress = silent,
+          stop: threading.Event | None = None) -> list[Decision]:
     """Keep a warm standby for VM ``name`` and act on the faults the monitor sees, until
     ``stop`` is set (or for ever). Every decision goes to ``on_acting`` before it is
-    carried out and to ``on_decision`` once it is; all of them are returned.
-    ``dry_run``: decide and log, never act."""
+    carried out and to ``on_decision`` once it is; all of them are returned. Each
+    one acted on is kept in ``history`` as a failover. ``dry_run``: decide and log,
+    never act."""
     if not services:
         raise TransmigrateError(f"nothing to guard in {name}: declare its services in "
                                 "transmigrate.toml (guard moves declared services)")
@@ -233,10 +238,16 @@ def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = P
                     if watch is not None:  # it reads the VM that is about to go
                         watch.close()
                         watch = None
+                    if history is not None:
+                        decision.operation = history.start("failover", name, {
+                            "fault": decision.fault, "action": decision.action,
+                            "summary": decision.summary})
                     on_acting(decision)
                     _carry_out(host, name, services, kernel, policy, decision, progress)
             finally:  # a failed or interrupted action is logged too
                 decisions.append(decision)
+                if history is not None and decision.operation is not None:
+                    _keep(history, decision, decision.operation)
                 on_decision(decision)
             if decision.action == REPORT and not dry_run:
                 break  # nothing left to watch or to move
@@ -244,6 +255,17 @@ def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = P
         if watch is not None:
             watch.close()
     return decisions
+
+
+def _keep(history: History, decision: Decision, operation: int) -> None:
+    """The failover's end on record; its downtime runs from the fault's detection to
+    the services running on the standby."""
+    outcome = {"interrupted": "interrupted", "failed": "failed", "reported": "failed"}.get(
+        decision.outcome, "done")
+    history.finish(operation, outcome, report=decision.as_dict(),
+                   downtime_seconds=round(decision.decision_seconds + decision.action_seconds,
+                                          3) if outcome == "done" else None,
+                   error="" if outcome == "done" else decision.detail or decision.summary)
 
 
 def _lockup_grace(policy: Policy) -> float:

@@ -1,25 +1,29 @@
 """What was done to the VMs, kept: every update, recovery and failover, in SQLite.
 
-One row per operation, written when it starts and again when it ends, so an
-operation whose controller was killed is still on record: the next controller
-marks it ``interrupted`` (:meth:`History.close_interrupted`). The report is the
-operation's own (``UpdateReport.as_dict()`` and the like), kept whole as JSON;
-the columns are what a list of operations shows. SQLite, because operators read
-it for months with the tools they have, and one writer (the controller) at a
-time needs no server.
+One row per operation, written when it starts and again when it ends, by the
+process that runs it (the controller, or a one-shot command), so an operation
+whose process was killed is still on record: the next controller marks it
+``interrupted`` (:meth:`History.close_interrupted`) once that process is gone. The
+report is the operation's own (``UpdateReport.as_dict()`` and the like), kept whole
+as JSON; the columns are what a list of operations shows. SQLite, because
+operators read it for months with the tools they have, and its few writers (the
+controller, the odd command beside it) need no server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["History", "Operation"]
+__all__ = ["History", "Operation", "Outcome"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS operations (
@@ -32,10 +36,34 @@ CREATE TABLE IF NOT EXISTS operations (
     outcome TEXT NOT NULL,
     downtime_seconds REAL,
     error TEXT NOT NULL DEFAULT '',
-    report TEXT NOT NULL DEFAULT '{}'
+    report TEXT NOT NULL DEFAULT '{}',
+    owner INTEGER NOT NULL DEFAULT 0
 )
 """
 RUNNING = "running"
+FILE = "history.sqlite"
+"""In the state directory."""
+
+
+@dataclass
+class Outcome:
+    """What a :meth:`History.recorded` block ran to: its report and the downtime."""
+
+    operation: int
+    report: dict[str, Any] = field(default_factory=dict)
+    downtime_seconds: float | None = None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -44,7 +72,7 @@ class Operation:
 
     id: int
     kind: str
-    """'update', 'recover' or 'failover'."""
+    """'update', 'recover', 'failover' or 'inject'."""
     vm: str
     request: dict[str, Any]
     started_at: float
@@ -62,19 +90,48 @@ class History:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(operations)")}
+            if "owner" not in columns:  # kept by a controller before one-shot commands were
+                self._db.execute("ALTER TABLE operations ADD COLUMN owner INTEGER NOT NULL "
+                                 "DEFAULT 0")
+
+    @classmethod
+    def at(cls, state: Path) -> History:
+        """The history kept in the state directory ``state``."""
+        return cls(state / FILE)
 
     def start(self, kind: str, vm: str, request: dict[str, Any]) -> int:
+        """A new operation, running, owned by this process."""
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO operations (kind, vm, request, started_at, outcome) "
-                "VALUES (?, ?, ?, ?, ?)", (kind, vm, json.dumps(request), time.time(), RUNNING))
+                "INSERT INTO operations (kind, vm, request, started_at, outcome, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (kind, vm, json.dumps(request), time.time(), RUNNING, os.getpid()))
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    @contextlib.contextmanager
+    def recorded(self, kind: str, vm: str, request: dict[str, Any]) -> Iterator[Outcome]:
+        """On record for as long as the block runs: done with what the block put in the
+        :class:`Outcome`, failed with the error that left it, or interrupted."""
+        operation = self.start(kind, vm, request)
+        outcome = Outcome(operation)
+        try:
+            yield outcome
+        except KeyboardInterrupt:
+            self.finish(operation, "interrupted", error="interrupted (SIGINT)")
+            raise
+        except BaseException as exc:
+            self.finish(operation, "failed", error=str(exc) or type(exc).__name__)
+            raise
+        self.finish(operation, "done", report=outcome.report,
+                    downtime_seconds=outcome.downtime_seconds)
 
     def finish(self, operation: int, outcome: str, *, report: dict[str, Any] | None = None,
                downtime_seconds: float | None = None, error: str = "") -> None:
@@ -86,11 +143,14 @@ class History:
                  operation))
 
     def close_interrupted(self) -> list[Operation]:
-        """Mark the operations left running by a controller that died; return them."""
-        left = [op for op in self.recent() if op.outcome == RUNNING]
+        """Mark the operations left running by a process that is gone; return them."""
+        with self._lock:
+            owners = dict(self._db.execute(
+                "SELECT id, owner FROM operations WHERE outcome = ?", (RUNNING,)).fetchall())
+        left = [op for op in self.recent() if op.id in owners and not _alive(owners[op.id])]
         for op in left:
             self.finish(op.id, "interrupted",
-                        error="the controller stopped before the operation ended")
+                        error="the process running it stopped before the operation ended")
         return left
 
     def get(self, operation: int) -> Operation | None:
