@@ -32,12 +32,16 @@ def test_what_a_dead_process_left_running_is_marked_interrupted(tmp_path: Path) 
     path = tmp_path / "history.sqlite"
     left = left_running_by_a_dead_process(path)
     history = History(path)
-    ours = history.start("recover", "db", {})  # this process lives: it is not touched
     assert [op.id for op in history.close_interrupted()] == [left]
     op = history.get(left)
     assert op is not None and op.outcome == "interrupted" and "stopped before" in op.error
+    ours = history.start("recover", "db", {})  # this process lives: it is not touched
     assert history.close_interrupted() == []
     assert [op.outcome for op in history.recent(vm="db")] == ["running"], ours
+    again = left_running_by_a_dead_process(path)
+    history.start("update", "db", {})  # a new operation closes what the dead left first
+    closed = history.get(again)
+    assert closed is not None and closed.outcome == "interrupted"
 
 
 def test_a_recorded_block_is_done_failed_or_interrupted(tmp_path: Path) -> None:

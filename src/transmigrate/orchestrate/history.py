@@ -107,7 +107,9 @@ class History:
         return cls(state / FILE)
 
     def start(self, kind: str, vm: str, request: dict[str, Any]) -> int:
-        """A new operation, running, owned by this process."""
+        """A new operation, running, owned by this process (those a dead process left
+        running are marked interrupted first)."""
+        self.close_interrupted()
         with self._lock:
             cursor = self._db.execute(
                 "INSERT INTO operations (kind, vm, request, started_at, outcome, owner) "
