@@ -36,7 +36,6 @@ from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.kernel import attach
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate import lifecycle
-from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.recover import dump, prepare_standby, recover
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_service
@@ -381,9 +380,10 @@ def test_redis_under_load_survives_the_death_of_its_kernel(
             done = cli("recover", name, "--kernel", after, "--config", str(config), "--json")
             assert done.returncode == 0, done.stderr
             report = json.loads(done.stdout)
-            kept = History.at(prepared.state).recent(vm=name)[0]  # the command keeps it too
-            assert (kept.kind, kept.outcome, kept.report) == ("recover", "done", report)
-            assert kept.downtime_seconds == report["stop_to_serving_seconds"]
+            history = cli("history", "--vm", name, "--json")  # the command kept it
+            kept = json.loads(history.stdout)[0]
+            assert (kept["kind"], kept["outcome"], kept["report"]) == ("recover", "done", report)
+            assert kept["downtime_seconds"] == report["stop_to_serving_seconds"]
         else:
             report = recover(prepared, name, after, services=[service]).as_dict()
         verdict = report["processes"][0]

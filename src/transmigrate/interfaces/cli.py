@@ -186,6 +186,28 @@ def list_machines(json_: JsonOption = False) -> None:
     out.print(table)
 
 
+@app.command()
+def history(vm: Annotated[str | None, typer.Option(help="Only this VM's operations.")] = None,
+            limit: Annotated[int, typer.Option(help="How many, the newest first.")] = 20,
+            json_: JsonOption = False) -> None:
+    """The operations kept in the history (updates, recoveries, failovers, injected
+    faults), whether the controller or a command ran them; --json with their reports."""
+    operations = History.at(Host.from_environment().state).recent(vm=vm, limit=limit)
+    if json_:
+        _emit_json([asdict(op) for op in operations])
+        return
+    table = Table("#", "what", "vm", "started", "took", "downtime", "outcome")
+    for op in operations:
+        what = op.kind + (f" {op.request['fault']}" if "fault" in op.request else "") + (
+            f" to {op.request['kernel']}" if op.request.get("kernel") else "")
+        took = f"{op.finished_at - op.started_at:.1f} s" if op.finished_at else ""
+        downtime = "" if op.downtime_seconds is None else f"{op.downtime_seconds:.3f} s"
+        table.add_row(str(op.id), what, op.vm,
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(op.started_at)),
+                      took, downtime, op.outcome + (f": {op.error}" if op.error else ""))
+    out.print(table)
+
+
 @app.command("exec")
 def exec_(name: Annotated[str, typer.Argument(help="VM to run in.")],
           command: Annotated[list[str], typer.Argument(help="Command and its arguments.")],
