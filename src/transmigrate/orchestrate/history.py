@@ -141,8 +141,8 @@ class History:
             self._db.execute(
                 "UPDATE operations SET finished_at = ?, outcome = ?, downtime_seconds = ?, "
                 "error = ?, report = ? WHERE id = ?",
-                (time.time(), outcome, downtime_seconds, error, json.dumps(report or {}),
-                 operation))
+                (time.time(), outcome, downtime_seconds, error,
+                 json.dumps(report or {}, default=str), operation))
 
     def close_interrupted(self) -> list[Operation]:
         """Mark the operations left running by a process that is gone; return them."""
