@@ -29,6 +29,7 @@ from transmigrate.orchestrate.guard import (
     MOVE,
     Decision,
     Policy,
+    culprits_in_trees,
     decide,
     guard,
     load_policy,
@@ -111,6 +112,23 @@ def test_decisions_follow_the_fault(seen: list[tuple[str, dict[str, object]]], f
     assert (decision.fault, decision.action, decision.culprits) == (fault, action, culprits)
     assert decision.summary == events[0].summary and decision.evidence == events[0].evidence
     assert abs(decision.detected_at - time.time()) < 5
+
+
+# init 1 -> tini 50 -> redis 100 -> bomb 300 -> child 301; a stray bomb 400 under init.
+_PARENTS = {50: 1, 100: 50, 200: 100, 300: 100, 301: 300, 400: 1}
+
+
+@pytest.mark.parametrize(("roots", "culprits", "inside"), [
+    ([100], [300], [300]),          # forked by the service: it would move along
+    ([100], [301], [301]),          # deeper down too
+    ([100], [400], []),             # outside every moved tree: it stays behind
+    ([100], [100], []),             # the service itself: it moves, never killed
+    ([100, 200], [301, 400], [301]),
+    ([100], [999], []),             # gone meanwhile
+])
+def test_culprits_inside_a_moved_tree(roots: list[int], culprits: list[int],
+                                      inside: list[int]) -> None:
+    assert culprits_in_trees(_PARENTS, roots, culprits) == inside
 
 
 def test_guard_needs_declared_services_and_a_real_kernel(prepared: Host, old_vm: str,

@@ -29,6 +29,7 @@ from typing import Any
 from transmigrate.config import Service
 from transmigrate.detect.events import Event
 from transmigrate.errors import MachineNotFound, TransmigrateError
+from transmigrate.guest.agent import GuestAgent
 from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, with_settings
@@ -42,8 +43,8 @@ from transmigrate.orchestrate.update import find_services, recover_interrupted, 
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
 
-__all__ = ["ACTIONS", "DEFAULT_ACTIONS", "FAULTS", "Decision", "Policy", "decide", "guard",
-           "load_policy", "policy_from"]
+__all__ = ["ACTIONS", "DEFAULT_ACTIONS", "FAULTS", "Decision", "Policy", "culprits_in_trees",
+           "decide", "guard", "load_policy", "policy_from"]
 
 RECOVER, MOVE, REPORT = "recover", "move", "report"
 ACTIONS = (RECOVER, MOVE, REPORT)
@@ -344,8 +345,12 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
     try:
         if decision.action == MOVE:
             try:
-                decision.steps = _move(host, name, services, kernel, policy, progress)
+                decision.steps, cut = _move(host, name, services, kernel, policy,
+                                            decision.culprits, progress)
                 decision.outcome = "moved"
+                if cut:
+                    decision.detail = ("culprits inside a service's tree, killed before the "
+                                       f"move: {', '.join(map(str, cut))}")
             except TransmigrateError as exc:
                 progress(f"the live move failed ({exc}): recovering from memory")
                 lost, decision.steps = _recover(host, name, services, kernel, progress)
@@ -370,9 +375,11 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
 
 
 def _move(host: Host, name: str, services: Sequence[Service], kernel: str, policy: Policy,
-          progress: Progress) -> dict[str, float]:
+          culprits: Sequence[int], progress: Progress) -> tuple[dict[str, float], list[int]]:
     """Live, onto the warm standby, with a deadline checked before each step: one
-    overrun rolls the move back."""
+    overrun rolls the move back. A culprit inside a moved tree cannot stay behind as
+    the others do (CRIU moves whole trees): it is killed first, with what it forked.
+    The steps, and the pids killed."""
     deadline = time.monotonic() + policy.live_deadline_seconds
 
     def in_time(step: str) -> None:
@@ -380,9 +387,57 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
             raise _DeadlineExceeded(f"the live move passed its deadline "
                                     f"({policy.live_deadline_seconds:.0f} s) before {step}")
 
-    return update(host, name, kernel, pids=find_services(host, name, declared=services),
-                  progress=progress, before_step=in_time,
-                  standby=warm_standby(host, name, kernel)).steps
+    roots = find_services(host, name, declared=services)
+    cut = _cut_culprits(host.agent(host.machines.get(name)), roots, culprits, progress)
+    return update(host, name, kernel, pids=roots, progress=progress, before_step=in_time,
+                  standby=warm_standby(host, name, kernel)).steps, cut
+
+
+def culprits_in_trees(parents: Mapping[int, int], roots: Sequence[int],
+                      culprits: Sequence[int]) -> list[int]:
+    """The culprits that are inside (not the root of) a tree rooted at ``roots``, given
+    each process's parent: those a move would take along."""
+    inside = []
+    for culprit in culprits:
+        pid = parents.get(culprit)
+        while pid is not None and pid not in roots and pid > 1:
+            pid = parents.get(pid)
+        if pid in roots and culprit not in roots:
+            inside.append(culprit)
+    return inside
+
+
+def _cut_culprits(agent: GuestAgent, roots: Sequence[int], culprits: Sequence[int],
+                  progress: Progress, rounds: int = 5) -> list[int]:
+    """Kill the culprits inside the moved trees, and all they forked: stopped first,
+    round by round until no new child appears (a fork storm forks on while it is
+    being stopped), then killed at once. The pids killed."""
+    stopped: set[int] = set()
+    for _ in range(rounds):
+        parents = {p.pid: p.ppid for p in agent.processes()}
+        inside = culprits_in_trees(parents, roots, [c for c in culprits if c in parents])
+        subtree = _descendants(parents, inside) - stopped
+        if not subtree:
+            break
+        agent.exec(["kill", "-STOP", *map(str, sorted(subtree))])
+        stopped |= subtree
+    if stopped:
+        progress(f"killing {len(stopped)} culprit processes inside the services' trees")
+        agent.exec(["kill", "-KILL", *map(str, sorted(stopped))])
+    return sorted(stopped)
+
+
+def _descendants(parents: Mapping[int, int], tops: Sequence[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = set(), list(tops)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
 
 
 def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,
