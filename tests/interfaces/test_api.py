@@ -170,7 +170,7 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
     config_path = tmp_path / "transmigrate.toml"
     config_path.write_text(REDIS_SERVICE.format(vm=name) + GUARDED.format(vm=name))
     config = load_config(config_path)
-    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512)
+    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512, cpus=2)  # as guard tests
     controller = None
     try:
         start_service(prepared, config.services_of(name)[0])
