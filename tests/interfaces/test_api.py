@@ -232,6 +232,7 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             failover_row = page.locator("#operations tr", has_text="failover: panic -> recover")
             expect(failover_row).to_have_attribute("data-outcome", "done", timeout=600_000)
             expect(failover_row.locator(".downtime")).to_contain_text(" s")
+            expect(row).to_contain_text("watching", timeout=30_000)  # redis's VM, again
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=ARTIFACTS / "dashboard.png", full_page=True)
             browser.close()

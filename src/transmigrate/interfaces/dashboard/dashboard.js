@@ -162,8 +162,9 @@ async function readLive() {
   series.processes.push(r.processes ?? null);
   const cpus = r.cpus || [];
   const seconds = previous === null ? 0 : live.at - previous.at;
-  const rate = (now, before) =>
-    seconds > 0 && now !== undefined && before !== undefined ? (now - before) / seconds : null;
+  // A counter that went down is a new kernel's (an update or a failover): no rate.
+  const rate = (now, before) => seconds > 0 && now !== undefined && before !== undefined &&
+    now >= before ? (now - before) / seconds : null;
   series.forkRate.push(rate(r.forks, previous?.readings.forks));
   if (charts.cpus === null && cpus.length) {
     charts.cpus = chart(document.getElementById("cpus-chart"),
