@@ -26,7 +26,7 @@ from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.controller import Controller
 from transmigrate.orchestrate.faults import FAULTS
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.services import redis_cli, start_service
+from transmigrate.orchestrate.services import redis_answers, redis_cli, start_service
 from transmigrate.polling import wait_for
 
 from ..conftest import CLI, REDIS_SERVICE, ROOT, left_running_by_a_dead_process
@@ -175,8 +175,9 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
     try:
         start_service(prepared, config.services_of(name)[0])
         address = prepared.machines.get(name).record.ip
-        wait_for(lambda: redis_cli(prepared, address, "SET", "kept", "yes") == "OK",
-                 timeout=60, interval=0.2, what="redis did not take a write")
+        wait_for(lambda: redis_answers(prepared, address), timeout=60, interval=0.2,
+                 what="redis did not answer")
+        assert redis_cli(prepared, address, "SET", "kept", "yes") == "OK"
         controller = Controller(prepared, config, lab=True)
         with _serving(controller) as api, sync_playwright() as playwright:
             browser = _browser(playwright)
@@ -222,25 +223,34 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             expect(row).to_contain_text(STANDBY_KERNEL, timeout=30_000)
 
             # The guard watches again, with a new standby: a panic is now a failover.
-            wait_for(lambda: api.get(f"/api/vms/{name}").json()["standby"] is not None,
-                     timeout=120, interval=0.5, what="no new standby after the update")
-            expect(row).to_contain_text("watching")
+            expect(row.locator("td.guard")).to_have_text("watching", timeout=120_000)
+            assert api.get(f"/api/vms/{name}").json()["standby"] == f"{name}-standby"
             row.locator("select.fault").select_option("panic")  # a lab's controller
             row.locator("button.inject").click()
             expect(page.locator("#message")).to_contain_text(f"panic injected into {name}",
                                                              timeout=60_000)
-            failover_row = page.locator("#operations tr", has_text="failover: panic -> recover")
-            expect(failover_row).to_have_attribute("data-outcome", "done", timeout=600_000)
+            injected = int(page.locator("#message").inner_text().rsplit("#", 1)[1])
+
+            def failover() -> dict[str, Any] | None:
+                """The failover after the injection, once it has ended."""
+                after = [op for op in api.get("/api/operations", params={"vm": name}).json()
+                         if op["kind"] == "failover" and op["id"] > injected]
+                return after[-1] if after and after[-1]["outcome"] != "running" else None
+
+            wait_for(failover, timeout=600, interval=0.5, what="the guard did not fail over")
+            failed_over = failover()
+            assert failed_over is not None
+            failover_row = page.locator(f'#operations tr[data-operation="{failed_over["id"]}"]')
+            expect(failover_row).to_contain_text("failover: panic -> recover", timeout=30_000)
+            expect(failover_row).to_have_attribute("data-outcome", "done")
             expect(failover_row.locator(".downtime")).to_contain_text(" s")
-            expect(row).to_contain_text("watching", timeout=30_000)  # redis's VM, again
+            expect(row.locator("td.guard")).to_have_text("watching", timeout=120_000)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=ARTIFACTS / "dashboard.png", full_page=True)
             browser.close()
 
-            failover = api.get("/api/operations").json()[0]
-            assert (failover["kind"], failover["report"]["outcome"]) == \
-                ("failover", "recovered"), failover
-            assert 0 < failover["downtime_seconds"] < 600
+            assert failed_over["report"]["outcome"] == "recovered", failed_over
+            assert 0 < failed_over["downtime_seconds"] < 600
             done = api.get(f"/api/operations/{operation}").json()
             assert done["outcome"] == "done", done["error"]
             assert 0 < done["downtime_seconds"] < done["report"]["total_seconds"]

@@ -67,7 +67,8 @@ class VmView:
     operation: int | None
     """The operation running on it, if any."""
     guard: str | None
-    """'watching', 'acting', 'standing aside' or 'stopped: why'; None if not guarded."""
+    """'starting', 'watching', 'acting', 'preparing a new standby', 'standing aside' or
+    'stopped: why'; None if not guarded."""
 
 
 @dataclass
@@ -287,7 +288,7 @@ class Controller:
     def _start_guard(self, name: str) -> None:
         guarding = self._guards[name]
         guarding.stop.clear()
-        guarding.state = "watching"
+        guarding.state = "starting"
         guarding.thread = threading.Thread(target=self._guard, args=(name, guarding),
                                            name=f"guard-{name}", daemon=True)
         guarding.thread.start()
@@ -316,9 +317,13 @@ class Controller:
             self.log(f"operation={decision.operation} kind=failover vm={name} "
                      f"fault={decision.fault} action={decision.action} started")
 
+        def watching() -> None:
+            guarding.state = "watching"
+            self.log(f"vm={name} guard=watching")
+
         def decided(decision: guard_job.Decision) -> None:
             with self._lock:
-                guarding.state, guarding.failover = "watching", None
+                guarding.state, guarding.failover = "preparing a new standby", None
             kept = self.history.get(decision.operation) if decision.operation else None
             if kept is None:
                 return
@@ -328,10 +333,11 @@ class Controller:
             self.log(f"operation={kept.id} outcome={decision.outcome} "
                      f"fault={decision.fault} seconds={decision.action_seconds:.1f}")
 
-        self.log(f"vm={name} guard=watching")
+        self.log(f"vm={name} guard=starting")
         try:
             guard_job.guard(self.host, name, self.config.services_of(name), guarding.policy,
-                            on_acting=acting, on_decision=decided, history=self.history,
+                            on_acting=acting, on_decision=decided, on_watching=watching,
+                            history=self.history,
                             stop=guarding.stop,
                             progress=lambda line: self.log(f"vm={name} guard: {line}"))
         except Exception as exc:  # the guard can do no more: say why, on the page too

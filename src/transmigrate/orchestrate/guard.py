@@ -193,11 +193,13 @@ class _DeadlineExceeded(TransmigrateError):
 def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = Policy(), *,
           dry_run: bool = False, on_decision: Callable[[Decision], None] = lambda _: None,
           on_acting: Callable[[Decision], None] = lambda _: None,
+          on_watching: Callable[[], None] = lambda: None,
           history: History | None = None, progress: Progress = silent,
           stop: threading.Event | None = None) -> list[Decision]:
     """Keep a warm standby for VM ``name`` and act on the faults the monitor sees, until
-    ``stop`` is set (or for ever). Every decision goes to ``on_acting`` before it is
-    carried out and to ``on_decision`` once it is; all of them are returned. Each
+    ``stop`` is set (or for ever). ``on_watching`` is called each time the monitor
+    watches (again), the standby ready. Every decision goes to ``on_acting`` before it
+    is carried out and to ``on_decision`` once it is; all of them are returned. Each
     one acted on is kept in ``history`` as a failover. ``dry_run``: decide and log,
     never act."""
     if not services:
@@ -224,7 +226,9 @@ def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = P
                                 time.monotonic_ns(), f"{name} was found {state}",
                                 {"source": "guard"})]
             else:
-                watch = watch or _FaultWatch(host, name, config, progress)
+                if watch is None:
+                    watch = _FaultWatch(host, name, config, progress)
+                    on_watching()
                 events = watch.next_fault(stop, _lockup_grace(policy))
                 if not events:
                     break

@@ -65,6 +65,7 @@ function vmRow(body, name) {
   const row = body.insertRow();
   row.dataset.vm = name;
   for (let i = 0; i < 7; i++) row.insertCell();
+  row.cells[5].className = "guard";
   const watch = document.createElement("button");
   watch.className = "watch";
   watch.onclick = () => startWatching(name);
