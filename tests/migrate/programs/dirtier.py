@@ -1,7 +1,7 @@
 """A process that dirties memory faster than pre-copy can follow, for post-copy tests.
 
 It fills a 16 MiB region with a fixed pattern once and never touches it again,
-then writes at random into a 64 MiB region for ever (more than post-copy's 16 MiB
+then writes at random into a 32 MiB region for ever (more than post-copy's 16 MiB
 threshold stays dirty between two pre-dumps). On SIGUSR1 it writes the
 SHA-256 of the fixed region to /data/dirtier/fixed.sha, so a test can check that
 memory fetched lazily on the new kernel is what it was on the old one.
@@ -13,7 +13,7 @@ import random
 import signal
 
 FIXED = bytearray(os.urandom(16 << 20))
-DIRTY = bytearray(64 << 20)
+DIRTY = bytearray(32 << 20)
 
 
 def report(signum: int, frame: object) -> None:
