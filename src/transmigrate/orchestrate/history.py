@@ -149,7 +149,9 @@ class History:
         with self._lock:
             owners = dict(self._db.execute(
                 "SELECT id, owner FROM operations WHERE outcome = ?", (RUNNING,)).fetchall())
-        left = [op for op in self.recent() if op.id in owners and not _alive(owners[op.id])]
+        gone = [operation for operation, owner in owners.items() if not _alive(owner)]
+        left = self._select(f"WHERE id IN ({', '.join('?' * len(gone))}) ORDER BY id DESC",
+                            tuple(gone)) if gone else []
         for op in left:
             self.finish(op.id, "interrupted",
                         error="the process running it stopped before the operation ended")
