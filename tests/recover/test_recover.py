@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import drgn
 import pycriu.images  # type: ignore[import-untyped]
 import pytest
 from drgn.helpers.linux.mm import for_each_vma
@@ -46,6 +47,10 @@ from ..conftest import REDIS_SERVICE, cli
 
 PROGRAM = Path(__file__).parent / "programs" / "counter.c"
 STREAMS = Path(__file__).parent / "programs" / "streams.py"
+BLOCKED_SEND = Path(__file__).parent / "programs" / "blocked_send.py"
+APPENDER = Path(__file__).parent / "programs" / "appender.py"
+_RECORD = 64 << 10
+"""appender.py's record size."""
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +72,17 @@ def _start(agent: GuestAgent, counter: bytes, log: str, *args: str) -> int:
     return int(agent.sh(
         f"setsid -f {command} </dev/null >/dev/null 2>&1; "
         f"while ! [ -s {log} ]; do sleep 0.2; done; pgrep -xf '{command}'").text)
+
+
+def _start_blocked_send(agent: GuestAgent) -> int:
+    """blocked_send.py, on the data volume, once it waits inside send() (sendto, 44)."""
+    agent.sh("cat > /data/blocked_send.py", input=BLOCKED_SEND.read_bytes())
+    return int(agent.sh(
+        "setsid -f python3 /data/blocked_send.py 7001 /data/send.log </dev/null >/dev/null "
+        "2>&1; until grep -qx ready /data/send.log 2>/dev/null; do sleep 0.2; done; "
+        "pid=$(pgrep -nf '^python3 /data/blocked_send.py'); "
+        "until read -r call rest < /proc/$pid/syscall && [ \"$call\" = 44 ]; do sleep 0.2; "
+        "done; sleep 1; echo $pid", what="starting blocked_send.py", timeout=120).text)
 
 
 def _panic(host: Host, name: str) -> None:
@@ -177,7 +193,9 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
     under a shell waiting for it; the 6.1 kernel panics, the 6.12 VM is stopped while
     the computing thread runs user code (its registers only in the vCPU); the paused
     one's images match CRIU's own dump of it, and the shell and its counter (a process
-    tree) go on in the new VM on the other kernel (6.12 -> 6.1 through the CLI)."""
+    tree) go on in the new VM on the other kernel (6.12 -> 6.1 through the CLI). A
+    process caught inside send() on a connection is restored with that connection cut
+    (named as its loss): its send fails, it carries on, and the other end gets a reset."""
     name = f"t-rec-{before.split('.')[1]}"
     lifecycle.up(prepared, name, before, memory_mib=512)
     try:
@@ -187,6 +205,7 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
             "setsid -f sh -c '/data/counter /data/counter.log --threads & wait' "
             "</dev/null >/dev/null 2>&1; while ! [ -s /data/counter.log ]; do sleep 0.2; "
             "done; pgrep -of '^sh -c /data/counter'").text)
+        sender = _start_blocked_send(agent)
         packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {paused} "
                           "-D /tmp/golden --leave-running -o dump.log && "
                           "tar -c -C /tmp/golden .", what="criu dump", timeout=120).stdout
@@ -205,12 +224,16 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
         _assert_same_images(tmp_path / "ours" / str(paused), tmp_path / "golden", paused)
 
         if before == ACTIVE_KERNEL:
-            report = recover(prepared, name, after, pids=[holder]).as_dict()
+            report = recover(prepared, name, after, pids=[holder, sender]).as_dict()
         else:
-            done = cli("recover", name, "--kernel", after, "--pid", str(holder), "--json")
+            done = cli("recover", name, "--kernel", after, "--pid", str(holder),
+                       "--pid", str(sender), "--json")
             assert done.returncode == 0, done.stderr
             report = json.loads(done.stdout)
-        assert [v["verdict"] for v in report["processes"]] == ["restored"], report
+        assert [v["verdict"] for v in report["processes"]] == [
+            "restored", "restored with losses"], report
+        assert [loss.split(" is cut: ")[1] for loss in report["processes"][1]["losses"]] == [
+            "the process was inside sendto() on it when the kernel stopped"], report
         assert len(report["processes"][0]["processes"]) == 2, "the shell and its counter"
         assert report["kernel_after"].startswith(after)
         assert report["stop_to_serving_seconds"] > 0
@@ -232,6 +255,10 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
         assert seen_uptime >= died["boottime"]["tv_sec"], (seen_uptime, died)
         assert all(line.split()[1] == "ok" for line in lines), [
             line for line in lines if "ok" not in line]
+        wait_for(lambda: "peer reset" in _lines(agent, "/data/send.log"), timeout=60,
+                 interval=0.5, what="blocked_send.py carrying on, its peer told")
+        assert _lines(agent, "/data/send.log")[:3] == ["ready", "cut BrokenPipeError",
+                                                       "alive 1"]
     finally:
         for vm in (name, f"{name}-dead"):
             if any(m.name == vm for m in prepared.machines.all()):
@@ -418,6 +445,53 @@ def test_redis_under_load_survives_the_death_of_its_kernel(
         for vm in (name, f"{name}-dead", f"{name}-standby"):
             if any(m.name == vm for m in prepared.machines.all()):
                 lifecycle.down(prepared, vm)
+
+
+def _stop_inside_an_append(host: Host, name: str, pid: int) -> tuple[int, int]:
+    """A plain QMP stop, at an instant when ``pid`` is inside write() with part of its
+    record in the file already; the file's position and size then."""
+    machine = host.machines.get(name)
+    for _ in range(200):
+        machine.qmp("stop")
+        with attach(machine, catalog=host.catalog) as guest:
+            task = find_task(guest.prog, pid)
+            regs = drgn.Object(guest.prog, "struct pt_regs", address=int(task.stack.value_())
+                               + 16384 - guest.prog.type("struct pt_regs").size)
+            if int(regs.orig_ax) == 1 and int(regs.ax) & (1 << 64) - 1 == (1 << 64) - 38:
+                file = task.files.fdt.fd[int(regs.di)]
+                position, size = int(file.f_pos), int(file.f_inode.i_size)
+                if size > position:
+                    return position, size
+        machine.qmp("cont")
+        time.sleep(random.uniform(0, 0.05))
+    pytest.fail(f"process {pid} was never caught inside an append")
+
+
+@pytest.mark.parametrize("vm", ["old_vm", "new_vm"])
+def test_an_append_cut_short_is_written_back_without_its_part(
+        prepared: Host, vm: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A process caught inside an append to a file on the data volume (O_APPEND), with
+    part of its record in the file already: the write is made again on restore, so the
+    file is written back as it was before the write began, on a record's boundary."""
+    name = request.getfixturevalue(vm)
+    agent = prepared.agent(prepared.machines.get(name))
+    agent.sh(f"mountpoint -q /data || {GUEST_TOOLS}/tm-data mount; "
+             "cat > /data/appender.py", input=APPENDER.read_bytes())
+    pid = int(agent.sh("setsid -f python3 /data/appender.py /data/appended </dev/null "
+                       ">/dev/null 2>&1; sleep 1; pgrep -nf '^python3 /data/appender.py'").text)
+    try:
+        position, size = _stop_inside_an_append(prepared, name, pid)
+        report = dump(prepared, name, [pid], tmp_path)
+        assert [v.verdict for v in report.processes] == ["dumped"], report
+        writeback = (tmp_path / str(pid) / "writeback.bin").read_bytes()
+        (length,) = struct.unpack_from("<I", writeback)
+        assert writeback[4:4 + length] == b"/data/appended"
+        (written_back,) = struct.unpack_from("<Q", writeback, 4 + length)
+        assert written_back == position, (position, size)
+        assert position % _RECORD == 0 and 0 < size - position <= _RECORD, (position, size)
+    finally:
+        prepared.machines.get(name).qmp("cont")
+        agent.sh(f"kill {pid}; rm -f /data/appended")
 
 
 def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,

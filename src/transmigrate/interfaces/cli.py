@@ -543,6 +543,8 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
     for verdict in report.processes:
         line = f"{verdict.pid} ({verdict.comm or '?'}): {verdict.verdict}"
         out.print(line + (f": {verdict.reason}" if verdict.reason else ""), markup=False)
+        for loss in verdict.losses:
+            out.print(f"  lost: {loss}", markup=False)
     accepting = report.stop_to_accepting_seconds
     out.print(f"{name} runs {report.kernel_after}; running again "
               f"{report.stop_to_serving_seconds:.1f} s after the stop"

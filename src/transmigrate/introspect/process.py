@@ -14,6 +14,7 @@ a one-line reason: a process is recovered exactly, or not at all.
 
 from __future__ import annotations
 
+import os
 import stat
 import struct
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.mm import PageDirty, PageWriteback, for_each_vma, page_to_phys
 from drgn.helpers.linux.pid import find_task, for_each_task_in_group
 from drgn.helpers.linux.sched import task_cpu, task_on_cpu, task_state_to_char
+from drgn.helpers.linux.xarray import xa_is_value, xa_load
 
 from transmigrate.errors import IntrospectionError, Unrecoverable
 from transmigrate.introspect.epoll import EpollState, read_epoll
@@ -44,7 +46,7 @@ from transmigrate.introspect.namespaces import (
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.pipes import PipeState, read_pipe
-from transmigrate.introspect.sockets import SocketState, read_socket
+from transmigrate.introspect.sockets import SocketState, is_connection, read_socket
 from transmigrate.vm.registers import VcpuState
 from transmigrate.vm.volume import DATA_MOUNT
 
@@ -66,6 +68,14 @@ _WRITES = {1: "write", 18: "pwrite64", 20: "writev", 40: "sendfile", 44: "sendto
            307: "sendmmsg", 326: "copy_file_range", 328: "pwritev2"}
 _READS = {0: "read", 19: "readv", 45: "recvfrom", 47: "recvmsg", 299: "recvmmsg"}
 """x86-64 system calls that move data, by number (their side effects cannot be undone)."""
+_ON_ONE_FD = {0, 1, 18, 19, 20, 44, 45, 46, 47, 296, 299, 307, 328}
+"""Those among them whose data moves through the one descriptor in their first argument."""
+_WRITE = 1
+_WRITES_AT_POSITION = {1, 18, 20, 296}
+"""write, pwrite64, writev, pwritev: into a file not opened to append, they write at
+the file position (or the one given), which moves only once they return."""
+_MAX_APPEND = 1 << 26
+"""More than an append that was cut short can have written: the file is not as read."""
 _SIGKILL, _SIGSTOP = 9, 19
 _XFEATURE_PKRU = 9
 _XFEATURE_X87, _XFEATURE_SSE, _XFEATURE_AVX_INDEX = 0x1, 0x2, 2
@@ -293,6 +303,11 @@ class _Reader:
         self.pid = pid
         self.vcpus = vcpus
         self.allow_panicking = allow_panicking
+        self.cut: dict[int, str] = {}
+        """Connections to cut, by descriptor, and why (see :func:`read_socket`)."""
+        self.rewound: dict[int, int] = {}
+        """Files (``struct file``) an append was cut short in, and the size to write
+        them back at: where the append began (see ``_write_again``)."""
         # What every thread needs from the kernel, looked up once.
         self.panic_cpu = PanicReader(guest).sample().panic_cpu
         try:
@@ -414,9 +429,15 @@ class _Reader:
                               "could crash the new one too)")
         moving = self._moving_data(task)
         if moving:
-            raise self.refuse(f"{who} was inside {moving}() when the kernel stopped: whether "
-                              "its data went through is unknown, and doing it again could "
-                              "write it twice")
+            call, fd = moving
+            file = self._file_at(fd) if fd is not None else None
+            if fd is not None and file is not None and self._is_connection(file):
+                self.cut[fd] = (f"{'the process' if tid == self.pid else f'its thread {tid}'}"
+                                f" was inside {call}() on it when the kernel stopped")
+            elif file is None or not self._write_again(task, file):
+                raise self.refuse(f"{who} was inside {call}() when the kernel stopped: "
+                                  "whether its data went through is unknown, and doing it "
+                                  "again could write it twice")
         if self._live_fpu(task) and task_cpu(task) not in self.vcpus:
             raise self.refuse(f"{who} was on vCPU {task_cpu(task)} with its registers "
                               "there, and the vCPU's state was not read")
@@ -462,20 +483,90 @@ class _Reader:
         orig_ax = int(self._saved_user_registers(task).orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
         return orig_ax < 1 << 63  # -1 for every other entry
 
-    def _moving_data(self, task: drgn.Object) -> str | None:
-        """The system call, if ``task`` was inside one that moves data and may have moved
-        some of it already: a write of any kind (the kernel copies before it can block),
-        or a read that was running rather than waiting (it may have taken bytes off a
-        queue). Restarting either could write twice or lose bytes."""
+    def _moving_data(self, task: drgn.Object) -> tuple[str, int | None] | None:
+        """The system call, and the descriptor its data moves through (when it has one),
+        if ``task`` was inside one that moves data and may have moved some of it already:
+        a write of any kind (the kernel copies before it can block), or a read that was
+        running rather than waiting (it may have taken bytes off a queue). Restarting
+        either could write twice or lose bytes."""
         regs = self._saved_user_registers(task)
         number = int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
         if int(regs.ax) & 0xFFFF_FFFF_FFFF_FFFF != (-_ENOSYS) & 0xFFFF_FFFF_FFFF_FFFF:
             return None  # not in one, or it finished or chose to restart
+        fd = int(regs.di) & 0xFFFF_FFFF if number in _ON_ONE_FD else None
         if number in _WRITES:
-            return _WRITES[number]
+            return _WRITES[number], fd
         if number in _READS and (task_on_cpu(task) or task_state_to_char(task) == "R"):
-            return _READS[number]
+            return _READS[number], fd
         return None
+
+    def _file_at(self, fd: int) -> drgn.Object | None:
+        """The file open as ``fd``, if any."""
+        fdt = self.task.files.fdt
+        if not 0 <= fd < min(int(fdt.max_fds), 1 << 20):
+            return None
+        file = fdt.fd[fd]
+        return file if file else None
+
+    def _is_connection(self, file: drgn.Object) -> bool:
+        """Whether ``file`` is an established TCP connection (which can be cut)."""
+        return (self.file_operations.get(file.f_op.value_()) == "socket_file_ops"
+                and is_connection(file))
+
+    def _write_again(self, task: drgn.Object, file: drgn.Object) -> bool:
+        """Whether ``task``'s write into the regular ``file``, cut short, can be made
+        again with nothing written twice. At a position of its own, yes: the file
+        position moves only once the call returns, so the same bytes land on the same
+        ones. An append (``write``) to a file on the data volume, only if what the file
+        holds past its position (where the last append ended) is exactly the start of
+        what the call writes: then the file is written back without it (``rewound``)."""
+        regs = self._saved_user_registers(task)
+        number = int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
+        inode = file.f_inode
+        if not stat.S_ISREG(int(inode.i_mode)):
+            return False
+        if not int(file.f_flags) & os.O_APPEND:
+            return number in _WRITES_AT_POSITION
+        if number != _WRITE or not self._name(file.f_path).startswith(f"{DATA_MOUNT}/"):
+            return False
+        start, size = int(file.f_pos), int(inode.i_size)
+        if not start <= size <= start + min(int(regs.dx), _MAX_APPEND):
+            return False
+        if size > start:
+            written = self._cached(inode, start, size)
+            if written is None or written != self._user_bytes(task.mm, int(regs.si),
+                                                               size - start):
+                return False
+        self.rewound[file.value_()] = start
+        return True
+
+    def _cached(self, inode: drgn.Object, start: int, end: int) -> bytes | None:
+        """Bytes ``start`` to ``end`` of ``inode`` from its page cache; None if a page of
+        them is not cached."""
+        data = bytearray()
+        for index in range(start // PAGE, (end - 1) // PAGE + 1):
+            entry = xa_load(inode.i_mapping.i_pages.address_of_(), index)
+            if not entry or xa_is_value(entry):
+                return None
+            page = drgn.cast("struct page *", entry)
+            physical = int(page_to_phys(page))
+            if int(page.index) != index or not self.guest.ram.covers(physical, PAGE):
+                return None
+            data += self.guest.ram.read(physical, PAGE)
+        first = start // PAGE * PAGE
+        return bytes(data[start - first:end - first])
+
+    def _user_bytes(self, mm: drgn.Object, address: int, length: int) -> bytes | None:
+        """``length`` bytes of the process's memory at ``address``; None if a page of
+        them is not present."""
+        first, end = address & ~(PAGE - 1), address + length
+        pages = dict(PageTables.of(self.guest, int(mm.pgd)).pages(first, end))
+        data = bytearray()
+        for page in range(first, end, PAGE):
+            if page not in pages or not self.guest.ram.covers(pages[page], PAGE):
+                return None
+            data += self.guest.ram.read(pages[page], PAGE)
+        return bytes(data[address - first:end - first])
 
     def _live_fpu(self, task: drgn.Object) -> bool:
         """Whether ``task`` was on a CPU with its FPU registers loaded there (the kernel
@@ -738,7 +829,7 @@ class _Reader:
             if kind == "eventpoll_fops":
                 return read_epoll(file, by_fd)
             if kind == "socket_file_ops":
-                return read_socket(self.guest, file)
+                return read_socket(self.guest, file, cut=self.cut.get(fd))
             if kind == "eventfd_fops":
                 return read_eventfd(file)
             if kind == "signalfd_fops":
@@ -767,8 +858,8 @@ class _Reader:
         if stat.S_ISREG(mode) and path.startswith(f"{DATA_MOUNT}/"):
             dirty = self._dirty_pages(inode, what)
         return FileState(path=path, flags=int(file.f_flags) & ~_O_CLOEXEC, pos=int(file.f_pos),
-                         mode=mode,
-                         size=int(inode.i_size), key=file.value_(), dirty=dirty)
+                         mode=mode, size=self.rewound.get(file.value_(), int(inode.i_size)),
+                         key=file.value_(), dirty=dirty)
 
     def _dirty_pages(self, inode: drgn.Object, what: str) -> tuple[tuple[int, int], ...]:
         """Pages dirty or under writeback; and on ext4 every page from the size its

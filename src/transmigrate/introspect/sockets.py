@@ -24,10 +24,11 @@ from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
 from transmigrate.errors import Unrecoverable
 from transmigrate.introspect.kernel import Guest
 
-__all__ = ["SocketState", "TcpStream", "millisecond_timestamp", "read_socket"]
+__all__ = ["CutConnection", "SocketState", "TcpStream", "is_connection",
+           "millisecond_timestamp", "read_socket"]
 
 # include/net/tcp_states.h, uapi; the same in 6.1 and 6.12.
-_TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
+_TCP_ESTABLISHED, _TCP_CLOSE, _TCP_LISTEN = 1, 7, 10
 _TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
                5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
                10: "LISTEN", 11: "CLOSING"}
@@ -54,6 +55,24 @@ class TcpStream:
 
 
 @dataclass(frozen=True)
+class CutConnection:
+    """A connection a recovery cut, as its peer knows it: where to send it a reset."""
+
+    source: str
+    source_port: int
+    destination: str
+    destination_port: int
+    next_seq: int
+    """The next sequence number the dead kernel would have sent (``snd_nxt``)."""
+
+    @property
+    def argument(self) -> str:
+        """How the guest tool tm-reset takes it."""
+        return (f"{self.source}:{self.source_port}:{self.destination}:"
+                f"{self.destination_port}:{self.next_seq}")
+
+
+@dataclass(frozen=True)
 class SocketState:
     """A TCP socket (CRIU's inet_sk_entry), and its stream if it is connected."""
 
@@ -75,12 +94,15 @@ class SocketState:
     stream: TcpStream | None
     losses: tuple[str, ...] = ()
     """What the restore will not have, in a few words each (connections a listening
-    socket had accepted and the process had not taken yet)."""
+    socket had accepted and the process had not taken yet; a connection cut)."""
+    cut: CutConnection | None = None
+    """The connection this socket was, if it was cut (IPv4: the peer is told)."""
 
 
-def read_socket(guest: Guest, file: drgn.Object) -> SocketState:
+def read_socket(guest: Guest, file: drgn.Object, cut: str | None = None) -> SocketState:
     """Read the socket open as ``file``; raise :class:`Unrecoverable` for a kind not
-    rebuilt yet, or one caught mid-update."""
+    rebuilt yet, or a listener caught mid-update. A connection caught mid-update, or
+    ``cut`` (why it cannot be trusted), is cut: see :func:`_cut`."""
     sock = drgn.cast("struct socket *", file.private_data)
     sk = sock.sk
     if not sk:
@@ -95,9 +117,12 @@ def read_socket(guest: Guest, file: drgn.Object) -> SocketState:
     if int(sock.type) != socket.SOCK_STREAM or int(sk.sk_protocol) != socket.IPPROTO_TCP:
         raise Unrecoverable(f"is a non-TCP internet socket (type {int(sock.type)}, "
                             f"protocol {int(sk.sk_protocol)}; not supported yet)")
-    if int(sk.sk_lock.owned) or int(sk.sk_lock.slock.rlock.raw_lock.val.counter):
-        raise Unrecoverable("is a socket caught mid-update (its lock held)")
     state = int(common.skc_state)
+    locked = bool(int(sk.sk_lock.owned) or int(sk.sk_lock.slock.rlock.raw_lock.val.counter))
+    if state == _TCP_ESTABLISHED and (cut or locked):
+        return _cut(guest, file, sk, cut or "its lock was held (caught mid-update)")
+    if locked:
+        raise Unrecoverable("is a socket caught mid-update (its lock held)")
     if state not in (_TCP_ESTABLISHED, _TCP_LISTEN):
         raise Unrecoverable(f"is a TCP socket in state {_TCP_STATES.get(state, state)} "
                             "(not supported yet)")
@@ -127,6 +152,40 @@ def read_socket(guest: Guest, file: drgn.Object) -> SocketState:
         v6only=bool(common.skc_ipv6only), shutdown=int(sk.sk_shutdown),
         options=_options(guest, sk, tcp, hz), stream=stream,
         losses=losses)
+
+
+def _cut(guest: Guest, file: drgn.Object, sk: drgn.Object, why: str) -> SocketState:
+    """A connection whose state cannot be trusted (``why``) becomes a socket that was
+    never connected: the process keeps its descriptor, and its next read or write on it
+    fails (ENOTCONN, EPIPE) as on a connection that broke, so it closes it. Its peer is
+    sent a reset (``cut``). Rebuilding the connection instead could send bytes twice or
+    lose some."""
+    common = sk.__sk_common
+    family = int(common.skc_family)
+    (source, destination), nowhere = _addresses(common, family), (
+        "0.0.0.0" if family == socket.AF_INET else "::")
+    source_port = int(common.skc_num)
+    destination_port = int.from_bytes(common.skc_dport.to_bytes_(), "big")
+    tcp = drgn.cast("struct tcp_sock *", sk)
+    hz = round(1e9 / int(guest.prog["tick_nsec"]))
+    return SocketState(
+        key=file.value_(), ino=int(file.f_inode.i_ino),
+        flags=int(file.f_flags) & ~os.O_CLOEXEC, family=_FAMILIES[family],
+        state=_TCP_STATES[_TCP_CLOSE], src_port=0, dst_port=0, src_addr=nowhere,
+        dst_addr=nowhere, backlog=0, v6only=bool(common.skc_ipv6only), shutdown=0,
+        options=_options(guest, sk, tcp, hz), stream=None,
+        losses=(f"the connection {source} port {source_port} to {destination} port "
+                f"{destination_port} is cut: {why}",),
+        cut=CutConnection(source, source_port, destination, destination_port,
+                          int(tcp.snd_nxt)) if family == socket.AF_INET else None)
+
+
+def is_connection(file: drgn.Object) -> bool:
+    """Whether the socket open as ``file`` is an established TCP connection."""
+    sk = drgn.cast("struct socket *", file.private_data).sk
+    return bool(sk) and (int(sk.__sk_common.skc_family) in _FAMILIES
+                         and int(sk.sk_protocol) == socket.IPPROTO_TCP
+                         and int(sk.__sk_common.skc_state) == _TCP_ESTABLISHED)
 
 
 def _addresses(common: drgn.Object, family: int) -> tuple[str, str]:

@@ -65,6 +65,8 @@ class ProcessVerdict:
     losses: list[str] = field(default_factory=list)
     connections: int = 0
     """Established TCP connections, rebuilt in repair mode (``--tcp-established``)."""
+    cut: list[str] = field(default_factory=list)
+    """Connections cut (see losses) whose peers are sent a reset, as tm-reset takes them."""
     listening: list[int] = field(default_factory=list)
     """TCP ports it listens on (for all addresses, or the service's)."""
     pages: int = 0
@@ -158,6 +160,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             sockets = list({f.key: f for p in tree for f, _ in p.files.values()
                             if isinstance(f, SocketState)}.values())
             verdict.connections = sum(1 for s in sockets if s.stream is not None)
+            verdict.cut = [s.cut.argument for s in sockets if s.cut is not None]
             service = machine.record.ip
             verdict.listening = sorted({s.src_port for s in sockets if s.state == "LISTEN"
                                         and s.src_addr in ("0.0.0.0", "::", service)})
@@ -381,6 +384,12 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
         raise TransmigrateError(f"a restored process exited at once in {target.name}")
     host.network.detach(dead.record.service_tap)
     host.network.attach(target.record.service_tap)
+    cut = [connection for v in running for connection in v.cut]
+    if cut:  # their peers may be waiting for a reply that will not come
+        reset = agent.exec([f"{GUEST_TOOLS}/tm-reset", *cut])
+        progress(f"sent a reset to the peers of {len(cut)} connection(s) cut"
+                 if reset.exit_code == 0 else f"could not reset the connections cut: "
+                 f"{reset.stderr.decode(errors='replace').strip()}")
     return target
 
 
