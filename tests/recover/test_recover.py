@@ -27,8 +27,9 @@ from typing import Any
 import drgn
 import pycriu.images  # type: ignore[import-untyped]
 import pytest
+from drgn.helpers.linux.fs import for_each_file
 from drgn.helpers.linux.mm import for_each_vma
-from drgn.helpers.linux.pid import find_task
+from drgn.helpers.linux.pid import find_task, for_each_task_in_group
 from drgn.helpers.linux.sched import cpu_curr
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
@@ -334,6 +335,85 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         assert queued > 1 << 20, "megabytes wait in the queues"
     finally:
         agent.sh(f"kill {pid}")
+
+
+def _connection_in_flight(host: Host, name: str, pid: int) -> bool:
+    """Whether, in the stopped VM, the kernel held the spinlock of one of ``pid``'s
+    connections (a packet coming in or going out) while no call on a socket held it and
+    no thread of ``pid`` was inside read() or write()."""
+    with attach(host.machines.get(name), catalog=host.catalog) as guest:
+        prog = guest.prog
+        task = find_task(prog, pid)
+        size = prog.type("struct pt_regs").size
+        for thread in for_each_task_in_group(task, include_self=True):
+            regs = drgn.Object(prog, "struct pt_regs",
+                               address=int(thread.stack.value_()) + 16384 - size)
+            if int(regs.ax) == (1 << 64) - 38 and int(regs.orig_ax) in (0, 1):
+                return False
+        sockets = prog["socket_file_ops"].address_of_().value_()
+        for _, file in for_each_file(task):
+            if file.f_op.value_() != sockets:
+                continue
+            sk = drgn.cast("struct socket *", file.private_data).sk
+            if (int(sk.__sk_common.skc_state) == 1 and not int(sk.sk_lock.owned)
+                    and int(sk.sk_lock.slock.rlock.raw_lock.val.counter)):
+                return True
+    return False
+
+
+def test_redis_under_load_is_recovered_at_any_instant(prepared: Host,
+                                                      tmp_path: Path) -> None:
+    """redis under our client's load, its VM stopped at 30 random instants and read
+    from the host each time (it runs on after each): never refused (a connection it was
+    reading or writing is cut, an AOF append cut short is rewound). Then stopped at an
+    instant when the kernel held a connection's spinlock (a packet in flight) and
+    recovered: that connection is rebuilt as it stood, and the client goes on on it with
+    every acknowledged write."""
+    name = "t-rec-any"
+    config = tmp_path / "transmigrate.toml"
+    config.write_text(REDIS_SERVICE.format(vm=name))
+    service = load_config(config).services_of(name)[0]
+    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512, cpus=2)
+    load = None
+    try:
+        start_service(prepared, service)
+        machine = prepared.machines.get(name)
+        redis = int(prepared.agent(machine).sh("pgrep -ox redis-server").text)
+        load = LoadClient(prepared, machine.record.ip)
+        outcomes = []
+        for instant in range(30):
+            time.sleep(random.uniform(0.05, 0.4))
+            report = dump(prepared, name, [redis], tmp_path / str(instant))
+            verdict = report.processes[0]
+            assert verdict.verdict == "dumped", verdict.reason
+            outcomes.append("cut" if verdict.losses else "whole")
+        assert prepared.machines.get(name).status() == "running"
+        for _ in range(300):
+            time.sleep(random.uniform(0.05, 0.4))
+            machine.qmp("stop")
+            if _connection_in_flight(prepared, name, redis):
+                break
+            machine.qmp("cont")
+        else:
+            pytest.fail(f"no connection of redis was caught in flight; read: {outcomes}")
+        recovered = recover(prepared, name, services=[service])
+        assert [v.verdict for v in recovered.processes] == ["restored"], recovered
+        address = prepared.machines.get(name).record.ip
+        counted = int(redis_cli(prepared, address, "GET", "transmigrate:counter"))
+        wait_for(lambda: int(redis_cli(prepared, address, "GET", "transmigrate:counter"))
+                 > counted + 10, timeout=30, interval=0.5, what="the client going on")
+        summary = load.stop()
+        assert summary["errors"] == [] and summary["out_of_order"] == 0, summary
+        assert summary["client_id_start"] == summary["client_id_end"], "the same connection"
+        assert int(redis_cli(prepared, address, "GET", "transmigrate:counter")) == \
+            summary["last_value"], "every acknowledged write"
+    finally:
+        if load is not None and load.process.poll() is None:
+            load.process.kill()
+            load.process.wait()
+        for vm in (name, f"{name}-dead"):
+            if any(m.name == vm for m in prepared.machines.all()):
+                lifecycle.down(prepared, vm)
 
 
 @pytest.mark.parametrize(("before", "after", "through"), [

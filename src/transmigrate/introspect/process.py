@@ -24,7 +24,7 @@ import drgn
 from drgn.helpers.linux.fs import d_path, for_each_file, inode_for_each_page
 from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.mm import PageDirty, PageWriteback, for_each_vma, page_to_phys
-from drgn.helpers.linux.pid import find_task, for_each_task_in_group
+from drgn.helpers.linux.pid import find_task, for_each_task, for_each_task_in_group
 from drgn.helpers.linux.sched import task_cpu, task_on_cpu, task_state_to_char
 from drgn.helpers.linux.xarray import xa_is_value, xa_load
 
@@ -71,6 +71,8 @@ _READS = {0: "read", 19: "readv", 45: "recvfrom", 47: "recvmsg", 299: "recvmmsg"
 _ON_ONE_FD = {0, 1, 18, 19, 20, 44, 45, 46, 47, 296, 299, 307, 328}
 """Those among them whose data moves through the one descriptor in their first argument."""
 _WRITE = 1
+_EPOLL_WAITS = {232, 281, 441}
+"""epoll_wait, epoll_pwait, epoll_pwait2."""
 _WRITES_AT_POSITION = {1, 18, 20, 296}
 """write, pwrite64, writev, pwritev: into a file not opened to append, they write at
 the file position (or the one given), which moves only once they return."""
@@ -89,6 +91,7 @@ _MAX_VMAS = 65536
 _MAX_FDS = 65536
 _MAX_THREADS = 4096
 _MAX_PROCESSES = 4096
+_MAX_TASKS = 1 << 22
 _PIPEFS_MAGIC = 0x50495045
 _O_CLOEXEC = 0o2000000
 _PT_REGS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx",
@@ -379,7 +382,10 @@ class _Reader:
         if not task.mm:
             raise self.refuse("it has no memory (a kernel thread or a zombie)")
         if int(task.mm.mm_users.counter) != int(task.signal.nr_threads):
-            raise self.refuse("its memory is shared with another process (vfork or CLONE_VM)")
+            sharing = self._sharing_memory()
+            if sharing:
+                raise self.refuse(f"its memory is shared with process {sharing} (vfork or "
+                                  "CLONE_VM)")
         if int(task.mm.mmap_lock.count.counter) & _RWSEM_WRITER_LOCKED:
             raise self.refuse("its memory map was being changed (mmap_lock held for writing)")
         if int(task.files.file_lock.rlock.raw_lock.val.counter):
@@ -387,6 +393,18 @@ class _Reader:
         pending = int(task.signal.shared_pending.signal.sig[0])
         if pending:
             raise self.refuse(f"it has signals pending ({pending:#x})")
+
+    def _sharing_memory(self) -> int | None:
+        """Another process that uses its memory map, if any. Its user count says more
+        only when something else holds the map for a moment (reading /proc/PID/stat,
+        khugepaged), so the task list says who."""
+        mm = self.task.mm.value_()
+        for count, task in enumerate(for_each_task(self.prog)):
+            if count >= _MAX_TASKS:
+                raise self.refuse("the kernel's task list is corrupt (too long)")
+            if task.mm.value_() == mm and int(task.tgid) != self.pid:
+                return int(task.tgid)
+        return None
 
     def _threads(self) -> list[drgn.Object]:
         """The leader and its threads, each checked; the walk is bounded."""
@@ -482,6 +500,11 @@ class _Reader:
         exception or an NMI that came while it ran user code)."""
         orig_ax = int(self._saved_user_registers(task).orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
         return orig_ax < 1 << 63  # -1 for every other entry
+
+    def _in_epoll_wait(self, task: drgn.Object) -> bool:
+        """Whether ``task`` (of any process) was inside epoll_wait, epoll_pwait(2)."""
+        regs = self._saved_user_registers(task)
+        return int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF in _EPOLL_WAITS
 
     def _moving_data(self, task: drgn.Object) -> tuple[str, int | None] | None:
         """The system call, and the descriptor its data moves through (when it has one),
@@ -810,7 +833,8 @@ class _Reader:
         for count, (fd, file) in enumerate(for_each_file(self.task)):
             if count >= _MAX_FDS:
                 raise self.refuse("its file table is corrupt (too many files)")
-            open_files[fd] = file
+            if file:  # else reserved by an open (openat, socket, ...) not done yet,
+                open_files[fd] = file  # which the restart makes again
         by_fd = {fd: file.value_() for fd, file in open_files.items()}
         result = {}
         for fd, file in open_files.items():
@@ -827,7 +851,7 @@ class _Reader:
                                         "(not supported yet)")
                 return read_pipe(self.guest, file)
             if kind == "eventpoll_fops":
-                return read_epoll(file, by_fd)
+                return read_epoll(file, by_fd, self._in_epoll_wait)
             if kind == "socket_file_ops":
                 return read_socket(self.guest, file, cut=self.cut.get(fd))
             if kind == "eventfd_fops":

@@ -101,8 +101,12 @@ class SocketState:
 
 def read_socket(guest: Guest, file: drgn.Object, cut: str | None = None) -> SocketState:
     """Read the socket open as ``file``; raise :class:`Unrecoverable` for a kind not
-    rebuilt yet, or a listener caught mid-update. A connection caught mid-update, or
-    ``cut`` (why it cannot be trusted), is cut: see :func:`_cut`."""
+    rebuilt yet, or a listener caught mid-update. A connection is cut (see
+    :func:`_cut`) when a call on it held its lock, or for ``cut`` (why it cannot be
+    trusted); when the kernel held its spinlock (a packet coming in or going out, in
+    interrupt context), only if its queues then do not add up: its sequence numbers
+    and queues are read as they stand, a packet half taken in being as good as lost
+    (its sender sends it again, as it was not acknowledged)."""
     sock = drgn.cast("struct socket *", file.private_data)
     sk = sock.sk
     if not sk:
@@ -118,10 +122,11 @@ def read_socket(guest: Guest, file: drgn.Object, cut: str | None = None) -> Sock
         raise Unrecoverable(f"is a non-TCP internet socket (type {int(sock.type)}, "
                             f"protocol {int(sk.sk_protocol)}; not supported yet)")
     state = int(common.skc_state)
-    locked = bool(int(sk.sk_lock.owned) or int(sk.sk_lock.slock.rlock.raw_lock.val.counter))
-    if state == _TCP_ESTABLISHED and (cut or locked):
-        return _cut(guest, file, sk, cut or "its lock was held (caught mid-update)")
-    if locked:
+    owned = bool(int(sk.sk_lock.owned))
+    spinning = bool(int(sk.sk_lock.slock.rlock.raw_lock.val.counter))
+    if state == _TCP_ESTABLISHED and (cut or owned):
+        return _cut(guest, file, sk, cut or "a call on it held its lock (caught mid-update)")
+    if owned or (spinning and state != _TCP_ESTABLISHED):
         raise Unrecoverable("is a socket caught mid-update (its lock held)")
     if state not in (_TCP_ESTABLISHED, _TCP_LISTEN):
         raise Unrecoverable(f"is a TCP socket in state {_TCP_STATES.get(state, state)} "
@@ -138,7 +143,13 @@ def read_socket(guest: Guest, file: drgn.Object, cut: str | None = None) -> Sock
             losses = (f"{pending} connection(s) not yet accepted on port "
                       f"{int(common.skc_num)}",)
     hz = round(1e9 / int(guest.prog["tick_nsec"]))
-    stream = _stream(guest, sk, tcp) if state == _TCP_ESTABLISHED else None
+    try:
+        stream = _stream(guest, sk, tcp) if state == _TCP_ESTABLISHED else None
+    except Unrecoverable as exc:
+        if not spinning:
+            raise
+        return _cut(guest, file, sk, f"the kernel was updating it (a packet in or out, its "
+                                     f"spinlock held), and it {exc}")
     return SocketState(
         key=file.value_(), ino=int(file.f_inode.i_ino),
         flags=int(file.f_flags) & ~os.O_CLOEXEC,

@@ -460,6 +460,7 @@ def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,
             host.machines.remove(host.machines.get(f"{name}{STANDBY_SUFFIX}"),
                                  keep_network=True)
         report = recover(host, name, kernel, services=services, progress=progress)
-    lost = "; ".join(f"not recovered: {v.pid} ({v.comm or '?'}): {v.reason}"
-                     for v in report.processes if v.verdict in ("refused", "failed"))
+    lost = "; ".join([*(f"not recovered: {v.pid} ({v.comm or '?'}): {v.reason}"
+                        for v in report.processes if v.verdict in ("refused", "failed")),
+                      *(f"lost: {loss}" for v in report.processes for loss in v.losses)])
     return lost, report.steps

@@ -2,9 +2,10 @@
 
 Run inside the private network (``python -m transmigrate.orchestrate.loadgen``).
 It records the time of every reply and checks that each INCR answers exactly
-one more than the last, so a lost or duplicated reply shows. On SIGTERM or
-after ``--seconds`` it prints one JSON summary: replies, the longest gap between
-two replies, the connection's CLIENT ID at the start and at the end, errors.
+one more than the last, so a lost or duplicated reply shows. On SIGTERM, after
+``--seconds`` or on an error, it prints one JSON summary: replies, the longest gap
+between two replies, the last value, the connection's CLIENT ID at the start and
+at the end, errors.
 With ``--reconnect`` (for baselines that restart the server) it reconnects
 after an error instead of stopping, and counts the reconnections.
 """
@@ -88,6 +89,7 @@ def main() -> None:
     # A baseline that restarts the server leaves the old connection silent: give up on
     # it after a second and reconnect, instead of waiting for TCP to time out.
     timeout = 1.0 if args.reconnect else args.timeout
+    last_value = -1
     try:
         conn = RespConnection(args.host, args.port, timeout)
         summary["client_id_start"] = conn.command("CLIENT", "ID")
@@ -117,9 +119,9 @@ def main() -> None:
             last_value, last_time = value, now
             summary["replies"] += 1
         summary["client_id_end"] = conn.command("CLIENT", "ID")
-        summary["last_value"] = last_value
     except (OSError, RuntimeError, ConnectionError, ValueError) as exc:
         summary["errors"].append(f"{type(exc).__name__}: {exc}")
+    summary["last_value"] = last_value
     summary["max_gap_s"] = round(summary["max_gap_s"], 4)
     print(json.dumps(summary))
 
