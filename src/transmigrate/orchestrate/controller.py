@@ -261,21 +261,20 @@ class Controller:
         self.log(f"operation={operation} kind=update vm={name} kernel={kernel} started")
         guarded = self._stand_aside(name)
         try:
-            roots = update_job.find_services(self.host, name, declared=declared)
-            standby = warm_standby(self.host, name, kernel) if guarded else None
-            report = update_job.update(self.host, name, kernel, pids=roots, copy=copy,
-                                       standby=standby, progress=lambda line: self.log(
-                                           f"operation={operation} {line}"))
-        except Exception as exc:  # every failure is on record; the thread ends here
-            self.history.finish(operation, "failed", error=str(exc))
+            with self.history.recording(operation) as kept:
+                roots = update_job.find_services(self.host, name, declared=declared)
+                standby = warm_standby(self.host, name, kernel) if guarded else None
+                report = update_job.update(self.host, name, kernel, pids=roots, copy=copy,
+                                           standby=standby, progress=lambda line: self.log(
+                                               f"operation={operation} {line}"))
+                kept.report, kept.downtime_seconds = report.as_dict(), report.frozen_seconds
+        except Exception as exc:  # on record already; the thread ends here
             self._operations.labels("update", "failed").inc()
             self.log(f"operation={operation} outcome=failed error={exc!r}")
         else:
             for step, seconds in report.steps.items():
                 self._step_seconds.labels(step).observe(seconds)
             self._downtime.labels("update").observe(report.frozen_seconds)
-            self.history.finish(operation, "done", report=report.as_dict(),
-                                downtime_seconds=report.frozen_seconds)
             self._operations.labels("update", "done").inc()
             self.log(f"operation={operation} outcome=done frozen={report.frozen_seconds:.3f}s "
                      f"total={time.monotonic() - start:.1f}s")

@@ -118,11 +118,16 @@ class History:
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
+    def recorded(self, kind: str, vm: str, request: dict[str, Any]
+                 ) -> contextlib.AbstractContextManager[Outcome]:
+        """A new operation, on record for as long as the block runs (see ``recording``)."""
+        return self.recording(self.start(kind, vm, request))
+
     @contextlib.contextmanager
-    def recorded(self, kind: str, vm: str, request: dict[str, Any]) -> Iterator[Outcome]:
-        """On record for as long as the block runs: done with what the block put in the
-        :class:`Outcome`, failed with the error that left it, or interrupted."""
-        operation = self.start(kind, vm, request)
+    def recording(self, operation: int) -> Iterator[Outcome]:
+        """``operation`` (started) on record for as long as the block runs: done with
+        what the block put in the :class:`Outcome`, failed with the error that left it,
+        or interrupted."""
         outcome = Outcome(operation)
         try:
             yield outcome
