@@ -50,6 +50,7 @@ PROGRAM = Path(__file__).parent / "programs" / "counter.c"
 STREAMS = Path(__file__).parent / "programs" / "streams.py"
 BLOCKED_SEND = Path(__file__).parent / "programs" / "blocked_send.py"
 APPENDER = Path(__file__).parent / "programs" / "appender.py"
+SHARES_MEMORY = Path(__file__).parent / "programs" / "shares_memory.c"
 _RECORD = 64 << 10
 """appender.py's record size."""
 
@@ -577,8 +578,8 @@ def test_an_append_cut_short_is_written_back_without_its_part(
 def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
     """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init, a
-    process in the middle of a write: one line each, a non-zero exit, and the VM runs on
-    as before."""
+    process in the middle of a write into a pipe, one sharing its memory with another
+    process: one line each, a non-zero exit, and the VM runs on as before."""
     out = str(tmp_path / "images")
     for args, error in [
             (["dump", "no-such-vm", "--pid", "1", "--out", out], "no VM named 'no-such-vm'"),
@@ -612,6 +613,21 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
             done.stderr, done.stderr
     finally:
         agent.sh(f"kill -KILL -{session}")
+    # A child that shares its parent's memory (CLONE_VM, not a thread).
+    binary = tmp_path / "shares_memory"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(SHARES_MEMORY)], check=True)
+    agent.sh("cat > /tmp/shares_memory && chmod +x /tmp/shares_memory",
+             input=binary.read_bytes())
+    parent, child = map(int, agent.sh(
+        "setsid -f /tmp/shares_memory </dev/null >/dev/null 2>&1; sleep 1; "
+        "p=$(pgrep -ox shares_memory); echo $p $(pgrep -P $p)").text.split())
+    try:
+        done = cli("dump", old_vm, "--pid", str(parent), "--out", out)
+        assert done.returncode == 1
+        assert f"{parent}: refused: its memory is shared with process {child} (vfork or " \
+            "CLONE_VM)" in done.stderr, done.stderr
+    finally:
+        agent.sh(f"kill -KILL {parent} {child}")
 
 
 def _overwrite(host: Host, vm: str, address: int, value: int) -> None:
