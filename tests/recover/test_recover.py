@@ -338,28 +338,46 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         agent.sh(f"kill {pid}")
 
 
-def _connection_in_flight(host: Host, name: str, pid: int) -> bool:
-    """Whether, in the stopped VM, the kernel held the spinlock of one of ``pid``'s
-    connections (a packet coming in or going out) while no call on a socket held it and
-    no thread of ``pid`` was inside read() or write()."""
+def _caught(host: Host, name: str, pid: int) -> str | None:
+    """What the stopped VM caught ``pid`` doing with a connection: "call" (a thread
+    inside read() or write() on it), "packet" (no such thread, and the kernel held a
+    connection's spinlock, a packet coming in or going out, with no call holding it),
+    or None."""
     with attach(host.machines.get(name), catalog=host.catalog) as guest:
         prog = guest.prog
         task = find_task(prog, pid)
+        sockets = prog["socket_file_ops"].address_of_().value_()
+
+        def connection(file: drgn.Object) -> drgn.Object | None:
+            if not file or file.f_op.value_() != sockets:
+                return None
+            sk = drgn.cast("struct socket *", file.private_data).sk
+            return sk if int(sk.__sk_common.skc_state) == 1 else None  # ESTABLISHED
+
         size = prog.type("struct pt_regs").size
         for thread in for_each_task_in_group(task, include_self=True):
             regs = drgn.Object(prog, "struct pt_regs",
                                address=int(thread.stack.value_()) + 16384 - size)
             if int(regs.ax) == (1 << 64) - 38 and int(regs.orig_ax) in (0, 1):
-                return False
-        sockets = prog["socket_file_ops"].address_of_().value_()
+                on = connection(task.files.fdt.fd[int(regs.di)])
+                return "call" if on is not None else None
         for _, file in for_each_file(task):
-            if file.f_op.value_() != sockets:
-                continue
-            sk = drgn.cast("struct socket *", file.private_data).sk
-            if (int(sk.__sk_common.skc_state) == 1 and not int(sk.sk_lock.owned)
-                    and int(sk.sk_lock.slock.rlock.raw_lock.val.counter)):
-                return True
-    return False
+            sk = connection(file)
+            if sk is not None and not int(sk.sk_lock.owned) and \
+                    int(sk.sk_lock.slock.rlock.raw_lock.val.counter):
+                return "packet"
+    return None
+
+
+def _stop_when(host: Host, name: str, pid: int, what: str) -> None:
+    machine = host.machines.get(name)
+    for _ in range(300):
+        time.sleep(random.uniform(0.05, 0.4))
+        machine.qmp("stop")
+        if _caught(host, name, pid) == what:
+            return
+        machine.qmp("cont")
+    pytest.fail(f"redis was never caught with a connection: {what}")
 
 
 def test_redis_under_load_is_recovered_at_any_instant(prepared: Host,
@@ -369,7 +387,9 @@ def test_redis_under_load_is_recovered_at_any_instant(prepared: Host,
     reading or writing is cut, an AOF append cut short is rewound). Then stopped at an
     instant when the kernel held a connection's spinlock (a packet in flight) and
     recovered: that connection is rebuilt as it stood, and the client goes on on it with
-    every acknowledged write."""
+    every acknowledged write. Then stopped while redis was inside a call on the client's
+    connection and recovered: the connection is cut, the client hears of it at once (a
+    reset from the new kernel), and every acknowledged write is there."""
     name = "t-rec-any"
     config = tmp_path / "transmigrate.toml"
     config.write_text(REDIS_SERVICE.format(vm=name))
@@ -389,14 +409,7 @@ def test_redis_under_load_is_recovered_at_any_instant(prepared: Host,
             assert verdict.verdict == "dumped", verdict.reason
             outcomes.append("cut" if verdict.losses else "whole")
         assert prepared.machines.get(name).status() == "running"
-        for _ in range(300):
-            time.sleep(random.uniform(0.05, 0.4))
-            machine.qmp("stop")
-            if _connection_in_flight(prepared, name, redis):
-                break
-            machine.qmp("cont")
-        else:
-            pytest.fail(f"no connection of redis was caught in flight; read: {outcomes}")
+        _stop_when(prepared, name, redis, "packet")
         recovered = recover(prepared, name, services=[service])
         assert [v.verdict for v in recovered.processes] == ["restored"], recovered
         address = prepared.machines.get(name).record.ip
@@ -408,6 +421,23 @@ def test_redis_under_load_is_recovered_at_any_instant(prepared: Host,
         assert summary["client_id_start"] == summary["client_id_end"], "the same connection"
         assert int(redis_cli(prepared, address, "GET", "transmigrate:counter")) == \
             summary["last_value"], "every acknowledged write"
+
+        # Inside a call on the client's connection: cut, and the client told at once.
+        load = LoadClient(prepared, address)
+        lifecycle.down(prepared, f"{name}-dead")
+        _stop_when(prepared, name, redis, "call")
+        recovered = recover(prepared, name, services=[service])
+        assert [v.verdict for v in recovered.processes] == ["restored with losses"], recovered
+        assert [loss.split(" is cut: ")[1].split(" was inside ")[0]
+                for loss in recovered.processes[0].losses] == ["the process"], recovered
+        process = load.process
+        wait_for(lambda: process.poll() is not None, timeout=30, interval=0.2,
+                 what="the client told of the cut")
+        summary = load.stop()
+        assert summary["errors"] == ["ConnectionResetError: [Errno 104] Connection reset by "
+                                     "peer"] and summary["out_of_order"] == 0, summary
+        assert int(redis_cli(prepared, address, "GET", "transmigrate:counter")) - \
+            summary["last_value"] in (0, 1), "every acknowledged write"
     finally:
         if load is not None and load.process.poll() is None:
             load.process.kill()
