@@ -71,6 +71,13 @@ _READS = {0: "read", 19: "readv", 45: "recvfrom", 47: "recvmsg", 299: "recvmmsg"
 _ON_ONE_FD = {0, 1, 18, 19, 20, 44, 45, 46, 47, 296, 299, 307, 328}
 """Those among them whose data moves through the one descriptor in their first argument."""
 _WRITE = 1
+_NAMING = {83: "mkdir", 84: "rmdir", 86: "link", 87: "unlink", 88: "symlink", 82: "rename",
+           133: "mknod", 258: "mkdirat", 259: "mknodat", 263: "unlinkat", 264: "renameat",
+           265: "linkat", 266: "symlinkat", 316: "renameat2",
+           437: "openat2"}  # openat2: its flags are in the caller's memory
+"""x86-64 system calls that change names in the file system, by number."""
+_OPENS = {2: ("open", "si"), 257: ("openat", "dx")}
+"""Opens, and the register that holds their flags."""
 _EPOLL_WAITS = {232, 281, 441}
 """epoll_wait, epoll_pwait, epoll_pwait2."""
 _WRITES_AT_POSITION = {1, 18, 20, 296}
@@ -445,6 +452,11 @@ class _Reader:
                 and not self.allow_panicking and self._in_syscall(task)):
             raise self.refuse(f"{who} is the task that panicked the kernel (its syscall "
                               "could crash the new one too)")
+        changing = self._changing_names(task)
+        if changing:
+            raise self.refuse(f"{who} was inside {changing}() when the kernel stopped: it "
+                              "may have changed the file system already, and doing it again "
+                              "would fail (the name exists, or no longer does)")
         moving = self._moving_data(task)
         if moving:
             call, fd = moving
@@ -505,6 +517,20 @@ class _Reader:
         """Whether ``task`` (of any process) was inside epoll_wait, epoll_pwait(2)."""
         regs = self._saved_user_registers(task)
         return int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF in _EPOLL_WAITS
+
+    def _changing_names(self, task: drgn.Object) -> str | None:
+        """The system call, if ``task`` was inside one that creates, removes or renames a
+        name in the file system, which once done cannot be done again: mkdir, unlink,
+        rename, link, symlink, mknod, and an exclusive create (``O_CREAT | O_EXCL``)."""
+        regs = self._saved_user_registers(task)
+        number = int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
+        if int(regs.ax) & 0xFFFF_FFFF_FFFF_FFFF != (-_ENOSYS) & 0xFFFF_FFFF_FFFF_FFFF:
+            return None
+        if number in _OPENS:
+            flags = int(regs.member_(_OPENS[number][1]))
+            exclusive = flags & (os.O_CREAT | os.O_EXCL) == os.O_CREAT | os.O_EXCL
+            return _OPENS[number][0] if exclusive else None
+        return _NAMING.get(number)
 
     def _moving_data(self, task: drgn.Object) -> tuple[str, int | None] | None:
         """The system call, and the descriptor its data moves through (when it has one),
