@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import drgn
 from drgn.helpers.linux.pid import find_task, for_each_task_in_group
 
 from transmigrate.config import ACTIVE_KERNEL, Service
 from transmigrate.introspect.kernel import attach
+from transmigrate.introspect.process import unfinished_call
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.recover import dump
@@ -51,13 +51,9 @@ def _calls(host: Host, pid: int) -> list[str]:
     """The system calls redis's threads were inside (not waiting in), by name."""
     calls = []
     with attach(host.machines.get(VM), catalog=host.catalog) as guest:
-        prog = guest.prog
-        size = prog.type("struct pt_regs").size
-        for thread in for_each_task_in_group(find_task(prog, pid), include_self=True):
-            regs = drgn.Object(prog, "struct pt_regs",
-                               address=int(thread.stack.value_()) + 16384 - size)
-            number = int(regs.orig_ax)
-            if int(regs.ax) == (1 << 64) - 38 and number < 1 << 63 and number not in _WAITING:
+        for thread in for_each_task_in_group(find_task(guest.prog, pid), include_self=True):
+            number = unfinished_call(thread)
+            if number is not None and number not in _WAITING:
                 calls.append(_NAMES.get(number, str(number)))
     return calls
 

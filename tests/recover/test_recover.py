@@ -36,6 +36,7 @@ from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
 from transmigrate.errors import TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.kernel import attach
+from transmigrate.introspect.process import saved_user_registers, unfinished_call
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
@@ -354,12 +355,9 @@ def _caught(host: Host, name: str, pid: int) -> str | None:
             sk = drgn.cast("struct socket *", file.private_data).sk
             return sk if int(sk.__sk_common.skc_state) == 1 else None  # ESTABLISHED
 
-        size = prog.type("struct pt_regs").size
         for thread in for_each_task_in_group(task, include_self=True):
-            regs = drgn.Object(prog, "struct pt_regs",
-                               address=int(thread.stack.value_()) + 16384 - size)
-            if int(regs.ax) == (1 << 64) - 38 and int(regs.orig_ax) in (0, 1):
-                on = connection(task.files.fdt.fd[int(regs.di)])
+            if unfinished_call(thread) in (0, 1):  # read(), write()
+                on = connection(task.files.fdt.fd[int(saved_user_registers(thread).di)])
                 return "call" if on is not None else None
         for _, file in for_each_file(task):
             sk = connection(file)
@@ -566,10 +564,8 @@ def _stop_inside_an_append(host: Host, name: str, pid: int) -> tuple[int, int]:
         machine.qmp("stop")
         with attach(machine, catalog=host.catalog) as guest:
             task = find_task(guest.prog, pid)
-            regs = drgn.Object(guest.prog, "struct pt_regs", address=int(task.stack.value_())
-                               + 16384 - guest.prog.type("struct pt_regs").size)
-            if int(regs.orig_ax) == 1 and int(regs.ax) & (1 << 64) - 1 == (1 << 64) - 38:
-                file = task.files.fdt.fd[int(regs.di)]
+            if unfinished_call(task) == 1:  # write()
+                file = task.files.fdt.fd[int(saved_user_registers(task).di)]
                 position, size = int(file.f_pos), int(file.f_inode.i_size)
                 if size > position:
                     return position, size
@@ -605,6 +601,13 @@ def test_an_append_cut_short_is_written_back_without_its_part(
         agent.sh(f"kill {pid}; rm -f /data/appended")
 
 
+def _dump_refused(vm: str, pid: int, out: str) -> str:
+    """`dump` of ``pid``, which must refuse it: what it said."""
+    done = cli("dump", vm, "--pid", str(pid), "--out", out)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    return done.stderr
+
+
 def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
     """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init, a
@@ -637,10 +640,8 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
         "setsid -f sh -c 'echo $$ > /run/tm-writer.sid; yes | sleep 600' </dev/null "
         ">/dev/null 2>&1; sleep 1; cat /run/tm-writer.sid; pgrep -nx yes").text.split())
     try:
-        done = cli("dump", old_vm, "--pid", str(writer), "--out", out)
-        assert done.returncode == 1
         assert f"{writer}: refused: it was inside write() when the kernel stopped" in \
-            done.stderr, done.stderr
+            _dump_refused(old_vm, writer, out)
     finally:
         agent.sh(f"kill -KILL -{session}")
     # A child that shares its parent's memory (CLONE_VM, not a thread).
@@ -652,10 +653,8 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
         "setsid -f /tmp/shares_memory </dev/null >/dev/null 2>&1; sleep 1; "
         "p=$(pgrep -ox shares_memory); echo $p $(pgrep -P $p)").text.split())
     try:
-        done = cli("dump", old_vm, "--pid", str(parent), "--out", out)
-        assert done.returncode == 1
         assert f"{parent}: refused: its memory is shared with process {child} (vfork or " \
-            "CLONE_VM)" in done.stderr, done.stderr
+            "CLONE_VM)" in _dump_refused(old_vm, parent, out)
     finally:
         agent.sh(f"kill -KILL {parent} {child}")
 

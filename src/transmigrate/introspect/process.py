@@ -51,7 +51,8 @@ from transmigrate.vm.registers import VcpuState
 from transmigrate.vm.volume import DATA_MOUNT
 
 __all__ = ["FileState", "Mapping", "OpenFile", "ProcessState", "Refusal", "Registers",
-           "ThreadState", "read_cmdline", "read_process", "read_tree"]
+           "ThreadState", "read_cmdline", "read_process", "read_tree",
+           "saved_user_registers", "unfinished_call"]
 
 # Kernel ABI constants (include/linux/sched.h, mm.h, uapi): stable across 6.1 and 6.12.
 _PF_EXITING = 0x4
@@ -281,6 +282,30 @@ def read_tree(guest: Guest, pid: int, *, vcpus: dict[int, VcpuState] | None = No
     return tree
 
 
+def saved_user_registers(task: drgn.Object) -> drgn.Object:
+    """The ``pt_regs`` the entry code saved at the top of ``task``'s kernel stack: its
+    user registers, and for a system call its number (``orig_ax``) and arguments."""
+    prog = task.prog_
+    try:
+        thread_size = int(prog["THREAD_SIZE"])
+    except LookupError:
+        thread_size = 16384
+    regs = prog.type("struct pt_regs")
+    return drgn.Object(prog, regs, address=int(task.stack.value_()) + thread_size - regs.size)
+
+
+def unfinished_call(task: drgn.Object) -> int | None:
+    """The system call ``task`` was inside and had not finished (the entry code's
+    -ENOSYS still stands for its result), by number; None if none, or if it finished or
+    chose to restart."""
+    regs = saved_user_registers(task)
+    number = int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
+    if number >= 1 << 63 or \
+            int(regs.ax) & 0xFFFF_FFFF_FFFF_FFFF != (-_ENOSYS) & 0xFFFF_FFFF_FFFF_FFFF:
+        return None
+    return number
+
+
 def read_cmdline(guest: Guest, pid: int) -> list[str]:
     """Process ``pid``'s arguments, from its own memory (what /proc/PID/cmdline shows);
     empty if they cannot be read (a kernel thread, pages not present)."""
@@ -320,12 +345,6 @@ class _Reader:
         them back at: where the append began (see ``_write_again``)."""
         # What every thread needs from the kernel, looked up once.
         self.panic_cpu = PanicReader(guest).sample().panic_cpu
-        try:
-            thread_size = int(self.prog["THREAD_SIZE"])
-        except LookupError:
-            thread_size = 16384
-        self.regs_type = self.prog.type("struct pt_regs")
-        self.regs_offset = thread_size - self.regs_type.size
         self.cpu_xfeatures = int(self.prog["fpu_user_cfg"].max_features)
         self.xstate_offsets = [int(x) for x in self.prog["xstate_offsets"]]
         self.xstate_sizes = [int(x) for x in self.prog["xstate_sizes"]]
@@ -502,30 +521,25 @@ class _Reader:
             ids.append(int(pid.numbers[0].nr))
         return ids[0], ids[1]
 
-    def _saved_user_registers(self, task: drgn.Object) -> drgn.Object:
-        """The ``pt_regs`` the entry code saved at the top of the task's kernel stack."""
-        return drgn.Object(self.prog, self.regs_type,
-                           address=int(task.stack.value_()) + self.regs_offset)
-
     def _in_syscall(self, task: drgn.Object) -> bool:
         """Whether the task entered the kernel by a system call (not an interrupt, an
         exception or an NMI that came while it ran user code)."""
-        orig_ax = int(self._saved_user_registers(task).orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
+        orig_ax = int(saved_user_registers(task).orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
         return orig_ax < 1 << 63  # -1 for every other entry
 
     def _in_epoll_wait(self, task: drgn.Object) -> bool:
         """Whether ``task`` (of any process) was inside epoll_wait, epoll_pwait(2)."""
-        regs = self._saved_user_registers(task)
+        regs = saved_user_registers(task)
         return int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF in _EPOLL_WAITS
 
     def _changing_names(self, task: drgn.Object) -> str | None:
         """The system call, if ``task`` was inside one that creates, removes or renames a
         name in the file system, which once done cannot be done again: mkdir, unlink,
         rename, link, symlink, mknod, and an exclusive create (``O_CREAT | O_EXCL``)."""
-        regs = self._saved_user_registers(task)
-        number = int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
-        if int(regs.ax) & 0xFFFF_FFFF_FFFF_FFFF != (-_ENOSYS) & 0xFFFF_FFFF_FFFF_FFFF:
+        number = unfinished_call(task)
+        if number is None:
             return None
+        regs = saved_user_registers(task)
         if number in _OPENS:
             flags = int(regs.member_(_OPENS[number][1]))
             exclusive = flags & (os.O_CREAT | os.O_EXCL) == os.O_CREAT | os.O_EXCL
@@ -538,11 +552,10 @@ class _Reader:
         a write of any kind (the kernel copies before it can block), or a read that was
         running rather than waiting (it may have taken bytes off a queue). Restarting
         either could write twice or lose bytes."""
-        regs = self._saved_user_registers(task)
-        number = int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
-        if int(regs.ax) & 0xFFFF_FFFF_FFFF_FFFF != (-_ENOSYS) & 0xFFFF_FFFF_FFFF_FFFF:
-            return None  # not in one, or it finished or chose to restart
-        fd = int(regs.di) & 0xFFFF_FFFF if number in _ON_ONE_FD else None
+        number = unfinished_call(task)
+        if number is None:
+            return None
+        fd = int(saved_user_registers(task).di) & 0xFFFF_FFFF if number in _ON_ONE_FD else None
         if number in _WRITES:
             return _WRITES[number], fd
         if number in _READS and (task_on_cpu(task) or task_state_to_char(task) == "R"):
@@ -569,7 +582,7 @@ class _Reader:
         ones. An append (``write``) to a file on the data volume, only if what the file
         holds past its position (where the last append ended) is exactly the start of
         what the call writes: then the file is written back without it (``rewound``)."""
-        regs = self._saved_user_registers(task)
+        regs = saved_user_registers(task)
         number = int(regs.orig_ax) & 0xFFFF_FFFF_FFFF_FFFF
         inode = file.f_inode
         if not stat.S_ISREG(int(inode.i_mode)):
@@ -635,7 +648,7 @@ class _Reader:
                              fsindex=vcpu.selectors["fs"], gsindex=vcpu.selectors["gs"],
                              ds=vcpu.selectors["ds"], es=vcpu.selectors["es"],
                              xsave=xsave, xfeatures=xfeatures, components=components)
-        regs = self._saved_user_registers(task)
+        regs = saved_user_registers(task)
         general = {name: int(regs.member_(name)) & 0xFFFF_FFFF_FFFF_FFFF for name in _PT_REGS}
         if general["cs"] & 0xFFFF != _USER_CS or general["ss"] & 0xFFFF != _USER_SS:
             raise self.refuse(f"its saved user registers are not user-mode ones "

@@ -142,7 +142,6 @@ def read_socket(guest: Guest, file: drgn.Object, cut: str | None = None) -> Sock
         if pending:
             losses = (f"{pending} connection(s) not yet accepted on port "
                       f"{int(common.skc_num)}",)
-    hz = round(1e9 / int(guest.prog["tick_nsec"]))
     try:
         stream = _stream(guest, sk, tcp) if state == _TCP_ESTABLISHED else None
     except Unrecoverable as exc:
@@ -161,7 +160,7 @@ def read_socket(guest: Guest, file: drgn.Object, cut: str | None = None) -> Sock
         # backlog, or the bytes not yet acknowledged.
         backlog=len(stream.outq) if stream else int(sk.sk_max_ack_backlog),
         v6only=bool(common.skc_ipv6only), shutdown=int(sk.sk_shutdown),
-        options=_options(guest, sk, tcp, hz), stream=stream,
+        options=_options(guest, sk, tcp), stream=stream,
         losses=losses)
 
 
@@ -178,13 +177,12 @@ def _cut(guest: Guest, file: drgn.Object, sk: drgn.Object, why: str) -> SocketSt
     source_port = int(common.skc_num)
     destination_port = int.from_bytes(common.skc_dport.to_bytes_(), "big")
     tcp = drgn.cast("struct tcp_sock *", sk)
-    hz = round(1e9 / int(guest.prog["tick_nsec"]))
     return SocketState(
         key=file.value_(), ino=int(file.f_inode.i_ino),
         flags=int(file.f_flags) & ~os.O_CLOEXEC, family=_FAMILIES[family],
         state=_TCP_STATES[_TCP_CLOSE], src_port=0, dst_port=0, src_addr=nowhere,
         dst_addr=nowhere, backlog=0, v6only=bool(common.skc_ipv6only), shutdown=0,
-        options=_options(guest, sk, tcp, hz), stream=None,
+        options=_options(guest, sk, tcp), stream=None,
         losses=(f"the connection {source} port {source_port} to {destination} port "
                 f"{destination_port} is cut: {why}",),
         cut=CutConnection(source, source_port, destination, destination_port,
@@ -209,9 +207,10 @@ def _addresses(common: drgn.Object, family: int) -> tuple[str, str]:
     return local, remote
 
 
-def _options(guest: Guest, sk: drgn.Object, tcp: drgn.Object, hz: int) -> dict[str, int | bool]:
+def _options(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> dict[str, int | bool]:
     """What CRIU's dump_socket_opts reads with getsockopt."""
     prog = guest.prog
+    hz = round(1e9 / int(prog["tick_nsec"]))
     flags = int(sk.__sk_common.skc_flags)
 
     def flag(name: str) -> bool:
