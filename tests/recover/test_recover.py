@@ -41,7 +41,7 @@ from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.recover import dump, prepare_standby, recover
-from transmigrate.orchestrate.services import LoadClient, redis_cli, start_service
+from transmigrate.orchestrate.services import LoadClient, redis_answers, redis_cli, start_service
 from transmigrate.polling import wait_for
 from transmigrate.vm.registers import vcpu_states
 
@@ -542,7 +542,7 @@ def test_redis_under_load_survives_the_death_of_its_kernel(
             agent.sh("readlink /proc/1/ns/ipc").text, "its own IPC namespace again"
         agent.sh(f"kill {pid}; while kill -0 {holder} 2>/dev/null; do sleep 0.1; done")
         start_service(prepared, service)
-        wait_for(lambda: redis_cli(prepared, address, "PING") == "PONG", timeout=60,
+        wait_for(lambda: redis_answers(prepared, address), timeout=60,
                  interval=0.2, what="redis did not load its AOF")
         assert int(redis_cli(prepared, address, "GET", "transmigrate:counter")) == acknowledged
         assert int(redis_cli(prepared, address, "DBSIZE")) == 10002
