@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
 from transmigrate.interfaces.api import create_app
+from transmigrate.interfaces.remote import ANNOUNCEMENT
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.controller import Controller
 from transmigrate.orchestrate.faults import FAULTS
@@ -148,6 +149,40 @@ def test_serve_refuses_to_listen_off_loopback_without_a_token(tmp_path: Path) ->
     assert f"config {config}: guard.web: actions.panic = 'pray'" in policy.stderr
     config.write_text('[guard.web]\nlive_deadline = 9\n')
     assert "guard.web: unknown key 'live_deadline'" in serve("--config", str(config)).stderr
+
+
+def test_the_cli_hands_updates_to_a_running_controller(tmp_path: Path) -> None:
+    """`serve` makes itself known in the state directory; while it runs `update` goes
+    through it (its refusal comes back as one line), after it the command runs alone."""
+    env = {**os.environ, "TRANSMIGRATE_STATE": str(tmp_path / "s")}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def update() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(CLI), "update", "nope", "--kernel", STANDBY_KERNEL],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    announcement = tmp_path / "s" / ANNOUNCEMENT
+    server = subprocess.Popen([str(CLI), "serve", "--listen", f"127.0.0.1:{port}"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: announcement.exists(), timeout=60, what="serve did not announce")
+        assert json.loads(announcement.read_text())["pid"] == server.pid
+        assert announcement.stat().st_mode & 0o777 == 0o600
+        handed = update()
+        assert handed.returncode == 1
+        assert handed.stderr.strip().splitlines() == [
+            "transmigrate: error: the controller refused: no VM named 'nope'"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert not announcement.exists(), "gone with the controller"
+    alone = update()
+    assert alone.returncode == 1 and "controller" not in alone.stderr, alone.stderr
+    announcement.write_text(json.dumps({"pid": server.pid, "url": f"http://127.0.0.1:{port}",
+                                        "token_file": None}))
+    assert "controller" not in update().stderr, "a dead controller's file is ignored"
 
 
 def _browser(playwright: Playwright) -> Browser:

@@ -13,10 +13,11 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +28,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from transmigrate.config import Config
 from transmigrate.errors import MachineNotFound, TransmigrateError
-from transmigrate.orchestrate.controller import LIVE_INTERVAL_S, Busy, Controller, LabOnly, VmView
+from transmigrate.interfaces.remote import announced
+from transmigrate.orchestrate.controller import (
+    LIVE_INTERVAL_S,
+    Controller,
+    LabOnly,
+    Selection,
+    VmView,
+)
 from transmigrate.orchestrate.faults import FAULTS
-from transmigrate.orchestrate.history import Operation
+from transmigrate.orchestrate.history import Busy, Operation
 from transmigrate.orchestrate.host import Host
 
 __all__ = ["DEFAULT_LISTEN", "create_app", "parse_listen", "serve"]
@@ -45,11 +53,26 @@ class UpdateRequest:
     kernel: str
     """The kernel to move the VM's declared services to (a release or a prefix)."""
     copy: Literal["auto", "pre", "post", "stop"] = "auto"
+    pids: list[int] = field(default_factory=list)
+    """With processes and cgroups: what to move instead of the declared services."""
+    processes: list[str] = field(default_factory=list)
+    """The oldest process of each name, with its tree."""
+    cgroups: list[str] = field(default_factory=list)
+    """Every tree in each of these cgroups (a path under /sys/fs/cgroup)."""
+    strict: bool = False
+    """Refuse, rather than warn, when the old VM's root file system changed."""
 
 
 @dataclass
 class Started:
     operation: int
+
+
+@dataclass
+class Progress:
+    lines: list[str]
+    outcome: str
+    """'running' until the operation ends."""
 
 
 @dataclass
@@ -103,8 +126,11 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
         """Move the VM's declared services live to another kernel, in the background;
         follow it at ``/api/operations/{operation}``. 409 while the VM has an
         operation running."""
-        return Started(operation=controller.start_update(name, request.kernel,
-                                                         copy=request.copy))
+        selection = Selection(tuple(request.pids), tuple(request.processes),
+                              tuple(request.cgroups))
+        return Started(operation=controller.start_update(
+            name, request.kernel, copy=request.copy, selection=selection,
+            strict=request.strict))
 
     @app.get("/api/faults")
     def faults() -> Faults:
@@ -153,6 +179,15 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
             raise HTTPException(404, f"no operation {operation}")
         return found
 
+    @app.get("/api/operations/{operation}/progress")
+    def progress(operation: int, after: int = 0) -> Progress:
+        """The progress lines of an operation this controller started, from the
+        ``after``-th on, and its outcome so far: a client follows it by asking again."""
+        found = controller.operation(operation)
+        if found is None:
+            raise HTTPException(404, f"no operation {operation}")
+        return Progress(controller.progress(operation, after), found.outcome)
+
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:
         return FileResponse(DASHBOARD / "index.html")
@@ -200,17 +235,36 @@ def _log(line: str) -> None:
 
 
 def serve(host: Host, config: Config, listen: str = DEFAULT_LISTEN, *,
-          token: str | None = None, lab: bool = False) -> None:
-    """Run the controller until SIGINT or SIGTERM; ``lab``: it injects faults too."""
+          token_file: Path | None = None, lab: bool = False) -> None:
+    """Run the controller until SIGINT or SIGTERM, made known to the CLI in the state
+    directory (:func:`remote.announced`); ``token_file`` holds the token every request
+    must carry; ``lab``: it injects faults too."""
     address, port = parse_listen(listen)
+    token = _read_token(token_file) if token_file is not None else None
     if not _loopback(address) and not token:
         raise TransmigrateError(f"refusing to listen on {address} without a token: give "
                                 "--token-file (loopback needs none)")
     controller = Controller(host, config, log=_log, lab=lab)
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}"
     try:
         _log(f"listen={address}:{port} vms={len(controller.vms())} lab={lab}")
-        uvicorn.run(create_app(controller, token=token), host=address, port=port,
-                    log_level="warning")
+        # uvicorn stops on SIGTERM, then raises it again: end as on SIGINT, not killed
+        # by it, so that the operations under way finish and the guards stop (below).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        with announced(host.state, url, token_file):
+            uvicorn.run(create_app(controller, token=token), host=address, port=port,
+                        log_level="warning")
     finally:
         controller.wait()
         controller.close()
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise TransmigrateError(f"cannot read the token file {path}: {exc.strerror}") from exc
+    if not token:
+        raise TransmigrateError(f"the token file {path} is empty")
+    return token

@@ -23,6 +23,7 @@ from rich.table import Table
 from transmigrate.config import Service, load_config
 from transmigrate.detect.events import READERS, Event, Sample
 from transmigrate.errors import TransmigrateError
+from transmigrate.interfaces.remote import Remote
 from transmigrate.orchestrate import demo as demo_job
 from transmigrate.orchestrate import faults, lifecycle, services
 from transmigrate.orchestrate import guard as guard_job
@@ -274,33 +275,79 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
            config: ConfigOption = None, json_: JsonOption = False) -> None:
     """Move running services onto a new VM with another kernel; retire the old VM.
 
-    Without --pid, --process or --cgroup: the services declared for NAME."""
+    Without --pid, --process or --cgroup: the services declared for NAME. When a
+    controller runs (transmigrate serve), it does the update (with the services its
+    configuration declares) and this command follows it."""
     host = Host.from_environment()
-    declared = load_config(config).services_of(name)
-    roots = update_job.find_services(host, name, pids=pid or (), processes=process or (),
-                                     cgroups=cgroup or (), declared=declared)
-    try:
-        with History.at(host.state).recorded("update", name, {
-                "kernel": kernel, "copy": copy, "pids": roots}) as kept:
-            report = update_job.update(host, name, kernel, pids=roots, copy=copy,
-                                       strict=strict, progress=_Progress())
-            kept.report, kept.downtime_seconds = report.as_dict(), report.frozen_seconds
-    except update_job.PrecheckFailed as exc:
-        if not json_:
-            raise
-        _emit_json({"error": str(exc), "refusals": exc.as_dicts()})
-        raise typer.Exit(1) from exc
+    remote = Remote.find(host.state)
+    if remote is not None:
+        report = _update_in_controller(remote, name, {
+            "kernel": kernel, "copy": copy, "pids": pid or [], "processes": process or [],
+            "cgroups": cgroup or [], "strict": strict})
+    else:
+        declared = load_config(config).services_of(name)
+        roots = update_job.find_services(host, name, pids=pid or (), processes=process or (),
+                                         cgroups=cgroup or (), declared=declared)
+        try:
+            with History.at(host.state).recorded("update", name, {
+                    "kernel": kernel, "copy": copy, "pids": roots}) as kept:
+                done = update_job.update(host, name, kernel, pids=roots, copy=copy,
+                                         strict=strict, progress=_Progress())
+                kept.report, kept.downtime_seconds = done.as_dict(), done.frozen_seconds
+        except update_job.PrecheckFailed as exc:
+            if not json_:
+                raise
+            _emit_json({"error": str(exc), "refusals": exc.as_dicts()})
+            raise typer.Exit(1) from exc
+        report = done.as_dict()
     if json_:
-        _emit_json(report.as_dict())
+        _emit_json(report)
         return
-    out.print(f"{name}: pids {', '.join(map(str, report.pids))} moved from "
-              f"{report.kernel_before} to {report.kernel_after} ({report.copy})")
-    out.print(_steps_table(report.steps, {"frozen": report.frozen_seconds,
-                                          "total": report.total_seconds}))
-    if report.carried:
-        out.print(f"copied inside the freeze: {', '.join(report.carried)}")
-    for warning in report.warnings:
+    out.print(f"{name}: pids {', '.join(map(str, report['pids']))} moved from "
+              f"{report['kernel_before']} to {report['kernel_after']} ({report['copy']})")
+    out.print(_steps_table(report["steps"], {"frozen": report["frozen_seconds"],
+                                             "total": report["total_seconds"]}))
+    if report["carried"]:
+        out.print(f"copied inside the freeze: {', '.join(report['carried'])}")
+    for warning in report["warnings"]:
         err.print(f"warning: {warning}", markup=False)
+
+
+def _refuse_beside_a_guard(host: Host, name: str, command: str) -> None:
+    """A command that would act on a VM the running controller guards is refused: the
+    guard keeps its own standby and recovers the VM itself."""
+    remote = Remote.find(host.state)
+    if remote is not None and remote.guards(name):
+        raise TransmigrateError(f"the controller (pid {remote.pid}) guards {name}: it keeps "
+                                f"its standby and recovers it; `{command}` would act beside "
+                                "it (remove its [guard] table and restart it first)")
+
+
+def _update_in_controller(remote: Remote, name: str, request: dict[str, Any]
+                          ) -> dict[str, Any]:
+    """Hand the update to the running controller, follow its progress; its report."""
+    progress = _Progress()
+    operation = remote.post(f"/api/vms/{name}/update", request)["operation"]
+    progress(f"the controller (pid {remote.pid}) runs the update as operation {operation}")
+    seen = 0
+    try:
+        while True:
+            followed = remote.get(f"/api/operations/{operation}/progress?after={seen}")
+            for line in followed["lines"]:
+                progress(line)
+            seen += len(followed["lines"])
+            if followed["outcome"] != "running":
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        err.print(f"the update goes on in the controller: operation {operation} "
+                  "(transmigrate history)")
+        raise
+    done = remote.get(f"/api/operations/{operation}")
+    if done["outcome"] != "done":
+        raise TransmigrateError(f"the controller's update of {name} (operation {operation}) "
+                                f"{done['outcome']}: {done['error']}")
+    return dict(done["report"])
 
 
 def _declared(config: Path | None, vm: str, service: str | None) -> tuple[Service, ...]:
@@ -527,6 +574,7 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
     refused or failed to restore (the others are restored)."""
     declared = () if pid or process else load_config(config).services_of(name)
     host = Host.from_environment()
+    _refuse_beside_a_guard(host, name, "recover")
     with History.at(host.state).recorded("recover", name, {
             "kernel": kernel, "pids": pid or [], "processes": process or [],
             "services": [s.name for s in declared]}) as kept:
@@ -565,8 +613,9 @@ def standby(name: Annotated[str, typer.Argument(help="VM to keep a warm standby 
             json_: JsonOption = False) -> None:
     """Boot NAME-standby: NAME's identity and data volume, off the network, ready for
     `recover` to restore onto without waiting for a boot."""
-    machine = recover_job.prepare_standby(Host.from_environment(), name, kernel,
-                                          progress=_Progress())
+    host = Host.from_environment()
+    _refuse_beside_a_guard(host, name, "standby")
+    machine = recover_job.prepare_standby(host, name, kernel, progress=_Progress())
     if json_:
         _emit_json({"name": machine.name, "kernel": machine.record.kernel,
                     "standby_for": name})
@@ -619,6 +668,7 @@ def guard(name: Annotated[str, typer.Argument(help="VM whose services to keep ru
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     host = Host.from_environment()
+    _refuse_beside_a_guard(host, name, "guard")
     decisions = guard_job.guard(host, name, load_config(config).services_of(name), chosen,
                                 dry_run=dry_run, on_decision=log,
                                 history=History.at(host.state), progress=_Progress(),
@@ -663,16 +713,8 @@ def serve(listen: Annotated[str, typer.Option(
     # Here, not at the top: the web stack costs every other command its start-up time.
     from transmigrate.interfaces.api import serve as serve_api
 
-    token = None
-    if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            raise TransmigrateError(f"cannot read the token file {token_file}: "
-                                    f"{exc.strerror}") from exc
-        if not token:
-            raise TransmigrateError(f"the token file {token_file} is empty")
-    serve_api(Host.from_environment(), load_config(config), listen, token=token, lab=lab)
+    serve_api(Host.from_environment(), load_config(config), listen, token_file=token_file,
+              lab=lab)
 
 
 def main() -> None:

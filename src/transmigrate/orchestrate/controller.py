@@ -32,21 +32,17 @@ from transmigrate.errors import MachineNotFound, TransmigrateError
 from transmigrate.orchestrate import guard as guard_job
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.faults import FAULTS, inject_by_name
-from transmigrate.orchestrate.history import History, Operation
+from transmigrate.orchestrate.history import Busy, History, Operation
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, Watch, readings
 from transmigrate.orchestrate.recover import STANDBY_SUFFIX, warm_standby
 from transmigrate.vm.machine import Machine
 
-__all__ = ["Busy", "Controller", "LabOnly", "VmView"]
+__all__ = ["Controller", "LabOnly", "Selection", "VmView"]
 
 _STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 LIVE_INTERVAL_S = 0.25
 """How often the live view's monitor samples: several updates a second, at little cost."""
-
-
-class Busy(TransmigrateError):
-    """The VM already has an operation running."""
 
 
 class LabOnly(TransmigrateError):
@@ -69,6 +65,22 @@ class VmView:
     guard: str | None
     """'starting', 'watching', 'acting', 'preparing a new standby', 'standing aside' or
     'stopped: why'; None if not guarded."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The process trees an update moves instead of the declared services: as
+    ``transmigrate update`` takes them (--pid, --process, --cgroup)."""
+
+    pids: tuple[int, ...] = ()
+    processes: tuple[str, ...] = ()
+    cgroups: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.pids or self.processes or self.cgroups)
+
+    def as_request(self) -> dict[str, list[Any]]:
+        return {key: list(value) for key, value in asdict(self).items() if value}
 
 
 @dataclass
@@ -113,6 +125,7 @@ class Controller:
         self.registry.register(_VmStates(self))
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}
+        self._progress: dict[int, list[str]] = {}
         self._threads: list[threading.Thread] = []
         self._watches: dict[str, Watch] = {}
         where = f"config {config.source}" if config.source else "config"
@@ -161,17 +174,20 @@ class Controller:
                       machine.record.ip, [s.name for s in self.config.services_of(machine.name)],
                       standby if standby in names else None, operation, guard_state)
 
-    def start_update(self, name: str, kernel: str, *, copy: str = "auto") -> int:
-        """Start moving ``name``'s declared services to ``kernel``; the operation's id.
-        Refused at once for an unknown VM or kernel, a VM with nothing declared, or one
-        with an operation running."""
+    def start_update(self, name: str, kernel: str, *, copy: str = "auto",
+                     selection: Selection | None = None, strict: bool = False) -> int:
+        """Start moving ``name``'s declared services (or the trees ``selection`` names) to
+        ``kernel``; the operation's id. Refused at once for an unknown VM or kernel, a VM
+        with nothing to move, or one with an operation running."""
         self._machine(name)
         release = self.host.catalog.resolve(kernel)
+        selection = selection or Selection()
         declared = self.config.services_of(name)
-        if not declared:
+        if not declared and not selection:
             raise TransmigrateError(f"nothing declared to move in {name}: declare its "
                                     "services in the configuration")
-        request = {"kernel": release, "copy": copy}
+        request = {"kernel": release, "copy": copy, **selection.as_request(),
+                   **({"strict": True} if strict else {})}
         with self._lock:
             guarding = self._guards.get(name)
             running = self._running.get(name) or (guarding.failover if guarding else None)
@@ -179,8 +195,10 @@ class Controller:
                 raise Busy(f"{name} has operation {running} running")
             operation = self.history.start("update", name, request)
             self._running[name] = operation
-        thread = threading.Thread(target=self._update, name=f"update-{name}",
-                                  args=(operation, name, release, copy, declared), daemon=True)
+            self._progress[operation] = []
+        thread = threading.Thread(target=self._update, name=f"update-{name}", daemon=True,
+                                  args=(operation, name, release, copy, declared, selection,
+                                        strict))
         self._threads.append(thread)
         thread.start()
         return operation
@@ -255,18 +273,31 @@ class Controller:
                 watch.stop()
         self.history.close()
 
+    def progress(self, operation: int, after: int = 0) -> list[str]:
+        """The progress lines of an operation started here, from the ``after``-th on
+        (none for one it did not start, or one from before it started)."""
+        with self._lock:
+            return self._progress.get(operation, [])[after:]
+
     def _update(self, operation: int, name: str, kernel: str, copy: str,
-                declared: Sequence[Service]) -> None:
+                declared: Sequence[Service], selection: Selection, strict: bool) -> None:
         start = time.monotonic()
         self.log(f"operation={operation} kind=update vm={name} kernel={kernel} started")
+
+        def progress(line: str) -> None:
+            with self._lock:
+                self._progress[operation].append(line)
+            self.log(f"operation={operation} {line}")
+
         guarded = self._stand_aside(name)
         try:
             with self.history.recording(operation) as kept:
-                roots = update_job.find_services(self.host, name, declared=declared)
+                roots = update_job.find_services(
+                    self.host, name, pids=selection.pids, processes=selection.processes,
+                    cgroups=selection.cgroups, declared=declared)
                 standby = warm_standby(self.host, name, kernel) if guarded else None
                 report = update_job.update(self.host, name, kernel, pids=roots, copy=copy,
-                                           standby=standby, progress=lambda line: self.log(
-                                               f"operation={operation} {line}"))
+                                           strict=strict, standby=standby, progress=progress)
                 kept.report, kept.downtime_seconds = report.as_dict(), report.frozen_seconds
         except Exception as exc:  # on record already; the thread ends here
             self._operations.labels("update", "failed").inc()

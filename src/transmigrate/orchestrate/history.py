@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["History", "Operation", "Outcome"]
+from transmigrate.errors import TransmigrateError
+
+__all__ = ["Busy", "History", "Operation", "Outcome"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS operations (
@@ -41,6 +43,7 @@ CREATE TABLE IF NOT EXISTS operations (
 )
 """
 RUNNING = "running"
+
 FILE = "history.sqlite"
 """In the state directory."""
 
@@ -52,6 +55,10 @@ class Outcome:
     operation: int
     report: dict[str, Any] = field(default_factory=dict)
     downtime_seconds: float | None = None
+
+
+class Busy(TransmigrateError):
+    """The VM already has an operation running."""
 
 
 def _alive(pid: int) -> bool:
@@ -108,15 +115,38 @@ class History:
 
     def start(self, kind: str, vm: str, request: dict[str, Any]) -> int:
         """A new operation, running, owned by this process (those a dead process left
-        running are marked interrupted first)."""
+        running are marked interrupted first). Refused (:class:`Busy`) while another
+        process runs one on ``vm``: two processes moving one VM's services undo each
+        other's work. Within a process (the controller) keeping them apart is its job."""
         self.close_interrupted()
         with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO operations (kind, vm, request, started_at, outcome, owner) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (kind, vm, json.dumps(request), time.time(), RUNNING, os.getpid()))
+            self._db.execute("BEGIN IMMEDIATE")  # the check and the insert as one
+            try:
+                self._refuse_if_busy(vm)
+                cursor = self._db.execute(
+                    "INSERT INTO operations (kind, vm, request, started_at, outcome, owner) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (kind, vm, json.dumps(request), time.time(), RUNNING, os.getpid()))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    def refuse_if_busy(self, vm: str) -> None:
+        """Raise :class:`Busy` if another living process runs an operation on ``vm``."""
+        with self._lock:
+            self._refuse_if_busy(vm)
+
+    def _refuse_if_busy(self, vm: str) -> None:
+        rows = self._db.execute(
+            "SELECT id, kind, owner FROM operations WHERE outcome = ? AND vm = ? AND owner != ?",
+            (RUNNING, vm, os.getpid())).fetchall()
+        for operation, kind, owner in rows:
+            if _alive(owner):
+                raise Busy(f"{vm} is busy: {kind} (operation {operation}) runs in process "
+                           f"{owner}; wait for it to end")
 
     def recorded(self, kind: str, vm: str, request: dict[str, Any]
                  ) -> contextlib.AbstractContextManager[Outcome]:

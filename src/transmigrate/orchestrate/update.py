@@ -30,6 +30,7 @@ from transmigrate.migrate.plan import GUEST_TOOLS, HOLD_DIR, Plan, Side
 from transmigrate.migrate.precheck import PrecheckFailed, inspect_source
 from transmigrate.migrate.precopy import CopyMode
 from transmigrate.migrate.steps import migration_steps
+from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import running, standby_pid_base, up
 from transmigrate.orchestrate.services import oldest_process, service_root
@@ -203,6 +204,8 @@ def recover_interrupted(host: Host, name: str, progress: Progress = silent) -> s
     standby = next((m for m in host.machines.all() if m.name == f"{name}-next"), None)
     if standby is None:
         return None
+    with contextlib.closing(History.at(host.state)) as history:
+        history.refuse_if_busy(name)  # not interrupted: under way in another process
     source = running(host, name)
     agent = host.agent(source)
     try:
