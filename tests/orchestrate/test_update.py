@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import tarfile
 import threading
@@ -18,6 +19,7 @@ import pytest
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, Service
 from transmigrate.errors import KernelNotFound, TransmigrateError
+from transmigrate.interfaces.remote import Remote
 from transmigrate.migrate.engine import MigrationFailed
 from transmigrate.migrate.plan import GUEST_TOOLS, HOLD_DIR
 from transmigrate.migrate.precheck import PrecheckFailed
@@ -26,6 +28,7 @@ from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
 from transmigrate.orchestrate.update import find_services, update
+from transmigrate.polling import wait_for
 
 from ..conftest import CLI
 
@@ -375,36 +378,68 @@ def test_a_hold_that_gives_up_rolls_back_every_tree(prepared: Host, service_vm: 
     assert all(b > a for a, b in zip(before, after, strict=True)), "every tree runs on"
 
 
-def test_a_killed_update_is_undone_by_the_next_command(prepared: Host,
-                                                       service_vm: str) -> None:
-    """`transmigrate update` killed (SIGKILL) while it dumps: the trees stay held on the
-    old VM, and the next update first removes the standby it left and resumes them, with
-    their client's connection; then moves them."""
+def _serve(port: int) -> subprocess.Popen[str]:
+    """`transmigrate serve` on loopback ``port``, once it has announced itself."""
+    server = subprocess.Popen([str(CLI), "serve", "--listen", f"127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: Remote.find(Path(os.environ["TRANSMIGRATE_STATE"])) is not None,
+             timeout=60, interval=0.1, what="serve did not announce itself")
+    return server
+
+
+def test_a_controller_killed_mid_update_undoes_it_when_started_again(
+        prepared: Host, service_vm: str) -> None:
+    """`transmigrate update` hands the move to the running controller and follows it;
+    the controller is killed (SIGKILL) while it dumps: the command says so, the trees
+    stay held on the old VM, and the controller started again removes the standby it
+    left and resumes them, with their client's connection. The next update, handed to
+    it, moves them; the history has both."""
     lifecycle.up(prepared, VM, ACTIVE_KERNEL, memory_mib=768)
     pid = start_redis(prepared, VM)
     address = prepared.machines.get(VM).record.ip
     client = LoadClient(prepared, address)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [str(CLI), "update", VM, "--kernel", STANDBY_KERNEL, "--pid", str(pid)]
+    server = _serve(port)
     try:
-        killed = subprocess.Popen([str(CLI), "update", VM, "--kernel", STANDBY_KERNEL,
-                                   "--pid", str(pid)], stderr=subprocess.PIPE, text=True)
-        assert killed.stderr is not None
-        for line in killed.stderr:
+        cut = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        assert cut.stderr is not None
+        said = []
+        for line in cut.stderr:
+            said.append(line)
             if line.split()[1:] == ["final", "dump"]:
                 break
         time.sleep(1.0)
-        killed.kill()
-        killed.wait()
+        server.kill()
+        server.wait()
+        said += cut.stderr.readlines()
+        assert cut.wait(timeout=60) == 1
+        assert "the controller runs the update as operation" in "".join(said).replace(
+            f" (pid {server.pid})", "")
+        assert said[-1].startswith(f"transmigrate: error: the controller (pid {server.pid}) "
+                                   f"at http://127.0.0.1:{port} does not answer"), said[-1]
         assert [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
-        [cut] = [op for op in History.at(prepared.state).close_interrupted() if op.vm == VM]
-        assert (cut.kind, cut.request["pids"]) == ("update", [pid]), "as a controller sees it"
-        report = update(prepared, VM, STANDBY_KERNEL, pids=[pid])
+        server = _serve(port)  # undoes what the killed one left, then serves
+        assert not [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
+        time.sleep(1.0)
+        moved = subprocess.run([*argv, "--json"], capture_output=True, text=True,
+                               timeout=600)
+        assert moved.returncode == 0, moved.stderr
+        assert f"the controller (pid {server.pid}) runs the update" in moved.stderr
+        report = json.loads(moved.stdout)
         time.sleep(1.0)
     finally:
         summary = client.stop()
-    assert report.warnings[0] == (f"an interrupted update of {VM} was undone: {VM}-next "
-                                  f"removed, the service runs on in {VM}")
+        server.terminate()
+        assert server.wait(timeout=120) == 0, "a clean stop"
     _assert_same_connection(summary)
-    assert report.kernel_after.startswith(STANDBY_KERNEL)
+    assert report["kernel_after"].startswith(STANDBY_KERNEL) and report["pids"] == [pid]
+    done, interrupted = History.at(prepared.state).recent(vm=VM, limit=2)
+    assert (interrupted.kind, interrupted.outcome, interrupted.request["pids"]) == \
+        ("update", "interrupted", [pid])
+    assert (done.outcome, done.report) == ("done", report)
 
 
 def test_unknown_kernel_touches_nothing(prepared: Host, old_vm: str) -> None:
