@@ -81,3 +81,38 @@ def test_a_guard_table_is_kept_for_the_controller(tmp_path: Path) -> None:
     path.write_text('[guard.web]\nstandby_kernel = "6.12"\n[guard.web.actions]\nlockup = "move"\n')
     assert load_config(path).guards == {"web": {"standby_kernel": "6.12",
                                                 "actions": {"lockup": "move"}}}
+
+
+def test_settings_go_over_the_file_each_a_toml_key_and_value(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.delenv("TRANSMIGRATE_CONFIG", raising=False)
+    path = tmp_path / "transmigrate.toml"
+    path.write_text('[vm]\ncpus = 1\nmemory_mib = 512\n[guard.web]\nstandby_kernel = "6.1"\n'
+                    '[guard.web.actions]\nlockup = "move"\n')
+    config = load_config(path, ["vm.cpus=2", 'guard.web.standby_kernel="6.12"',
+                                "guard.web.actions.panic=recover",
+                                'services.db = ["postgres"]'])
+    assert (config.cpus, config.memory_mib) == (2, 512)
+    assert config.guards == {"web": {"standby_kernel": "6.12",
+                                      "actions": {"lockup": "move", "panic": "recover"}}}
+    assert config.services_of("db")[0].process == "postgres"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_config(None, ["vm.memory_mib=2048"]).memory_mib == 2048, "without a file"
+    with pytest.raises(TransmigrateError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml", ["vm.memory_mib=2048"])
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("vm.cpus", "--set takes KEY=VALUE"),
+    ("=2", "--set takes KEY=VALUE"),
+    ("vm.cpus=0", "vm.cpus must be a positive whole number"),
+    ("vm.cpu=2", "unknown key vm.cpu"),
+    ("vm cpus=2", "'vm cpus' is not a configuration key"),
+])
+def test_bad_settings_name_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   setting: str, message: str) -> None:
+    monkeypatch.delenv("TRANSMIGRATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransmigrateError, match=message):
+        load_config(None, [setting])

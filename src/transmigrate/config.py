@@ -29,9 +29,10 @@ Every key is optional::
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -153,18 +154,25 @@ def _services(data: Any, path: Path) -> tuple[Service, ...]:
     return tuple(services)
 
 
-def load_config(path: Path | None = None) -> Config:
+def load_config(path: Path | None = None, settings: Sequence[str] = ()) -> Config:
+    """The configuration in ``path`` (or where it is looked for), with ``settings`` over
+    it: ``KEY=VALUE``, a TOML key (dotted: ``guard.web.standby_kernel``) and a TOML
+    value, else the text as a string (so ``vm.cpus=2`` is a number, and a kernel like
+    6.12 must be quoted: ``guard.web.standby_kernel="6.12"``)."""
+    optional = path is None
     if path is None:
         env = os.environ.get("TRANSMIGRATE_CONFIG")
         path = Path(env) if env else Path("transmigrate.toml")
-        if not path.exists():
+        if not path.exists() and not settings:
             return Config()
     try:
-        data = tomllib.loads(path.read_text())
+        data = {} if optional and not path.exists() else tomllib.loads(path.read_text())
     except OSError as exc:
         raise TransmigrateError(f"cannot read config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise TransmigrateError(f"config {path} is not valid TOML: {exc}") from exc
+    for setting in settings:
+        _merge(data, _setting(setting))
     _known(data, _TOP_KEYS, "", path)
     image = _table(data, "image", path)
     vm = _table(data, "vm", path)
@@ -191,6 +199,31 @@ def load_config(path: Path | None = None) -> Config:
 
 
 _TOP_KEYS = {"image", "vm", "services", "guard"}
+
+
+def _setting(text: str) -> dict[str, Any]:
+    """``KEY=VALUE`` as the TOML table it stands for."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise TransmigrateError(f"--set takes KEY=VALUE (e.g. vm.cpus=2), not {text!r}")
+    try:
+        return tomllib.loads(f"{key.strip()} = {value.strip()}")
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return tomllib.loads(f"{key.strip()} = {json.dumps(value.strip())}")
+    except tomllib.TOMLDecodeError as exc:
+        raise TransmigrateError(f"--set {text}: {key.strip()!r} is not a configuration key "
+                                f"({exc})") from exc
+
+
+def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> None:
+    """``update``'s values over ``into``'s, table by table."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _known(table: dict[str, Any], known: set[str], prefix: str, path: Path) -> None:

@@ -129,9 +129,9 @@ def test_with_a_token_every_request_must_carry_it(empty_host: Host) -> None:
 
 
 def test_serve_refuses_to_listen_off_loopback_without_a_token(tmp_path: Path) -> None:
-    def serve(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(CLI), "serve", *args], capture_output=True, text=True,
-                              timeout=60, check=False,
+    def serve(*args: str, settings: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(CLI), *settings, "serve", *args], capture_output=True,
+                              text=True, timeout=60, check=False,
                               env={**os.environ, "TRANSMIGRATE_STATE": str(tmp_path / "s")})
 
     refused = serve("--listen", "0.0.0.0:8742")
@@ -149,6 +149,10 @@ def test_serve_refuses_to_listen_off_loopback_without_a_token(tmp_path: Path) ->
     assert f"config {config}: guard.web: actions.panic = 'pray'" in policy.stderr
     config.write_text('[guard.web]\nlive_deadline = 9\n')
     assert "guard.web: unknown key 'live_deadline'" in serve("--config", str(config)).stderr
+    config.write_text('[guard.web]\nlive_deadline_seconds = 9\n')
+    overridden = serve("--config", str(config), settings=("-c", 'guard.web.actions.panic="pray"'))
+    assert "guard.web: actions.panic = 'pray'" in overridden.stderr, "a setting over the file"
+    assert "--set takes KEY=VALUE" in serve(settings=("-c", "vm.cpus")).stderr
 
 
 def test_the_cli_hands_updates_to_a_running_controller(tmp_path: Path) -> None:

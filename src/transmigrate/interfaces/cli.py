@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from transmigrate.config import Service, load_config
+from transmigrate.config import Config, Service, load_config
 from transmigrate.detect.events import READERS, Event, Sample
 from transmigrate.errors import TransmigrateError
 from transmigrate.interfaces.remote import Remote
@@ -73,6 +73,24 @@ class _Progress:
         err.print(f"[dim]{time.monotonic() - self.start:6.1f}s[/dim] {message}")
 
 
+_settings: list[str] = []
+"""``-c KEY=VALUE`` given before the command: over every configuration it reads."""
+
+
+@app.callback()
+def _options(setting: Annotated[list[str] | None, typer.Option(
+        "-c", "--set", metavar="KEY=VALUE",
+        help="A configuration value over transmigrate.toml's, as git -c: a TOML key and "
+             "value, e.g. -c vm.cpus=2 -c guard.web.standby_kernel='\"6.12\"' "
+             "(repeatable; before the command).")] = None) -> None:
+    _settings[:] = setting or []
+
+
+def _config(path: Path | None) -> Config:
+    """The configuration at ``path`` (or where it is looked for), the -c settings over it."""
+    return load_config(path, _settings)
+
+
 def _emit_json_line(data: Any) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
     sys.stdout.flush()
@@ -84,7 +102,7 @@ def _emit_json(data: Any) -> None:
 
 def _image_spec(config_path: Path | None, packages: list[str] | None,
                 files: Path | None) -> tuple[ImageSpec, int, int]:
-    config = load_config(config_path)
+    config = _config(config_path)
     spec = ImageSpec(
         extra_packages=tuple(sorted({*config.image_packages, *(packages or [])})),
         files_dir=files.resolve() if files else config.image_files,
@@ -159,7 +177,7 @@ def up(name: Annotated[str, typer.Argument(help="Name of the new VM.")],
                           progress=_Progress())
     record = report.machine.record
     started = {service.name: services.start_service(host, service)
-               for service in load_config(config).services_of(name) if service.boot}
+               for service in _config(config).services_of(name) if service.boot}
     if json_:
         _emit_json({**asdict(record), "boot_seconds": round(report.boot_seconds, 3),
                     "services_started": started})
@@ -285,7 +303,7 @@ def update(name: Annotated[str, typer.Argument(help="VM whose kernel to replace.
             "kernel": kernel, "copy": copy, "pids": pid or [], "processes": process or [],
             "cgroups": cgroup or [], "strict": strict})
     else:
-        declared = load_config(config).services_of(name)
+        declared = _config(config).services_of(name)
         roots = update_job.find_services(host, name, pids=pid or (), processes=process or (),
                                          cgroups=cgroup or (), declared=declared)
         try:
@@ -352,7 +370,7 @@ def _update_in_controller(remote: Remote, name: str, request: dict[str, Any]
 
 def _declared(config: Path | None, vm: str, service: str | None) -> tuple[Service, ...]:
     """The services declared for ``vm``, or the one named ``service``."""
-    declared = load_config(config).services_of(vm)
+    declared = _config(config).services_of(vm)
     if service is None:
         if not declared:
             raise TransmigrateError(f"no service is declared for {vm} in transmigrate.toml")
@@ -572,7 +590,7 @@ def recover_(name: Annotated[str, typer.Argument(help="VM whose processes to rec
     never resumed once a process is restored; it stays paused as NAME-dead, with its
     console log and a compressed memory dump, until `down`. Exits 1 if a process was
     refused or failed to restore (the others are restored)."""
-    declared = () if pid or process else load_config(config).services_of(name)
+    declared = () if pid or process else _config(config).services_of(name)
     host = Host.from_environment()
     _refuse_beside_a_guard(host, name, "recover")
     with History.at(host.state).recorded("recover", name, {
@@ -669,7 +687,7 @@ def guard(name: Annotated[str, typer.Argument(help="VM whose services to keep ru
         signal.signal(signum, lambda *_: stop.set())
     host = Host.from_environment()
     _refuse_beside_a_guard(host, name, "guard")
-    decisions = guard_job.guard(host, name, load_config(config).services_of(name), chosen,
+    decisions = guard_job.guard(host, name, _config(config).services_of(name), chosen,
                                 dry_run=dry_run, on_decision=log,
                                 history=History.at(host.state), progress=_Progress(),
                                 stop=stop)
@@ -713,7 +731,7 @@ def serve(listen: Annotated[str, typer.Option(
     # Here, not at the top: the web stack costs every other command its start-up time.
     from transmigrate.interfaces.api import serve as serve_api
 
-    serve_api(Host.from_environment(), load_config(config), listen, token_file=token_file,
+    serve_api(Host.from_environment(), _config(config), listen, token_file=token_file,
               lab=lab)
 
 
