@@ -24,7 +24,7 @@ from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL, load_config
 from transmigrate.interfaces.api import create_app
 from transmigrate.interfaces.remote import ANNOUNCEMENT
 from transmigrate.orchestrate import lifecycle
-from transmigrate.orchestrate.controller import Controller
+from transmigrate.orchestrate.controller import LIVE_LOCKS, Controller
 from transmigrate.orchestrate.faults import FAULTS
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import redis_answers, redis_cli, start_service
@@ -234,6 +234,9 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             assert page.evaluate("series.forkRate.some(x => x !== null)"), "a fork rate"
             assert page.evaluate("charts.cpus !== null && series.cpus[0].some(x => x > 0)"), \
                 "the CPU switches context"
+            assert page.evaluate("charts.locks !== null && series.locks.length") == \
+                len(LIVE_LOCKS), "the locks charted"
+            assert page.evaluate("series.locks.every(p => p.some(x => x !== null))")
 
             with api.stream("GET", f"/api/vms/{name}/live/stream") as stream:
                 assert stream.headers["content-type"].startswith("text/event-stream")
@@ -244,6 +247,7 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
                     if len(sent) == 2:
                         break
             assert all(event["readings"]["memory_total_mib"] > 0 for event in sent), sent
+            assert [lock["name"] for lock in sent[0]["locks"]] == list(LIVE_LOCKS), sent[0]
             assert sent[1]["at"] > sent[0]["at"], "a new reading each time"
 
             row.locator("input.kernel").fill(STANDBY_KERNEL)

@@ -19,7 +19,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from transmigrate.config import Config, Service
 from transmigrate.detect.events import READERS
-from transmigrate.errors import MachineNotFound, TransmigrateError
+from transmigrate.errors import IntrospectionError, MachineNotFound, TransmigrateError
 from transmigrate.orchestrate import guard as guard_job
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.faults import FAULTS, inject_by_name
@@ -43,6 +43,10 @@ __all__ = ["Controller", "LabOnly", "Selection", "VmView"]
 _STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 LIVE_INTERVAL_S = 0.25
 """How often the live view's monitor samples: several updates a second, at little cost."""
+LIVE_LOCKS = ("tasklist_lock", "rtnl_mutex", "cgroup_mutex", "css_set_lock")
+"""Locks the live view shows, held and waited for: the few whose holder stops the whole
+system, not one service (forks and exits, network configuration, cgroups). Globals of
+every kernel we run (6.1 and 6.12), found by name with their types in the DWARF."""
 
 
 class LabOnly(TransmigrateError):
@@ -236,8 +240,7 @@ class Controller:
             if watch is not None:
                 with contextlib.suppress(TransmigrateError):
                     watch.stop()
-            watch = Monitor.attach(self.host, name, MonitorConfig(
-                interval_s=LIVE_INTERVAL_S)).start()
+            watch = self._attach_live(name).start()
             with self._lock:
                 self._watches[name] = watch
         sample = watch.latest
@@ -245,8 +248,19 @@ class Controller:
             reader: getattr(sample, reader) for reader in READERS
             if getattr(sample, reader) is not None}
         return {"vm": name, "at": time.time(), "readings": readings(latest),
+                "locks": [lock.as_dict() for lock in watch.monitor.lock_states()],
                 "events": [{"kind": e.kind, "summary": e.summary, "evidence": e.evidence}
                            for e in watch.events[-20:]]}
+
+    def _attach_live(self, name: str) -> Monitor:
+        """The live view's monitor, watching :data:`LIVE_LOCKS` too where the kernel
+        has them all."""
+        config = MonitorConfig(interval_s=LIVE_INTERVAL_S, locks=LIVE_LOCKS)
+        try:
+            return Monitor.attach(self.host, name, config)
+        except IntrospectionError as exc:
+            self.log(f"vm={name} live-locks=none error={exc!r}")
+            return Monitor.attach(self.host, name, replace(config, locks=()))
 
     def operations(self, vm: str | None = None) -> list[Operation]:
         return self.history.recent(vm=vm)

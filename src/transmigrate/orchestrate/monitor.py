@@ -211,6 +211,11 @@ def guest_readers(host: Host, vm: str, needs: frozenset[str],
     of its vCPUs, and its QEMU's state."""
     machine = running(host, vm)
     guest = attach(machine, catalog=host.catalog)
+    try:
+        lock_reader = LockReader(guest, locks) if locks else None
+    except IntrospectionError:
+        guest.close()
+        raise
     samplers: dict[str, Callable[[], Any]] = {}
     vcpus = VcpuClock(machine) if "vcpus" in needs else None
     if "cpus" in needs:
@@ -244,7 +249,7 @@ def guest_readers(host: Host, vm: str, needs: frozenset[str],
 
     return GuestReaders(samplers, f"{vm} ({guest.release})", machine.record.accel,
                         cpu_function, site, lambda tasks: resident_bytes(guest, tasks),
-                        LockReader(guest, locks).sample if locks else None,
+                        lock_reader.sample if lock_reader else None,
                         _vm_ended(machine), close)
 
 

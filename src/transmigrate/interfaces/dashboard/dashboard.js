@@ -124,9 +124,11 @@ function chart(element, title, labels, colours) {
 function startWatching(vm) {
   watched = vm;
   document.getElementById("live-title").textContent = `Live: ${vm}`;
-  series = {t: [], free: [], R: [], S: [], D: [], processes: [], forkRate: [], cpus: []};
+  series = {t: [], free: [], R: [], S: [], D: [], processes: [], forkRate: [], cpus: [],
+            locks: []};
   previous = null;
-  for (const element of ["memory-chart", "tasks-chart", "forks-chart", "cpus-chart"]) {
+  for (const element of ["memory-chart", "tasks-chart", "forks-chart", "cpus-chart",
+                         "locks-chart"]) {
     document.getElementById(element).replaceChildren();
   }
   charts = {
@@ -138,6 +140,7 @@ function startWatching(vm) {
     forks: chart(document.getElementById("forks-chart"), "forks per second",
                  ["forks/s"], ["#d9913c"]),
     cpus: null,  // drawn once the first reading says how many CPUs there are
+    locks: null,  // and which locks the kernel has
   };
   refreshVms();
 }
@@ -177,14 +180,29 @@ async function readLive() {
     points.push(rate(cpus[i]?.switches, previous?.readings.cpus?.[i]?.switches));
     if (points.length > WINDOW) points.shift();
   });
+  // A lock: 0 free, 1 held, 2 held and waited for (a spinner queued, a mutex waiter,
+  // a writer waiting).
+  const locks = live.locks || [];
+  if (charts.locks === null && locks.length) {
+    charts.locks = chart(document.getElementById("locks-chart"),
+                         "locks: 1 held, 2 waited for", locks.map(lock => lock.name),
+                         STEP_COLOURS);
+    series.locks = locks.map(() => series.t.slice(0, -1).map(() => null));
+  }
+  series.locks.forEach((points, i) => {
+    const lock = locks[i];
+    points.push(lock === undefined ? null : lock.waiters ? 2 : lock.held ? 1 : 0);
+    if (points.length > WINDOW) points.shift();
+  });
   previous = live;
   for (const key in series) {
-    if (key !== "cpus" && series[key].length > WINDOW) series[key].shift();
+    if (key !== "cpus" && key !== "locks" && series[key].length > WINDOW) series[key].shift();
   }
   charts.memory.setData([series.t, series.free]);
   charts.tasks.setData([series.t, series.R, series.S, series.D, series.processes]);
   charts.forks.setData([series.t, series.forkRate]);
   if (charts.cpus !== null) charts.cpus.setData([series.t, ...series.cpus]);
+  if (charts.locks !== null) charts.locks.setData([series.t, ...series.locks]);
   const table = document.querySelector("#cpus tbody");
   table.replaceChildren();
   for (const cpu of cpus) {
@@ -192,6 +210,12 @@ async function readLive() {
     cell(row, `CPU ${cpu.cpu}`);
     cell(row, cpu.running);
     cell(row, `${cpu.switches} switches`);
+  }
+  for (const lock of locks.filter(lock => lock.held)) {
+    const row = table.insertRow();
+    cell(row, lock.name);
+    cell(row, lock.holder_comm ? `held by ${lock.holder_comm} (${lock.holder_pid})` : "held");
+    cell(row, lock.waiters ? "waited for" : "");
   }
   const events = document.getElementById("events");
   events.replaceChildren(...live.events.map(e => {
