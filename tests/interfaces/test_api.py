@@ -99,7 +99,9 @@ def test_unknown_vms_and_operations_and_malformed_requests(empty_host: Host) -> 
         assert _metrics(api) == {}, "no VM, no operation"
         text = api.get("/metrics").text
         for family in ("transmigrate_operations_total", "transmigrate_update_step_seconds",
-                       "transmigrate_downtime_seconds", "transmigrate_vms"):
+                       "transmigrate_downtime_seconds", "transmigrate_vms",
+                       "transmigrate_detection_latency_seconds",
+                       "transmigrate_monitor_sample_seconds"):
             assert f"# TYPE {family} " in text, family
 
 
@@ -307,6 +309,11 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
                             (("kind", "failover"), ("outcome", "done")))] == 1
             assert metrics[("transmigrate_events_total", (("kind", "panic"),))] == 1
             assert metrics[("transmigrate_decision_seconds_count", (("kind", "panic"),))] == 1
+            assert metrics[("transmigrate_detection_latency_seconds_count",
+                            (("kind", "panic"),))] == 1, "injected from the page"
+            assert 0 < metrics[("transmigrate_detection_latency_seconds_sum",
+                                (("kind", "panic"),))] < 30
+            assert metrics[("transmigrate_monitor_sample_seconds_count", (("vm", name),))] > 100
             assert metrics[("transmigrate_downtime_seconds_sum", (("kind", "update"),))] == \
                 pytest.approx(done["downtime_seconds"])
             steps = {labels for sample, labels in metrics

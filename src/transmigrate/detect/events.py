@@ -22,6 +22,8 @@ class Sample:
     """One look at the guest kernel; a reader a detector does not need is None."""
 
     monotonic_ns: int
+    read_seconds: float = 0.0
+    """How long reading it took (the monitor's cost per look, and its lag)."""
     cpus: CpuSample | None = None
     vcpus: Mapping[int, int] | None = None
     """Host CPU time, in ns, each vCPU's thread has run (read on the host, not in the guest)."""

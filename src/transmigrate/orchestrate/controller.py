@@ -27,7 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from transmigrate.config import Config, Service
-from transmigrate.detect.events import READERS
+from transmigrate.detect.events import READERS, Sample
 from transmigrate.errors import IntrospectionError, MachineNotFound, TransmigrateError
 from transmigrate.orchestrate import guard as guard_job
 from transmigrate.orchestrate import update as update_job
@@ -41,6 +41,7 @@ from transmigrate.vm.machine import Machine
 __all__ = ["Controller", "LabOnly", "Selection", "VmView"]
 
 _STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+_SAMPLE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 LIVE_INTERVAL_S = 0.25
 """How often the live view's monitor samples: several updates a second, at little cost."""
 LIVE_LOCKS = ("tasklist_lock", "rtnl_mutex", "cgroup_mutex", "css_set_lock")
@@ -126,6 +127,16 @@ class Controller:
             "transmigrate_decision_seconds",
             "From a guard's monitor seeing a fault to its decision.", ["kind"],
             buckets=_STEP_BUCKETS, registry=self.registry)
+        self._detection_seconds = Histogram(
+            "transmigrate_detection_latency_seconds",
+            "From a fault injected here (a lab's controller) to its guard's monitor seeing "
+            "it.", ["kind"], buckets=_STEP_BUCKETS, registry=self.registry)
+        self._sample_seconds = Histogram(
+            "transmigrate_monitor_sample_seconds",
+            "How long one look of a monitor at a guest's kernel took (guards and live views).",
+            ["vm"], buckets=_SAMPLE_BUCKETS, registry=self.registry)
+        self._injected: dict[str, float] = {}
+        """VM -> wall-clock time of the fault last injected into it, until its guard acts."""
         self.registry.register(_VmStates(self))
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}
@@ -224,6 +235,8 @@ class Controller:
         except TransmigrateError as exc:
             self.history.finish(operation, "failed", error=str(exc))
             raise
+        with self._lock:
+            self._injected[name] = time.time() - (time.monotonic() - report.triggered_at)
         self.history.finish(operation, "done", report=asdict(report))
         found = self.history.get(operation)
         assert found is not None
@@ -240,7 +253,7 @@ class Controller:
             if watch is not None:
                 with contextlib.suppress(TransmigrateError):
                     watch.stop()
-            watch = self._attach_live(name).start()
+            watch = self._attach_live(name).start(on_sample=self._sample_observer(name))
             with self._lock:
                 self._watches[name] = watch
         sample = watch.latest
@@ -251,6 +264,10 @@ class Controller:
                 "locks": [lock.as_dict() for lock in watch.monitor.lock_states()],
                 "events": [{"kind": e.kind, "summary": e.summary, "evidence": e.evidence}
                            for e in watch.events[-20:]]}
+
+    def _sample_observer(self, name: str) -> Callable[[Sample], None]:
+        """What counts each sample a monitor of VM ``name`` reads."""
+        return lambda sample: self._sample_seconds.labels(name).observe(sample.read_seconds)
 
     def _attach_live(self, name: str) -> Monitor:
         """The live view's monitor, watching :data:`LIVE_LOCKS` too where the kernel
@@ -356,8 +373,12 @@ class Controller:
         def acting(decision: guard_job.Decision) -> None:
             with self._lock:
                 guarding.state, guarding.failover = "acting", decision.operation
+                injected = self._injected.pop(name, None)
             self._events.labels(decision.fault).inc()
             self._decision_seconds.labels(decision.fault).observe(decision.decision_seconds)
+            if injected is not None and decision.detected_at >= injected:
+                self._detection_seconds.labels(decision.fault).observe(
+                    decision.detected_at - injected)
             self.log(f"operation={decision.operation} kind=failover vm={name} "
                      f"fault={decision.fault} action={decision.action} started")
 
@@ -381,8 +402,8 @@ class Controller:
         try:
             guard_job.guard(self.host, name, self.config.services_of(name), guarding.policy,
                             on_acting=acting, on_decision=decided, on_watching=watching,
-                            history=self.history,
-                            stop=guarding.stop,
+                            history=self.history, stop=guarding.stop,
+                            on_sample=self._sample_observer(name),
                             progress=lambda line: self.log(f"vm={name} guard: {line}"))
         except Exception as exc:  # the guard can do no more: say why, on the page too
             guarding.state = f"stopped: {exc}"

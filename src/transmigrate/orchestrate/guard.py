@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from transmigrate.config import Service
-from transmigrate.detect.events import Event
+from transmigrate.detect.events import Event, Sample
 from transmigrate.errors import MachineNotFound, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.orchestrate.history import History
@@ -195,13 +195,14 @@ def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = P
           on_acting: Callable[[Decision], None] = lambda _: None,
           on_watching: Callable[[], None] = lambda: None,
           history: History | None = None, progress: Progress = silent,
-          stop: threading.Event | None = None) -> list[Decision]:
+          stop: threading.Event | None = None,
+          on_sample: Callable[[Sample], None] | None = None) -> list[Decision]:
     """Keep a warm standby for VM ``name`` and act on the faults the monitor sees, until
     ``stop`` is set (or for ever). ``on_watching`` is called each time the monitor
     watches (again), the standby ready. Every decision goes to ``on_acting`` before it
     is carried out and to ``on_decision`` once it is; all of them are returned. Each
-    one acted on is kept in ``history`` as a failover. ``dry_run``: decide and log,
-    never act."""
+    one acted on is kept in ``history`` as a failover. Every sample of the monitor goes
+    to ``on_sample``. ``dry_run``: decide and log, never act."""
     if not services:
         raise TransmigrateError(f"nothing to guard in {name}: declare its services in "
                                 "transmigrate.toml (guard moves declared services)")
@@ -227,7 +228,7 @@ def guard(host: Host, name: str, services: Sequence[Service], policy: Policy = P
                                 {"source": "guard"})]
             else:
                 if watch is None:
-                    watch = _FaultWatch(host, name, config, progress)
+                    watch = _FaultWatch(host, name, config, progress, on_sample)
                     on_watching()
                 events = watch.next_fault(stop, _lockup_grace(policy))
                 if not events:
@@ -315,10 +316,10 @@ def _ensure_standby(host: Host, name: str, kernel: str, progress: Progress) -> N
 class _FaultWatch:
     """The monitor on ``name``, handing over its events one fault at a time."""
 
-    def __init__(self, host: Host, name: str, config: MonitorConfig,
-                 progress: Progress) -> None:
+    def __init__(self, host: Host, name: str, config: MonitorConfig, progress: Progress,
+                 on_sample: Callable[[Sample], None] | None = None) -> None:
         self._events: queue.Queue[Event] = queue.Queue()
-        self._watch = Monitor.attach(host, name, config).start(self._events.put)
+        self._watch = Monitor.attach(host, name, config).start(self._events.put, on_sample)
         progress(f"guarding {name}")
 
     def next_fault(self, stop: threading.Event, lockup_grace: float) -> list[Event]:

@@ -312,13 +312,15 @@ class Monitor:
         whose read tore (their part of the sample is None). A torn task walk under a
         fork bomb must not cost the fork counters their sample."""
         readings, torn = {}, set()
+        start_ns = time.monotonic_ns()
         for name, read in self.readers.samplers.items():
             if needs is None or name in needs:
                 try:
                     readings[name] = read()
                 except IntrospectionError:
                     torn.add(name)
-        return Sample(time.monotonic_ns(), **readings), frozenset(torn)
+        now_ns = time.monotonic_ns()
+        return Sample(now_ns, (now_ns - start_ns) / 1e9, **readings), frozenset(torn)
 
     def lock_states(self) -> tuple[LockState, ...]:
         """The named locks now; empty if none were named or a read tore."""
@@ -332,9 +334,10 @@ class Monitor:
     def close(self) -> None:
         self.readers.close()
 
-    def start(self, on_event: Callable[[Event], None] | None = None) -> Watch:
+    def start(self, on_event: Callable[[Event], None] | None = None,
+              on_sample: Callable[[Sample], None] | None = None) -> Watch:
         """Run in a background thread until the returned :class:`Watch` is stopped."""
-        return Watch(self, on_event)
+        return Watch(self, on_event, on_sample)
 
     def run(self, on_event: Callable[[Event], None], *, duration_s: float | None = None,
             on_sample: Callable[[Sample], None] | None = None,
@@ -503,7 +506,8 @@ class Watch:
     arrived, and the latest sample. Stop it (or leave its ``with`` block) to get the
     stats; the monitor is closed then."""
 
-    def __init__(self, monitor: Monitor, on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(self, monitor: Monitor, on_event: Callable[[Event], None] | None = None,
+                 on_sample: Callable[[Sample], None] | None = None) -> None:
         self.monitor = monitor
         self.events: list[Event] = []
         self.received_at: dict[str, float] = {}
@@ -511,7 +515,7 @@ class Watch:
         self.latest: Sample | None = None
         self.at_event: dict[str, Sample | None] = {}
         """The latest sample when the first event of each kind arrived."""
-        self._on_event = on_event
+        self._on_event, self._on_sample = on_event, on_sample
         self._stopping = threading.Event()
         self._outcome: MonitorStats | BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
@@ -527,6 +531,8 @@ class Watch:
 
         def on_sample(sample: Sample) -> None:
             self.latest = sample
+            if self._on_sample is not None:
+                self._on_sample(sample)
 
         try:
             self._outcome = self.monitor.run(on_event, on_sample=on_sample,
