@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from transmigrate.config import Service, load_config
+from transmigrate.config import Service, VmSpec, load_config
 from transmigrate.errors import TransmigrateError
 
 
@@ -62,7 +62,7 @@ def test_a_service_declared_twice(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ("[vms]\nweb = 1", "unknown key vms; known: guard, image, services, vm"),
+    ("[vmz]\nweb = 1", "unknown key vmz; known: guard, image, services, vm, vms"),
     ("[vm]\nmemory = 512", "unknown key vm.memory; known: cpus, memory_mib"),
     ("[vm]\ncpus = 0", "vm.cpus must be a positive whole number"),
     ("[image]\npackage = []", "unknown key image.package"),
@@ -116,3 +116,25 @@ def test_bad_settings_name_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TransmigrateError, match=message):
         load_config(None, [setting])
+
+
+def test_a_declared_vm_over_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "transmigrate.toml"
+    path.write_text('[vm]\ncpus = 2\n[vms.web]\nkernel = "6.12.117"\ndata_mib = 8192\n')
+    config = load_config(path)
+    assert config.vm("web") == VmSpec("web", "6.12.117", memory_mib=1024, cpus=2,
+                                      data_mib=8192)
+    assert config.vm("other") == VmSpec("other", None, memory_mib=1024, cpus=2)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("[vms.web]\nkernal = '6.1'", "unknown key vms.web.kernal; known: cpus, data_mib, kernel"),
+    ("[vms.web]\nkernel = 6.1", "vms.web.kernel must be a kernel release in quotes"),
+    ("[vms.web]\ndata_mib = -1", "vms.web.data_mib must be a positive whole number"),
+    ("[vms]\nweb = 1", "vms.web must be a table"),
+])
+def test_bad_vms_name_the_key(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "transmigrate.toml"
+    path.write_text(body + "\n")
+    with pytest.raises(TransmigrateError, match=message):
+        load_config(path)

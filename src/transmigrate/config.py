@@ -7,9 +7,15 @@ Every key is optional::
     packages = ["nginx"]        # extra Debian packages for the guest image
     files = "guest-files"       # a directory copied over the image's root
 
-    [vm]
+    [vm]                        # defaults for every VM
     memory_mib = 1024
     cpus = 1
+
+    [vms.web]                   # a VM, by name: what `transmigrate up web` boots
+    kernel = "6.1.0-57"         # (--kernel may then be left out)
+    memory_mib = 2048           # over [vm]'s
+    cpus = 2
+    data_mib = 8192             # its data volume's size when created (default 4096)
 
     [services.db]               # a declared service, by name
     vm = "web"                  # the VM that runs it
@@ -39,7 +45,8 @@ from typing import Any
 
 from transmigrate.errors import TransmigrateError
 
-__all__ = ["ACTIVE_KERNEL", "NAMESPACES", "STANDBY_KERNEL", "Config", "Service", "load_config"]
+__all__ = ["ACTIVE_KERNEL", "NAMESPACES", "STANDBY_KERNEL", "Config", "Service", "VmSpec",
+           "load_config"]
 
 ACTIVE_KERNEL = "6.1.0-57"
 STANDBY_KERNEL = "6.12.117"
@@ -78,11 +85,24 @@ class Service:
 
 
 @dataclass(frozen=True)
+class VmSpec:
+    """A VM as the configuration declares it: what ``up`` boots under its name."""
+
+    name: str
+    kernel: str | None = None
+    memory_mib: int = 1024
+    cpus: int = 1
+    data_mib: int = 4096
+    """The size of its data volume, when it is created."""
+
+
+@dataclass(frozen=True)
 class Config:
     image_packages: tuple[str, ...] = ()
     image_files: Path | None = None
     memory_mib: int = 1024
     cpus: int = 1
+    vms: Mapping[str, VmSpec] = field(default_factory=dict)
     services: tuple[Service, ...] = ()
     guards: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """VM name -> its guard policy, as ``guard --policy`` reads it (checked by the
@@ -91,6 +111,10 @@ class Config:
 
     def services_of(self, vm: str) -> tuple[Service, ...]:
         return tuple(service for service in self.services if service.vm == vm)
+
+    def vm(self, name: str) -> VmSpec:
+        """VM ``name`` as declared, else with the defaults of ``[vm]``."""
+        return self.vms.get(name) or VmSpec(name, memory_mib=self.memory_mib, cpus=self.cpus)
 
 
 def _strings(value: Any, key: str, path: Path) -> tuple[str, ...]:
@@ -182,6 +206,20 @@ def load_config(path: Path | None = None, settings: Sequence[str] = ()) -> Confi
     if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
         raise TransmigrateError(f"config {path}: image.packages must be a list of names")
     files = image.get("files")
+    memory_mib, cpus = _count(vm, "memory_mib", 1024, path), _count(vm, "cpus", 1, path)
+    vms = {}
+    for name, table in _table(data, "vms", path).items():
+        if not isinstance(table, dict):
+            raise TransmigrateError(f"config {path}: vms.{name} must be a table")
+        _known(table, _VM_KEYS, f"vms.{name}.", path)
+        kernel = table.get("kernel")
+        if kernel is not None and (not isinstance(kernel, str) or not kernel):
+            raise TransmigrateError(f"config {path}: vms.{name}.kernel must be a kernel "
+                                    'release in quotes, e.g. "6.12.117"')
+        prefix = f"vms.{name}."
+        vms[name] = VmSpec(name, kernel, _count(table, "memory_mib", memory_mib, path, prefix),
+                           _count(table, "cpus", cpus, path, prefix),
+                           _count(table, "data_mib", 4096, path, prefix))
     guards = _table(data, "guard", path)
     for name, policy in guards.items():
         if not isinstance(policy, dict):
@@ -190,15 +228,17 @@ def load_config(path: Path | None = None, settings: Sequence[str] = ()) -> Confi
     return Config(
         image_packages=tuple(packages),
         image_files=(path.parent / files).resolve() if isinstance(files, str) else None,
-        memory_mib=_count(vm, "memory_mib", 1024, path),
-        cpus=_count(vm, "cpus", 1, path),
+        memory_mib=memory_mib,
+        cpus=cpus,
+        vms=vms,
         services=_services(data.get("services", {}), path),
         guards=guards,
         source=path,
     )
 
 
-_TOP_KEYS = {"image", "vm", "services", "guard"}
+_TOP_KEYS = {"image", "vm", "vms", "services", "guard"}
+_VM_KEYS = {"kernel", "memory_mib", "cpus", "data_mib"}
 
 
 def _setting(text: str) -> dict[str, Any]:
@@ -240,8 +280,10 @@ def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
     return value
 
 
-def _count(table: dict[str, Any], key: str, default: int, path: Path) -> int:
+def _count(table: dict[str, Any], key: str, default: int, path: Path,
+           prefix: str = "vm.") -> int:
     value = table.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise TransmigrateError(f"config {path}: vm.{key} must be a positive whole number")
+        raise TransmigrateError(f"config {path}: {prefix}{key} must be a positive whole "
+                                "number")
     return value

@@ -47,10 +47,18 @@ def test_exec_on_missing_vm_fails_in_one_line(host: Host) -> None:
     assert "no VM named" in _one_line_error(cli("exec", "t-nothing", "--", "true"))
 
 
-def test_down_twice_fails_in_one_line(prepared: Host) -> None:
-    done = cli("up", "t-twice", "--kernel", ACTIVE_KERNEL, "--memory", "256", "--json")
+def test_a_vm_without_a_kernel_fails_in_one_line(host: Host) -> None:
+    assert "give --kernel, or declare vms.t-none.kernel" in _one_line_error(cli("up", "t-none"))
+
+
+def test_a_declared_vm_boots_and_down_twice_fails_in_one_line(prepared: Host) -> None:
+    done = cli("-c", f'vms.t-twice.kernel="{ACTIVE_KERNEL}"', "-c", "vms.t-twice.data_mib=512",
+               "up", "t-twice", "--memory", "256", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["boot_seconds"] > 0
+    booted = json.loads(done.stdout)
+    assert booted["boot_seconds"] > 0 and booted["memory_mib"] == 256
+    assert booted["kernel"].startswith(ACTIVE_KERNEL)
+    assert prepared.volume("t-twice").stat().st_size == 512 << 20
     assert cli("down", "t-twice").returncode == 0
     assert "no VM named" in _one_line_error(cli("down", "t-twice"))
 

@@ -100,14 +100,11 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _image_spec(config_path: Path | None, packages: list[str] | None,
-                files: Path | None) -> tuple[ImageSpec, int, int]:
-    config = _config(config_path)
-    spec = ImageSpec(
+def _image_spec(config: Config, packages: list[str] | None, files: Path | None) -> ImageSpec:
+    return ImageSpec(
         extra_packages=tuple(sorted({*config.image_packages, *(packages or [])})),
         files_dir=files.resolve() if files else config.image_files,
     )
-    return spec, config.memory_mib, config.cpus
 
 
 @app.command()
@@ -152,7 +149,7 @@ def image(config: ConfigOption = None, package: PackageOption = None, files: Fil
           json_: JsonOption = False) -> None:
     """Build (or find cached) the guest image."""
     host = Host.from_environment()
-    spec, _, _ = _image_spec(config, package, files)
+    spec = _image_spec(_config(config), package, files)
     guest_image = host.image(spec)
     if rebuild or not guest_image.exists():
         guest_image.build(_Progress())
@@ -164,20 +161,29 @@ def image(config: ConfigOption = None, package: PackageOption = None, files: Fil
 
 @app.command()
 def up(name: Annotated[str, typer.Argument(help="Name of the new VM.")],
-       kernel: Annotated[str, typer.Option("--kernel", "-k", help="Kernel release to boot.")],
+       kernel: Annotated[str | None, typer.Option(
+           "--kernel", "-k", help="Kernel release to boot (default: vms.NAME.kernel of the "
+                                  "configuration).")] = None,
        memory: Annotated[int | None, typer.Option(help="Guest RAM in MiB.")] = None,
        cpus: Annotated[int | None, typer.Option(help="Virtual CPUs.")] = None,
        config: ConfigOption = None, package: PackageOption = None, files: FilesOption = None,
        json_: JsonOption = False) -> None:
-    """Boot a VM on a kernel; returns when its guest agent answers."""
+    """Boot a VM on a kernel; returns when its guest agent answers. What is not given
+    comes from the configuration's [vms.NAME], then [vm]."""
     host = Host.from_environment()
-    spec, default_memory, default_cpus = _image_spec(config, package, files)
-    report = lifecycle.up(host, name, kernel, image_spec=spec,
-                          memory_mib=memory or default_memory, cpus=cpus or default_cpus,
+    loaded = _config(config)
+    declared = loaded.vm(name)
+    kernel = kernel or declared.kernel
+    if kernel is None:
+        raise TransmigrateError(f"which kernel? give --kernel, or declare vms.{name}.kernel "
+                                "in the configuration")
+    report = lifecycle.up(host, name, kernel, image_spec=_image_spec(loaded, package, files),
+                          memory_mib=memory or declared.memory_mib,
+                          cpus=cpus or declared.cpus, data_mib=declared.data_mib,
                           progress=_Progress())
     record = report.machine.record
     started = {service.name: services.start_service(host, service)
-               for service in _config(config).services_of(name) if service.boot}
+               for service in loaded.services_of(name) if service.boot}
     if json_:
         _emit_json({**asdict(record), "boot_seconds": round(report.boot_seconds, 3),
                     "services_started": started})

@@ -54,12 +54,14 @@ def standby_pid_base(host: Host, machine: Machine) -> int:
 
 
 def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None = None,
-       memory_mib: int = 1024, cpus: int = 1, standby_for: Machine | None = None,
+       memory_mib: int = 1024, cpus: int = 1, data_mib: int = 4096,
+       standby_for: Machine | None = None,
        pid_base: int | None = None, accel: Accelerator | None = None,
        import_disk: Path | None = None, progress: Progress = silent) -> BootReport:
     """Boot a VM on ``kernel_spec``; return once its guest agent answers.
 
-    With ``standby_for``, the VM takes that VM's service identity and data
+    A new data volume is ``data_mib`` MiB (sparse). With ``standby_for``, the VM takes
+    that VM's service identity and data
     volume but stays off the service network and leaves the volume unmounted;
     its pids start at ``pid_base`` (by default :func:`standby_pid_base`).
     ``import_disk`` (a raw disk image) is attached read-only, serial ``tm-import``.
@@ -78,7 +80,7 @@ def up(host: Host, name: str, kernel_spec: str, *, image_spec: ImageSpec | None 
         volume = host.volume(name)
         if not volume.exists():
             progress(f"creating data volume {volume}")
-            create_volume(volume)
+            create_volume(volume, data_mib)
         pid_base = FIRST_PID
     else:
         image = Path(standby_for.record.image)  # the same files on both sides
