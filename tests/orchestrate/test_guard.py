@@ -294,7 +294,7 @@ def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Pat
 def test_redis_survives_a_memory_bomb_then_every_cpu_deadlocked(prepared: Host,
                                                                  tmp_path: Path) -> None:
     """A memory bomb: redis moves live to 6.12 and the bomb, named as the biggest
-    grower, stays behind. Then every CPU of 6.12 deadlocks. Lockups on one CPU move
+    grower, is stopped and stays behind. Then every CPU of 6.12 deadlocks. Lockups on one CPU move
     live by this policy, so guard waits out the grace, sees every CPU locked, and
     recovers redis from memory onto the warm standby. The client's connection goes on
     through both, with every acknowledged write."""
@@ -308,6 +308,7 @@ def test_redis_survives_a_memory_bomb_then_every_cpu_deadlocked(prepared: Host,
             ("memory-exhaustion", "move", "moved"), moved
         assert moved.evidence["culprit_comm"] == FORKBOMB_NAME, moved.evidence
         assert moved.culprits == [moved.evidence["culprit"]] and bomb.session is not None
+        assert moved.detail == f"culprits stopped and left behind: {moved.evidence['culprit']}"
         assert moved.kernel_after.startswith(STANDBY_KERNEL)
         assert FORKBOMB_NAME not in g.agent().sh("ps -eo comm").text, "the bomb stayed"
 

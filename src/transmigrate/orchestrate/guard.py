@@ -350,12 +350,13 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
     try:
         if decision.action == MOVE:
             try:
-                decision.steps, cut = _move(host, name, services, kernel, policy,
-                                            decision.culprits, progress)
+                decision.steps, killed, stopped = _move(host, name, services, kernel, policy,
+                                                        decision.culprits, progress)
                 decision.outcome = "moved"
-                if cut:
-                    decision.detail = ("culprits inside a service's tree, killed before the "
-                                       f"move: {', '.join(map(str, cut))}")
+                parts = [("culprits inside a service's tree, killed before the move", killed),
+                         ("culprits stopped and left behind", stopped)]
+                decision.detail = "; ".join(f"{what}: {', '.join(map(str, pids))}"
+                                            for what, pids in parts if pids)
             except TransmigrateError as exc:
                 progress(f"the live move failed ({exc}): recovering from memory")
                 lost, decision.steps = _recover(host, name, services, kernel, progress)
@@ -380,11 +381,12 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
 
 
 def _move(host: Host, name: str, services: Sequence[Service], kernel: str, policy: Policy,
-          culprits: Sequence[int], progress: Progress) -> tuple[dict[str, float], list[int]]:
+          culprits: Sequence[int], progress: Progress,
+          ) -> tuple[dict[str, float], list[int], list[int]]:
     """Live, onto the warm standby, with a deadline checked before each step: one
-    overrun rolls the move back. A culprit inside a moved tree cannot stay behind as
-    the others do (CRIU moves whole trees): it is killed first, with what it forked.
-    The steps, and the pids killed."""
+    overrun rolls the move back. The culprits are stopped first; one inside a moved
+    tree cannot stay behind as the others do (CRIU moves whole trees): it is killed,
+    with what it forked. The steps, the pids killed and those left stopped."""
     deadline = time.monotonic() + policy.live_deadline_seconds
 
     def in_time(step: str) -> None:
@@ -393,9 +395,10 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
                                     f"({policy.live_deadline_seconds:.0f} s) before {step}")
 
     roots = find_services(host, name, declared=services)
-    cut = _cut_culprits(host.agent(host.machines.get(name)), roots, culprits, progress)
+    killed, stopped = _contain_culprits(host.agent(host.machines.get(name)), roots, culprits,
+                                        progress)
     return update(host, name, kernel, pids=roots, progress=progress, before_step=in_time,
-                  standby=warm_standby(host, name, kernel)).steps, cut
+                  standby=warm_standby(host, name, kernel)).steps, killed, stopped
 
 
 def culprits_in_trees(parents: Mapping[int, int], roots: Sequence[int],
@@ -412,24 +415,31 @@ def culprits_in_trees(parents: Mapping[int, int], roots: Sequence[int],
     return inside
 
 
-def _cut_culprits(agent: GuestAgent, roots: Sequence[int], culprits: Sequence[int],
-                  progress: Progress, rounds: int = 5) -> list[int]:
-    """Kill the culprits inside the moved trees, and all they forked: stopped first,
-    round by round until no new child appears (a fork storm forks on while it is
-    being stopped), then killed at once. The pids killed."""
+def _contain_culprits(agent: GuestAgent, roots: Sequence[int], culprits: Sequence[int],
+                      progress: Progress, rounds: int = 5) -> tuple[list[int], list[int]]:
+    """Stop the culprits and all they forked, round by round until no new child appears
+    (a fork storm forks on while it is being stopped): a bomb left to run takes the CPU
+    and memory the move needs, and may bring the OOM killer onto the services. Those
+    inside the moved trees are then killed (CRIU moves whole trees); the others stay
+    stopped on the old VM, for diagnosis. The pids killed, and those left stopped."""
     stopped: set[int] = set()
+    inside: set[int] = set()
     for _ in range(rounds):
         parents = {p.pid: p.ppid for p in agent.processes()}
-        inside = culprits_in_trees(parents, roots, [c for c in culprits if c in parents])
-        subtree = _descendants(parents, inside) - stopped
+        present = [c for c in culprits if c in parents and c not in roots]
+        subtree = _descendants(parents, present) - stopped
+        inside |= _descendants(parents, culprits_in_trees(parents, roots, present))
         if not subtree:
             break
         agent.exec(["kill", "-STOP", *map(str, sorted(subtree))])
         stopped |= subtree
-    if stopped:
-        progress(f"killing {len(stopped)} culprit processes inside the services' trees")
-        agent.exec(["kill", "-KILL", *map(str, sorted(stopped))])
-    return sorted(stopped)
+    killed = sorted(stopped & inside)
+    if killed:
+        progress(f"killing {len(killed)} culprit processes inside the services' trees")
+        agent.exec(["kill", "-KILL", *map(str, killed)])
+    if stopped - inside:
+        progress(f"stopped {len(stopped - inside)} culprit processes, left behind")
+    return killed, sorted(stopped - inside)
 
 
 def _descendants(parents: Mapping[int, int], tops: Sequence[int]) -> set[int]:
