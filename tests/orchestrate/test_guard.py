@@ -59,6 +59,7 @@ def _policy(tmp_path: Path, text: str) -> Policy:
 def test_policy_file_overrides_the_defaults(tmp_path: Path) -> None:
     policy = _policy(tmp_path, """
 live_deadline_seconds = 90
+agent_deadline_seconds = 3
 standby_kernel = "6.12.117"
 [actions]
 fork-storm = "report"
@@ -69,6 +70,7 @@ hung_min_tasks = 5
     assert policy.actions == {**DEFAULT_ACTIONS, "fork-storm": "report"}
     assert policy.live_deadline_seconds == 90.0 and policy.standby_kernel == "6.12.117"
     assert policy.lockup_grace_seconds == Policy().lockup_grace_seconds
+    assert policy.agent_deadline_seconds == 3.0
     assert policy.monitor == ("interval=100ms", "hung_min_tasks=5")
 
 
@@ -78,6 +80,7 @@ hung_min_tasks = 5
     ("[actions]\npanic = \"reboot\"", "actions.panic = 'reboot'; choose one of"),
     ("[monitor]\nlockup_min = 5", "monitor: unknown setting 'lockup_min'"),
     ("live_deadline_seconds = -1", "live_deadline_seconds must be a positive number"),
+    ("agent_deadline_seconds = 0", "agent_deadline_seconds must be a positive number"),
     ("standby_kernel = 6", "standby_kernel must be a string"),
     ("actions = 1", "actions must be a table"),
     ("[actions", "policy .*policy.toml"),

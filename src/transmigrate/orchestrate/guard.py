@@ -28,7 +28,7 @@ from typing import Any
 
 from transmigrate.config import Service
 from transmigrate.detect.events import Event, Sample
-from transmigrate.errors import MachineNotFound, TransmigrateError
+from transmigrate.errors import AgentError, MachineNotFound, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
@@ -64,6 +64,9 @@ class Policy:
     actions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ACTIONS))
     live_deadline_seconds: float = 300.0
     """A live move not done by then is rolled back, and the services recovered."""
+    agent_deadline_seconds: float = 10.0
+    """A live move whose guest agent does not answer by then is not tried: the kernel
+    cannot hand anything over, and the services are recovered at once."""
     lockup_grace_seconds: float = 2.0
     """After a CPU's lockup, how long to wait for the others' before deciding (only
     when ``lockup`` and ``lockup-all`` get different actions)."""
@@ -73,8 +76,8 @@ class Policy:
     """Monitor settings, as ``monitor --set`` takes them (``hung-driver=100ms``, ...)."""
 
 
-_POLICY_KEYS = {"actions", "live_deadline_seconds", "lockup_grace_seconds",
-                "standby_kernel", "monitor"}
+_POLICY_KEYS = {"actions", "live_deadline_seconds", "agent_deadline_seconds",
+                "lockup_grace_seconds", "standby_kernel", "monitor"}
 
 
 def load_policy(path: Path) -> Policy:
@@ -112,8 +115,9 @@ def policy_from(data: Mapping[str, Any], where: str) -> Policy:
         with_settings(MonitorConfig(), list(settings))
     except TransmigrateError as exc:
         raise TransmigrateError(f"{where}: monitor: {exc}") from exc
-    seconds = {key: _positive(data, key, where)
-               for key in ("live_deadline_seconds", "lockup_grace_seconds") if key in data}
+    seconds = {key: _positive(data, key, where) for key in (
+        "live_deadline_seconds", "agent_deadline_seconds", "lockup_grace_seconds")
+        if key in data}
     kernel = data.get("standby_kernel")
     if kernel is not None and not isinstance(kernel, str):
         raise TransmigrateError(f"{where}: standby_kernel must be a string")
@@ -121,6 +125,8 @@ def policy_from(data: Mapping[str, Any], where: str) -> Policy:
                   standby_kernel=kernel,
                   live_deadline_seconds=seconds.get("live_deadline_seconds",
                                                     Policy.live_deadline_seconds),
+                  agent_deadline_seconds=seconds.get("agent_deadline_seconds",
+                                                     Policy.agent_deadline_seconds),
                   lockup_grace_seconds=seconds.get("lockup_grace_seconds",
                                                    Policy.lockup_grace_seconds))
 
@@ -384,7 +390,8 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
           culprits: Sequence[int], progress: Progress,
           ) -> tuple[dict[str, float], list[int], list[int]]:
     """Live, onto the warm standby, with a deadline checked before each step: one
-    overrun rolls the move back. The culprits are stopped first; one inside a moved
+    overrun rolls the move back; a guest agent that does not answer at the start fails
+    it at once. The culprits are stopped first; one inside a moved
     tree cannot stay behind as the others do (CRIU moves whole trees): it is killed,
     with what it forked. The steps, the pids killed and those left stopped."""
     deadline = time.monotonic() + policy.live_deadline_seconds
@@ -394,9 +401,15 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
             raise _DeadlineExceeded(f"the live move passed its deadline "
                                     f"({policy.live_deadline_seconds:.0f} s) before {step}")
 
+    agent = host.agent(host.machines.get(name))
+    try:
+        agent.ping(timeout=policy.agent_deadline_seconds)
+    except AgentError as exc:  # its every command would wait out its own timeout
+        raise TransmigrateError(
+            f"the guest agent did not answer within {policy.agent_deadline_seconds:g} s "
+            f"({exc}): the kernel cannot hand anything over") from exc
     roots = find_services(host, name, declared=services)
-    killed, stopped = _contain_culprits(host.agent(host.machines.get(name)), roots, culprits,
-                                        progress)
+    killed, stopped = _contain_culprits(agent, roots, culprits, progress)
     return update(host, name, kernel, pids=roots, progress=progress, before_step=in_time,
                   standby=warm_standby(host, name, kernel)).steps, killed, stopped
 
