@@ -29,7 +29,7 @@ from transmigrate.orchestrate.guard import (
     MOVE,
     Decision,
     Policy,
-    culprits_in_trees,
+    culprit_trees,
     decide,
     guard,
     load_policy,
@@ -118,20 +118,21 @@ def test_decisions_follow_the_fault(seen: list[tuple[str, dict[str, object]]], f
 
 
 # init 1 -> tini 50 -> redis 100 -> bomb 300 -> child 301; a stray bomb 400 under init.
-_PARENTS = {50: 1, 100: 50, 200: 100, 300: 100, 301: 300, 400: 1}
+_PARENTS = {50: 1, 100: 50, 200: 100, 300: 100, 301: 300, 400: 1, 401: 400}
 
 
-@pytest.mark.parametrize(("roots", "culprits", "inside"), [
-    ([100], [300], [300]),          # forked by the service: it would move along
-    ([100], [301], [301]),          # deeper down too
-    ([100], [400], []),             # outside every moved tree: it stays behind
-    ([100], [100], []),             # the service itself: it moves, never killed
-    ([100, 200], [301, 400], [301]),
-    ([100], [999], []),             # gone meanwhile
+@pytest.mark.parametrize(("roots", "culprits", "killed"), [
+    ([100], [300], {300, 301}),     # forked by the service: it would move along
+    ([100], [301], {301}),          # deeper down too
+    ([100], [400], {400, 401}),     # outside every moved tree, with what it forked
+    ([100], [100], set()),          # the service itself: it moves, never killed
+    ([100], [50], {50}),            # above the service: the service's tree is spared
+    ([100, 200], [301, 400], {301, 400, 401}),
+    ([100], [999], set()),          # gone meanwhile
 ])
-def test_culprits_inside_a_moved_tree(roots: list[int], culprits: list[int],
-                                      inside: list[int]) -> None:
-    assert culprits_in_trees(_PARENTS, roots, culprits) == inside
+def test_culprit_trees_spare_the_moved_trees(roots: list[int], culprits: list[int],
+                                             killed: set[int]) -> None:
+    assert culprit_trees(_PARENTS, roots, culprits) == killed
 
 
 def test_guard_needs_declared_services_and_a_real_kernel(prepared: Host, old_vm: str,
@@ -297,10 +298,10 @@ def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Pat
 def test_redis_survives_a_memory_bomb_then_every_cpu_deadlocked(prepared: Host,
                                                                  tmp_path: Path) -> None:
     """A memory bomb: redis moves live to 6.12 and the bomb, named as the biggest
-    grower, is stopped and stays behind. Then every CPU of 6.12 deadlocks. Lockups on one CPU move
-    live by this policy, so guard waits out the grace, sees every CPU locked, and
-    recovers redis from memory onto the warm standby. The client's connection goes on
-    through both, with every acknowledged write."""
+    grower, is killed first and stays behind. Then every CPU of 6.12 deadlocks. Lockups
+    on one CPU move live by this policy, so guard waits out the grace, sees every CPU
+    locked, and recovers redis from memory onto the warm standby. The client's
+    connection goes on through both, with every acknowledged write."""
     name = "t-guard-mem"
     policy = Policy(standby_kernel=STANDBY_KERNEL, actions={**DEFAULT_ACTIONS, "lockup": MOVE},
                     lockup_grace_seconds=5)
@@ -311,7 +312,7 @@ def test_redis_survives_a_memory_bomb_then_every_cpu_deadlocked(prepared: Host,
             ("memory-exhaustion", "move", "moved"), moved
         assert moved.evidence["culprit_comm"] == FORKBOMB_NAME, moved.evidence
         assert moved.culprits == [moved.evidence["culprit"]] and bomb.session is not None
-        assert moved.detail == f"culprits stopped and left behind: {moved.evidence['culprit']}"
+        assert moved.detail == f"culprits killed before the move: {moved.evidence['culprit']}"
         assert moved.kernel_after.startswith(STANDBY_KERNEL)
         assert FORKBOMB_NAME not in g.agent().sh("ps -eo comm").text, "the bomb stayed"
 

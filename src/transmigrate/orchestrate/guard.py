@@ -43,7 +43,7 @@ from transmigrate.orchestrate.update import find_services, recover_interrupted, 
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
 
-__all__ = ["ACTIONS", "DEFAULT_ACTIONS", "FAULTS", "Decision", "Policy", "culprits_in_trees",
+__all__ = ["ACTIONS", "DEFAULT_ACTIONS", "FAULTS", "Decision", "Policy", "culprit_trees",
            "decide", "guard", "load_policy", "policy_from"]
 
 RECOVER, MOVE, REPORT = "recover", "move", "report"
@@ -356,13 +356,12 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
     try:
         if decision.action == MOVE:
             try:
-                decision.steps, killed, stopped = _move(host, name, services, kernel, policy,
-                                                        decision.culprits, progress)
+                decision.steps, killed = _move(host, name, services, kernel, policy,
+                                               decision.culprits, progress)
                 decision.outcome = "moved"
-                parts = [("culprits inside a service's tree, killed before the move", killed),
-                         ("culprits stopped and left behind", stopped)]
-                decision.detail = "; ".join(f"{what}: {', '.join(map(str, pids))}"
-                                            for what, pids in parts if pids)
+                if killed:
+                    decision.detail = ("culprits killed before the move: "
+                                       f"{', '.join(map(str, killed))}")
             except TransmigrateError as exc:
                 progress(f"the live move failed ({exc}): recovering from memory")
                 lost, decision.steps = _recover(host, name, services, kernel, progress)
@@ -387,13 +386,11 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
 
 
 def _move(host: Host, name: str, services: Sequence[Service], kernel: str, policy: Policy,
-          culprits: Sequence[int], progress: Progress,
-          ) -> tuple[dict[str, float], list[int], list[int]]:
+          culprits: Sequence[int], progress: Progress) -> tuple[dict[str, float], list[int]]:
     """Live, onto the warm standby, with a deadline checked before each step: one
     overrun rolls the move back; a guest agent that does not answer at the start fails
-    it at once. The culprits are stopped first; one inside a moved
-    tree cannot stay behind as the others do (CRIU moves whole trees): it is killed,
-    with what it forked. The steps, the pids killed and those left stopped."""
+    it at once. The culprits are killed first, with what they forked. The steps, and
+    the pids killed."""
     deadline = time.monotonic() + policy.live_deadline_seconds
 
     def in_time(step: str) -> None:
@@ -409,63 +406,50 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
             f"the guest agent did not answer within {policy.agent_deadline_seconds:g} s "
             f"({exc}): the kernel cannot hand anything over") from exc
     roots = find_services(host, name, declared=services)
-    killed, stopped = _contain_culprits(agent, roots, culprits, progress)
+    killed = _kill_culprits(agent, roots, culprits, progress)
     return update(host, name, kernel, pids=roots, progress=progress, before_step=in_time,
-                  standby=warm_standby(host, name, kernel)).steps, killed, stopped
+                  standby=warm_standby(host, name, kernel)).steps, killed
 
 
-def culprits_in_trees(parents: Mapping[int, int], roots: Sequence[int],
-                      culprits: Sequence[int]) -> list[int]:
-    """The culprits that are inside (not the root of) a tree rooted at ``roots``, given
-    each process's parent: those a move would take along."""
-    inside = []
-    for culprit in culprits:
-        pid = parents.get(culprit)
-        while pid is not None and pid not in roots and pid > 1:
-            pid = parents.get(pid)
-        if pid in roots and culprit not in roots:
-            inside.append(culprit)
-    return inside
-
-
-def _contain_culprits(agent: GuestAgent, roots: Sequence[int], culprits: Sequence[int],
-                      progress: Progress, rounds: int = 5) -> tuple[list[int], list[int]]:
-    """Stop the culprits and all they forked, round by round until no new child appears
-    (a fork storm forks on while it is being stopped): a bomb left to run takes the CPU
-    and memory the move needs, and may bring the OOM killer onto the services. Those
-    inside the moved trees are then killed (CRIU moves whole trees); the others stay
-    stopped on the old VM, for diagnosis. The pids killed, and those left stopped."""
-    stopped: set[int] = set()
-    inside: set[int] = set()
-    for _ in range(rounds):
-        parents = {p.pid: p.ppid for p in agent.processes()}
-        present = [c for c in culprits if c in parents and c not in roots]
-        subtree = _descendants(parents, present) - stopped
-        inside |= _descendants(parents, culprits_in_trees(parents, roots, present))
-        if not subtree:
-            break
-        agent.exec(["kill", "-STOP", *map(str, sorted(subtree))])
-        stopped |= subtree
-    killed = sorted(stopped & inside)
-    if killed:
-        progress(f"killing {len(killed)} culprit processes inside the services' trees")
-        agent.exec(["kill", "-KILL", *map(str, killed)])
-    if stopped - inside:
-        progress(f"stopped {len(stopped - inside)} culprit processes, left behind")
-    return killed, sorted(stopped - inside)
-
-
-def _descendants(parents: Mapping[int, int], tops: Sequence[int]) -> set[int]:
+def culprit_trees(parents: Mapping[int, int], roots: Sequence[int],
+                  culprits: Sequence[int]) -> set[int]:
+    """The culprits and what they forked, given each process's parent, but for the moved
+    trees: a service's root, and what is under it but not under a culprit inside its
+    tree, are spared even when a culprit is above them."""
     children: dict[int, list[int]] = {}
     for pid, parent in parents.items():
         children.setdefault(parent, []).append(pid)
-    found, todo = set(), list(tops)
+    found: set[int] = set()
+    todo = [c for c in culprits if c in parents and c not in roots]
     while todo:
         pid = todo.pop()
         if pid not in found:
             found.add(pid)
-            todo += children.get(pid, [])
+            todo += [child for child in children.get(pid, []) if child not in roots]
     return found
+
+
+def _kill_culprits(agent: GuestAgent, roots: Sequence[int], culprits: Sequence[int],
+                   progress: Progress, rounds: int = 5) -> list[int]:
+    """Kill the culprits and all they forked, before the move: stopped first, round by
+    round until no new child appears (a fork storm forks on while it is being
+    stopped), then killed at once. Left to run, or only stopped, a bomb keeps the CPU
+    and the memory the move needs: a memory bomb merely stopped held a 512 MiB guest
+    at the edge of its memory, and the move's precheck ran out its 123 s there. Those
+    inside a moved tree could not stay behind anyway (CRIU moves whole trees); the
+    others would have ended with the old VM. The pids killed."""
+    stopped: set[int] = set()
+    for _ in range(rounds):
+        parents = {p.pid: p.ppid for p in agent.processes()}
+        subtree = culprit_trees(parents, roots, culprits) - stopped
+        if not subtree:
+            break
+        agent.exec(["kill", "-STOP", *map(str, sorted(subtree))])
+        stopped |= subtree
+    if stopped:
+        progress(f"killing {len(stopped)} culprit processes")
+        agent.exec(["kill", "-KILL", *map(str, sorted(stopped))])
+    return sorted(stopped)
 
 
 def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,
