@@ -360,8 +360,7 @@ def _carry_out(host: Host, name: str, services: Sequence[Service], kernel: str,
                                                decision.culprits, progress)
                 decision.outcome = "moved"
                 if killed:
-                    decision.detail = ("culprits killed before the move: "
-                                       f"{', '.join(map(str, killed))}")
+                    decision.detail = f"culprits killed before the move: {_pids(killed)}"
             except TransmigrateError as exc:
                 progress(f"the live move failed ({exc}): recovering from memory")
                 lost, decision.steps = _recover(host, name, services, kernel, progress)
@@ -427,6 +426,13 @@ def culprit_trees(parents: Mapping[int, int], roots: Sequence[int],
             found.add(pid)
             todo += [child for child in children.get(pid, []) if child not in roots]
     return found
+
+
+def _pids(pids: Sequence[int], shown: int = 8) -> str:
+    """``pids`` for a person: a fork storm's hundreds as their count and range."""
+    if len(pids) <= shown:
+        return ", ".join(map(str, pids))
+    return f"{len(pids)} processes, {min(pids)} to {max(pids)}"
 
 
 def _kill_culprits(agent: GuestAgent, roots: Sequence[int], culprits: Sequence[int],
