@@ -4,7 +4,8 @@ Boots a guest on Linux 6.1 with redis and 100,000 keys on its data volume,
 starts a client in the private network that keeps one connection and INCRs in
 a loop, moves redis to a new guest on Linux 6.12, and shows the proof: the
 same connection (same CLIENT ID, no error, no lost or repeated reply), every
-key present, the client's longest wait, the kernel before and after.
+key present, the client's longest wait, the kernel before and after. The update is
+kept in the history, so the controller's page shows it on its timeline.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from transmigrate.config import ACTIVE_KERNEL, STANDBY_KERNEL
 from transmigrate.errors import TransmigrateError
+from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import down, exec_in, up
 from transmigrate.orchestrate.services import LoadClient, redis_cli, start_redis
@@ -49,7 +51,10 @@ def _update_under_load(host: Host, progress: Progress) -> dict[str, Any]:
     try:
         time.sleep(2.0)
         keys_before = int(redis_cli(host, address, "DBSIZE"))
-        report = update(host, VM, STANDBY_KERNEL, pids=[pid], progress=progress)
+        with History.at(host.state).recorded("update", VM, {
+                "kernel": STANDBY_KERNEL, "copy": "auto", "pids": [pid]}) as kept:
+            report = update(host, VM, STANDBY_KERNEL, pids=[pid], progress=progress)
+            kept.report, kept.downtime_seconds = report.as_dict(), report.frozen_seconds
         time.sleep(2.0)
     finally:
         summary = client.stop()
