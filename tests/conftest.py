@@ -6,6 +6,7 @@ fast, but their own run state, so they never touch an operator's VMs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -106,6 +107,25 @@ def qemu_pids() -> set[int]:
             if b"qemu-system" in cmdline and b"/run/transmigrate-test/" in cmdline:
                 pids.add(int(proc.name))
     return pids
+
+
+@contextlib.contextmanager
+def operated_on_elsewhere(path: Path, vm: str) -> Iterator[tuple[int, int]]:
+    """An operation on ``vm`` in the history at ``path``, running in another living
+    process for as long as the block runs: (that process's pid, the operation)."""
+    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from transmigrate.orchestrate.history import History
+        print(History(Path({str(path)!r})).start("update", {vm!r}, {{}}), flush=True)
+        sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert other.stdout is not None and other.stdin is not None
+    try:
+        yield other.pid, int(other.stdout.readline())
+    finally:
+        other.stdin.close()
+        other.wait(timeout=30)
 
 
 def left_running_by_a_dead_process(path: Path) -> int:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from pathlib import Path
 
 from transmigrate.config import ACTIVE_KERNEL
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import redis_cli, start_redis
 
-from ..conftest import cli, qemu_pids
+from ..conftest import CLI, cli, operated_on_elsewhere, qemu_pids
 
 
 def _one_line_error(done: subprocess.CompletedProcess[str]) -> str:
@@ -45,6 +47,20 @@ def test_exec_and_ls_through_the_cli(prepared: Host, old_vm: str) -> None:
 
 def test_exec_on_missing_vm_fails_in_one_line(host: Host) -> None:
     assert "no VM named" in _one_line_error(cli("exec", "t-nothing", "--", "true"))
+
+
+def test_down_of_a_vm_another_process_operates_on_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "TRANSMIGRATE_STATE": str(state)}
+    with operated_on_elsewhere(state / "history.sqlite", "web") as (pid, operation):
+        done = subprocess.run([str(CLI), "down", "web"], capture_output=True, text=True,
+                              env=env, timeout=60)
+        assert _one_line_error(done) == (f"transmigrate: error: web is busy: update "
+                                         f"(operation {operation}) runs in process {pid}; "
+                                         "wait for it to end")
+    gone = subprocess.run([str(CLI), "down", "web"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert "no VM named 'web'" in _one_line_error(gone), "refused no longer"
 
 
 def test_a_vm_without_a_kernel_fails_in_one_line(host: Host) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from transmigrate.errors import TransmigrateError
 from transmigrate.orchestrate.history import Busy, History
 
-from ..conftest import left_running_by_a_dead_process
+from ..conftest import left_running_by_a_dead_process, operated_on_elsewhere
 
 
 def test_an_operation_is_on_record_from_its_start_to_its_end(tmp_path: Path) -> None:
@@ -65,28 +62,16 @@ def test_a_recorded_block_is_done_failed_or_interrupted(tmp_path: Path) -> None:
 
 def test_a_vm_another_living_process_operates_on_is_busy(tmp_path: Path) -> None:
     path = tmp_path / "history.sqlite"
-    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from transmigrate.orchestrate.history import History
-        print(History(Path({str(path)!r})).start("update", "web", {{}}), flush=True)
-        sys.stdin.read()
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert other.stdout is not None and other.stdin is not None
-    theirs = int(other.stdout.readline())
     history = History(path)
-    try:
+    with operated_on_elsewhere(path, "web") as (pid, theirs):
         with pytest.raises(Busy, match=rf"web is busy: update \(operation {theirs}\) runs in "
-                                       rf"process {other.pid}"):
+                                       rf"process {pid}"):
             history.start("recover", "web", {})
         with pytest.raises(Busy):
             history.refuse_if_busy("web")
         history.refuse_if_busy("db")  # another VM is free
         ours = history.start("update", "db", {})
         history.start("inject", "db", {})  # this process keeps its own operations apart
-    finally:
-        other.stdin.close()
-        other.wait(timeout=30)
     history.finish(ours, "done")
     again = history.start("update", "web", {})  # the other process is gone
     gone = history.get(theirs)

@@ -6,6 +6,7 @@ as JSON. Every error a user can cause ends in one line and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -253,8 +254,12 @@ def exec_(name: Annotated[str, typer.Argument(help="VM to run in.")],
 @app.command()
 def down(name: Annotated[str, typer.Argument(help="VM to stop.")],
          json_: JsonOption = False) -> None:
-    """Stop a VM and remove everything it used."""
-    lifecycle.down(Host.from_environment(), name)
+    """Stop a VM and remove everything it used; refused while another process (the
+    controller, an update) runs an operation on it."""
+    host = Host.from_environment()
+    with contextlib.closing(History.at(host.state)) as history:
+        history.refuse_if_busy(name)
+    lifecycle.down(host, name)
     if json_:
         _emit_json({"stopped": name})
     else:
