@@ -1,7 +1,7 @@
 """Guard: act on what the monitor sees, so that a VM's declared services outlive its kernel.
 
 A fault the kernel survives (a hung driver, a fork bomb, memory running out) moves
-the services live to a standby kernel (``update``), leaving the culprits behind; if
+the services live to a standby kernel (``update``), the culprits killed first; if
 the move fails or overruns its deadline, the VM is stopped and the services are
 rebuilt from its memory instead. A fault it does not survive (a panic, an oops, a CPU
 locked up) goes that way at once (``recover``, onto the warm standby). A CPU spinning
