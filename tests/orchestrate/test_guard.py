@@ -295,6 +295,30 @@ def test_redis_survives_a_hung_driver_then_a_panic(prepared: Host, tmp_path: Pat
         assert names[f"{name}-dead"].status() in KEPT_FOR_DIAGNOSIS
 
 
+def test_a_hung_driver_with_the_guest_agent_gone_is_recovered_at_once(prepared: Host,
+                                                                      tmp_path: Path) -> None:
+    """A hung driver, then the guest agent stops answering (SIGSTOP): the kernel cannot
+    hand anything over, so the live move ends at the agent's deadline (2 s here) and
+    redis is recovered from memory onto the warm standby, every acknowledged write
+    with it."""
+    name = "t-guard-mute"
+    policy = Policy(standby_kernel=STANDBY_KERNEL, agent_deadline_seconds=2,
+                    monitor=("hung_min_blocked_ms=5000",))
+    with _guarded_redis(prepared, tmp_path, name, policy) as g:
+        inject(fault_target(prepared, name), HungDriver(readers=5))
+        agent = g.agent()
+        [qemu_ga] = agent.sh("pgrep -x qemu-ga").text.split()
+        agent.spawn(["sh", "-c", f"sleep 1; kill -STOP {qemu_ga}"])
+        recovered = g.decision(1, "the hang")
+        assert (recovered.fault, recovered.action, recovered.outcome) == \
+            ("hung-driver", "move", "recovered after the live move failed"), recovered
+        assert recovered.detail.startswith("live move: the guest agent did not answer "
+                                           "within 2 s"), recovered.detail
+        assert recovered.kernel_after.startswith(STANDBY_KERNEL)
+        lost = [part for part in recovered.detail.split("; ") if part.startswith("lost: ")]
+        g.client_went_on(cut=bool(lost))
+
+
 def test_redis_survives_a_memory_bomb_then_every_cpu_deadlocked(prepared: Host,
                                                                  tmp_path: Path) -> None:
     """A memory bomb: redis moves live to 6.12 and the bomb, named as the biggest
