@@ -101,7 +101,8 @@ def test_unknown_vms_and_operations_and_malformed_requests(empty_host: Host) -> 
         for family in ("transmigrate_operations_total", "transmigrate_update_step_seconds",
                        "transmigrate_downtime_seconds", "transmigrate_vms",
                        "transmigrate_detection_latency_seconds",
-                       "transmigrate_monitor_sample_seconds"):
+                       "transmigrate_monitor_sample_seconds",
+                       "transmigrate_history_operations", "transmigrate_last_downtime_seconds"):
             assert f"# TYPE {family} " in text, family
 
 
@@ -119,6 +120,8 @@ def test_operations_a_dead_controller_left_are_shown_interrupted(empty_host: Hos
     with _serving(Controller(empty_host, load_config(None))) as api:
         shown = api.get(f"/api/operations/{left}").json()
         assert (shown["vm"], shown["outcome"]) == ("web", "interrupted"), shown
+        assert _metrics(api) == {("transmigrate_history_operations",
+                                  (("kind", "update"), ("outcome", "interrupted"))): 1}
 
 
 def test_with_a_token_every_request_must_carry_it(empty_host: Host) -> None:
@@ -316,6 +319,10 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             assert metrics[("transmigrate_monitor_sample_seconds_count", (("vm", name),))] > 100
             assert metrics[("transmigrate_downtime_seconds_sum", (("kind", "update"),))] == \
                 pytest.approx(done["downtime_seconds"])
+            assert metrics[("transmigrate_last_downtime_seconds",
+                            (("kind", "update"), ("vm", name)))] == done["downtime_seconds"]
+            assert ("transmigrate_last_downtime_seconds",
+                    (("kind", "failover"), ("vm", name))) in metrics
             steps = {labels for sample, labels in metrics
                      if sample == "transmigrate_update_step_seconds_count"}
             assert len(steps) >= 3, steps

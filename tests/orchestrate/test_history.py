@@ -25,6 +25,11 @@ def test_an_operation_is_on_record_from_its_start_to_its_end(tmp_path: Path) -> 
     assert [op.id for op in history.recent()] == [second, first], "the newest first"
     assert [op.id for op in history.recent(vm="db")] == [second]
     assert history.get(999) is None
+    assert history.counts() == [("update", "done", 1), ("update", "running", 1)]
+    history.finish(second, "failed", error="no")
+    later = history.start("update", "web", {})
+    history.finish(later, "done", downtime_seconds=0.5)
+    assert history.last_downtimes() == [("web", "update", 0.5)], "the newest that measured"
     history.close()
 
 

@@ -415,7 +415,10 @@ class Controller:
 
 
 class _VmStates(Collector):
-    """``transmigrate_vms{state}``, read when Prometheus scrapes."""
+    """What Prometheus reads when it scrapes: ``transmigrate_vms{state}``, and from the
+    history (every operation, the one-shot commands' and the demo's too)
+    ``transmigrate_history_operations{kind,outcome}`` and
+    ``transmigrate_last_downtime_seconds{vm,kind}``."""
 
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
@@ -429,3 +432,17 @@ class _VmStates(Collector):
         for state, count in sorted(counts.items()):
             family.add_metric([state], count)
         yield family
+        history = self.controller.history
+        kept = GaugeMetricFamily("transmigrate_history_operations",
+                                 "Operations on record, whoever ran them, by kind and outcome.",
+                                 labels=["kind", "outcome"])
+        for kind, outcome, count in history.counts():
+            kept.add_metric([kind, outcome], count)
+        yield kept
+        downtime = GaugeMetricFamily(
+            "transmigrate_last_downtime_seconds",
+            "The downtime of each VM's newest operation of a kind that measured one.",
+            labels=["vm", "kind"])
+        for vm, kind, seconds in history.last_downtimes():
+            downtime.add_metric([vm, kind], seconds)
+        yield downtime

@@ -202,6 +202,21 @@ class History:
             return self._select("ORDER BY id DESC LIMIT ?", (limit,))
         return self._select("WHERE vm = ? ORDER BY id DESC LIMIT ?", (vm, limit))
 
+    def counts(self) -> list[tuple[str, str, int]]:
+        """How many operations are on record, by kind and outcome."""
+        with self._lock:
+            return [(kind, outcome, count) for kind, outcome, count in self._db.execute(
+                "SELECT kind, outcome, COUNT(*) FROM operations GROUP BY kind, outcome "
+                "ORDER BY kind, outcome")]
+
+    def last_downtimes(self) -> list[tuple[str, str, float]]:
+        """Per VM and kind, the downtime of the newest operation that measured one."""
+        with self._lock:
+            return [(vm, kind, downtime) for vm, kind, downtime in self._db.execute(
+                "SELECT vm, kind, downtime_seconds FROM operations WHERE id IN ("
+                "SELECT MAX(id) FROM operations WHERE downtime_seconds IS NOT NULL "
+                "GROUP BY vm, kind) ORDER BY vm, kind")]
+
     def _select(self, where: str, arguments: tuple[Any, ...]) -> list[Operation]:
         with self._lock:
             rows = self._db.execute(
