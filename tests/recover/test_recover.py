@@ -608,6 +608,58 @@ def _dump_refused(vm: str, pid: int, out: str) -> str:
     return done.stderr
 
 
+CONTAINED_REDIS = """
+[services.kv]
+vm = "{vm}"
+process = "redis-server"
+start = ["unshare", "--pid", "--fork", "setsid", "redis-server", "--bind", "0.0.0.0",
+         "--protected-mode", "no", "--save", "", "--dir", "/data", "--appendonly", "yes",
+         "--appendfsync", "always"]
+"""
+"""redis in a pid namespace of its own, leading a session there, which recovery cannot
+rebuild yet; every write synced to its AOF on the data volume."""
+
+
+def test_a_refused_service_of_a_dead_kernel_is_started_again_from_its_volume(
+        prepared: Host, tmp_path: Path) -> None:
+    """redis in a pid namespace of its own: its kernel panics, recovery refuses it and
+    starts it again from its data volume on the new kernel, as a reboot would, its
+    losses named; every key it had synced is there. While its kernel ran, the same
+    refusal left it running where it was."""
+    name = "t-rec-restart"
+    config = tmp_path / "transmigrate.toml"
+    config.write_text(CONTAINED_REDIS.format(vm=name))
+    service = load_config(config).services_of(name)[0]
+    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512)
+    try:
+        start_service(prepared, service)
+        address = prepared.machines.get(name).record.ip
+        wait_for(lambda: redis_answers(prepared, address), timeout=60, interval=0.2,
+                 what="redis did not start")
+        for n in range(50):
+            redis_cli(prepared, address, "SET", f"key:{n}", str(n))
+        with pytest.raises(TransmigrateError, match=r"nothing to recover: .*pid namespace"):
+            recover(prepared, name, STANDBY_KERNEL, services=[service])
+        assert redis_cli(prepared, address, "GET", "key:49") == "49", "it runs on"
+        _panic(prepared, name)
+        report = recover(prepared, name, STANDBY_KERNEL, services=[service])
+        [verdict] = report.processes
+        assert verdict.verdict == "restarted", verdict
+        assert "pid namespace of its own" in verdict.reason
+        assert verdict.losses == ["kv was started again from its data volume: what it held "
+                                  "in memory, its connections, and what its kernel had not "
+                                  "written to the volume are gone"]
+        assert report.kernel_after.startswith(STANDBY_KERNEL)
+        wait_for(lambda: redis_answers(prepared, address), timeout=60, interval=0.2,
+                 what="redis did not answer again")
+        assert int(redis_cli(prepared, address, "DBSIZE")) == 50
+        assert redis_cli(prepared, address, "GET", "key:49") == "49"
+    finally:
+        for machine in prepared.machines.all():
+            if machine.name.startswith(name):
+                lifecycle.down(prepared, machine.name)
+
+
 def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
     """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init, a

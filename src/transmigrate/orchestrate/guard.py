@@ -465,7 +465,8 @@ def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,
     A recovery that fails leaves the VM stopped, its memory intact: it is tried once
     more, onto a VM booted for it (the standby may be what failed)."""
     try:
-        report = recover(host, name, kernel, services=services, progress=progress)
+        report = recover(host, name, kernel, services=services, abandoned=True,
+                         progress=progress)
     except TransmigrateError as exc:
         if not _exists(host, name) or host.machines.get(name).status() == "dead":
             raise
@@ -473,7 +474,8 @@ def _recover(host: Host, name: str, services: Sequence[Service], kernel: str,
         with contextlib.suppress(MachineNotFound):
             host.machines.remove(host.machines.get(f"{name}{STANDBY_SUFFIX}"),
                                  keep_network=True)
-        report = recover(host, name, kernel, services=services, progress=progress)
+        report = recover(host, name, kernel, services=services, abandoned=True,
+                         progress=progress)
     lost = "; ".join([*(f"not recovered: {v.pid} ({v.comm or '?'}): {v.reason}"
                         for v in report.processes if v.verdict in ("refused", "failed")),
                       *(f"lost: {loss}" for v in report.processes for loss in v.losses)])

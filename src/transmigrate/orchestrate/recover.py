@@ -11,7 +11,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from transmigrate.migrate.criu import LOG_LEVEL
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import STANDBY_PID_MARGIN, up
+from transmigrate.orchestrate.services import start_service
 from transmigrate.progress import Progress, silent
 from transmigrate.recover.images import WRITEBACK, write_images
 from transmigrate.vm.machine import Machine
@@ -59,8 +60,10 @@ class ProcessVerdict:
     comm: str = ""
     verdict: str = "refused"
     """"dumped", "restored", "restored with losses" (naming them), "refused" (not
-    dumped), or "failed" (CRIU could not restore it on the new kernel; only when the old
-    kernel is dead, else the whole recovery fails and the old VM runs on)."""
+    dumped), "restarted" (a declared service refused when its kernel was dead, started
+    again from its data volume, as a reboot would) or "failed" (CRIU could not restore
+    it on the new kernel, or a restart failed; only when the old kernel is dead, else
+    the whole recovery fails and the old VM runs on)."""
     reason: str = ""
     losses: list[str] = field(default_factory=list)
     connections: int = 0
@@ -231,14 +234,17 @@ class RecoverReport:
 def recover(host: Host, name: str, kernel_spec: str | None = None, *,
             pids: Sequence[int] = (), processes: Sequence[str] = (),
             services: Sequence[Service] = (), panicking: bool = False,
-            progress: Progress = silent) -> RecoverReport:
+            abandoned: bool = False, progress: Progress = silent) -> RecoverReport:
     """Recover processes of VM ``name`` (dead, hung or running) onto its warm standby
     on ``kernel_spec`` (default: the same kernel), or a new VM booted for it, which takes
     the name, the service address and the data volume. The old VM is never resumed after
     a restore; it stays paused as NAME-dead (-dead-2, ... if one is kept already). If
     nothing was restored, it keeps its name (and runs on, if it ran), and the new VM is
     removed. ``panicking``: the task that panicked the kernel in a system call too (the
-    call is made again: it may crash the new kernel as well)."""
+    call is made again: it may crash the new kernel as well). ``abandoned``: the kernel
+    is given up although it may run (the guard's decision), so what cannot be rebuilt is
+    handled as for a dead one: a process CRIU cannot restore is failed and the others go
+    on, and a refused declared service is started again from its data volume."""
     if not (pids or processes or services):
         raise TransmigrateError(f"name the processes to recover (--pid or --process), or "
                                 f"declare services for {name} in transmigrate.toml")
@@ -256,16 +262,22 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
             machine.qmp("cont")
         raise
     dumped = [v for v in checkpoint.processes if v.verdict == "dumped"]
-    if not dumped:
+    kernel_dead = abandoned or before not in ("running", "paused")
+    restarts = [(service, verdict) for service, verdict in zip(
+        services, checkpoint.processes[len(checkpoint.processes) - len(services):],
+        strict=True) if kernel_dead and verdict.verdict == "refused" and service.start]
+    if not dumped and not restarts:
         if before == "running":
             machine.qmp("cont")
         raise TransmigrateError("nothing to recover: " + "; ".join(
             f"{v.pid}: {v.reason}" for v in checkpoint.processes))
+    images.mkdir(parents=True, exist_ok=True)  # empty when only restarts are left
     dead = host.machines.rename(machine, dead_name(host, name))
     try:
         target = _restore_on_standby(host, name, dead, kernel_spec or dead.record.kernel,
                                      dumped, images, steps, progress,
-                                     keep_partial=before not in ("running", "paused"))
+                                     keep_partial=kernel_dead)
+        _restart(host, target, restarts, steps, progress, alone=not dumped)
         serving = time.monotonic() - start
         ports = sorted({port for v in dumped if v.verdict != "failed" for port in v.listening})
         accepting = None
@@ -335,8 +347,8 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
         try:
             target = up(host, f"{name}-next", kernel, memory_mib=dead.record.memory_mib,
                         cpus=dead.record.cpus, standby_for=dead, import_disk=disk,
-                        pid_base=max(p for v in dumped for p in v.processes) + STANDBY_PID_MARGIN,
-                        progress=progress).machine
+                        pid_base=max((p for v in dumped for p in v.processes), default=0)
+                        + STANDBY_PID_MARGIN, progress=progress).machine
         finally:
             disk.unlink()  # QEMU holds it open; the images stay in their directory
         steps["boot standby"] = round(time.monotonic() - mark, 3)
@@ -376,10 +388,11 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
         verdict.verdict = "restored with losses" if verdict.losses else "restored"
         steps[f"restore {verdict.pid}"] = round(time.monotonic() - mark, 3)
     running = [v for v in dumped if v.verdict != "failed"]
-    if not running:
+    if dumped and not running:
         raise TransmigrateError("no process could be restored: " + "; ".join(
             v.reason for v in dumped))
-    alive = agent.exec(["sh", "-c", " && ".join(f"kill -0 {v.pid}" for v in running)])
+    alive = agent.exec(["sh", "-c", " && ".join(["true", *(f"kill -0 {v.pid}"
+                                                           for v in running)])])
     if alive.exit_code != 0:
         raise TransmigrateError(f"a restored process exited at once in {target.name}")
     host.network.detach(dead.record.service_tap)
@@ -391,6 +404,32 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
                  if reset.exit_code == 0 else f"could not reset the connections cut: "
                  f"{reset.stderr.decode(errors='replace').strip()}")
     return target
+
+
+def _restart(host: Host, target: Machine, restarts: Sequence[tuple[Service, ProcessVerdict]],
+             steps: dict[str, float], progress: Progress, *, alone: bool) -> None:
+    """Start the declared services that could not be rebuilt again on ``target``, from
+    their data volume, as a reboot would: better than losing them with their kernel.
+    One that does not start is failed; ``alone`` (nothing was restored): if none
+    starts, the recovery fails."""
+    for service, verdict in restarts:
+        mark = time.monotonic()
+        progress(f"starting {service.name} again on {target.name} from its data volume "
+                 f"(refused: {verdict.reason})")
+        try:
+            root = start_service(host, replace(service, vm=target.name), timeout=60)
+        except TransmigrateError as exc:
+            verdict.verdict, verdict.reason = "failed", f"{verdict.reason}; restart: {exc}"
+            progress(f"{service.name} did not start again: {exc}")
+            continue
+        verdict.verdict, verdict.processes = "restarted", [root]
+        verdict.losses.append(f"{service.name} was started again from its data volume: what "
+                              "it held in memory, its connections, and what its kernel had "
+                              "not written to the volume are gone")
+        steps[f"restart {service.name}"] = round(time.monotonic() - mark, 3)
+    if alone and all(v.verdict == "failed" for _, v in restarts):
+        raise TransmigrateError("nothing could be recovered or started again: " + "; ".join(
+            v.reason for _, v in restarts))
 
 
 def _wait_accepting(host: Host, address: str, ports: list[int]) -> None:
