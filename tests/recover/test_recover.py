@@ -612,12 +612,12 @@ CONTAINED_REDIS = """
 [services.kv]
 vm = "{vm}"
 process = "redis-server"
-start = ["unshare", "--pid", "--fork", "setsid", "redis-server", "--bind", "0.0.0.0",
+start = ["unshare", "--pid", "--fork", "redis-server", "--bind", "0.0.0.0",
          "--protected-mode", "no", "--save", "", "--dir", "/data", "--appendonly", "yes",
          "--appendfsync", "always"]
 """
-"""redis in a pid namespace of its own, leading a session there, which recovery cannot
-rebuild yet; every write synced to its AOF on the data volume."""
+"""redis in a pid namespace of its own, which recovery cannot rebuild yet (its session
+is still the outer one's); every write synced to its AOF on the data volume."""
 
 
 def test_a_refused_service_of_a_dead_kernel_is_started_again_from_its_volume(

@@ -512,6 +512,8 @@ class _Reader:
             robust_list=(int(task.robust_list), 24 if task.robust_list else 0))
 
     def _group_ids(self) -> tuple[int, int]:
+        if int(self.task.thread_pid.level) != 0:  # CRIU would give it the outer pid
+            raise self.refuse("it lives in a pid namespace of its own (not supported yet)")
         pids = self.task.signal.pids
         ids = []
         for kind in ("PIDTYPE_PGID", "PIDTYPE_SID"):
