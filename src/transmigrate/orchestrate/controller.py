@@ -137,7 +137,7 @@ class Controller:
             ["vm"], buckets=_SAMPLE_BUCKETS, registry=self.registry)
         self._injected: dict[str, float] = {}
         """VM -> wall-clock time of the fault last injected into it, until its guard acts."""
-        self.registry.register(_VmStates(self))
+        self.registry.register(_ReadAtScrape(self))
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}
         self._progress: dict[int, list[str]] = {}
@@ -414,7 +414,7 @@ class Controller:
                 self.log(f"vm={name} guard=stopped")
 
 
-class _VmStates(Collector):
+class _ReadAtScrape(Collector):
     """What Prometheus reads when it scrapes: ``transmigrate_vms{state}``, and from the
     history (every operation, the one-shot commands' and the demo's too)
     ``transmigrate_history_operations{kind,outcome}`` and
