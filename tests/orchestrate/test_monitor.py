@@ -69,7 +69,7 @@ def test_deadlock_is_caught_on_its_cpu(prepared: Host, vm: str) -> None:
     assert event is not None, watch.events
     assert event.evidence["cpu"] == 1
     assert event.evidence["comm"] == DEADLOCK_THREAD.format(cpu=1)
-    assert event.evidence["rule"] == "spinning"
+    assert event.evidence["rule"] == "spinning", event.evidence
     assert 0 < event.evidence["ran_ms"] <= event.evidence["stuck_ms"]
     assert SPIN_FUNCTION.search(event.evidence["function"])
     assert event.monotonic_ns / 1e9 > report.triggered_at
