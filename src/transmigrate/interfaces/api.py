@@ -69,7 +69,7 @@ class Started:
 
 
 @dataclass
-class Progress:
+class OperationProgress:
     lines: list[str]
     outcome: str
     """'running' until the operation ends."""
@@ -180,13 +180,13 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
         return found
 
     @app.get("/api/operations/{operation}/progress")
-    def progress(operation: int, after: int = 0) -> Progress:
+    def progress(operation: int, after: int = 0) -> OperationProgress:
         """The progress lines of an operation this controller started, from the
         ``after``-th on, and its outcome so far: a client follows it by asking again."""
         found = controller.operation(operation)
         if found is None:
             raise HTTPException(404, f"no operation {operation}")
-        return Progress(controller.progress(operation, after), found.outcome)
+        return OperationProgress(controller.progress(operation, after), found.outcome)
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:
