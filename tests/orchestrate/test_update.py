@@ -378,17 +378,27 @@ def test_a_hold_that_gives_up_rolls_back_every_tree(prepared: Host, service_vm: 
     assert all(b > a for a, b in zip(before, after, strict=True)), "every tree runs on"
 
 
-def _serve(port: int) -> subprocess.Popen[str]:
-    """`transmigrate serve` on loopback ``port``, once it has announced itself."""
-    server = subprocess.Popen([str(CLI), "serve", "--listen", f"127.0.0.1:{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: Remote.find(Path(os.environ["TRANSMIGRATE_STATE"])) is not None,
-             timeout=60, interval=0.1, what="serve did not announce itself")
+def _serve(port: int, log: Path) -> subprocess.Popen[str]:
+    """`transmigrate serve` on loopback ``port``, once it has announced itself; what it
+    says goes to ``log`` and into the error if it does not announce itself."""
+    with log.open("a") as stderr:
+        server = subprocess.Popen([str(CLI), "serve", "--listen", f"127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+    def announced() -> bool:
+        if server.poll() is not None:
+            raise AssertionError(f"serve ended ({server.returncode}): {log.read_text()}")
+        return Remote.find(Path(os.environ["TRANSMIGRATE_STATE"])) is not None
+    try:
+        wait_for(announced, timeout=60, interval=0.1, what="serve did not announce itself")
+    except TransmigrateError as exc:
+        server.kill()
+        raise AssertionError(f"{exc}; it said: {log.read_text()}") from exc
     return server
 
 
 def test_a_controller_killed_mid_update_undoes_it_when_started_again(
-        prepared: Host, service_vm: str) -> None:
+        prepared: Host, service_vm: str, tmp_path: Path) -> None:
     """`transmigrate update` hands the move to the running controller and follows it;
     the controller is killed (SIGKILL) while it dumps: the command says so, the trees
     stay held on the old VM, and the controller started again removes the standby it
@@ -402,7 +412,7 @@ def test_a_controller_killed_mid_update_undoes_it_when_started_again(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     argv = [str(CLI), "update", VM, "--kernel", STANDBY_KERNEL, "--pid", str(pid)]
-    server = _serve(port)
+    server = _serve(port, tmp_path / "serve.log")
     try:
         cut = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
         assert cut.stderr is not None
@@ -421,7 +431,7 @@ def test_a_controller_killed_mid_update_undoes_it_when_started_again(
         assert said[-1].startswith(f"transmigrate: error: the controller (pid {server.pid}) "
                                    f"at http://127.0.0.1:{port} does not answer"), said[-1]
         assert [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
-        server = _serve(port)  # undoes what the killed one left, then serves
+        server = _serve(port, tmp_path / "serve.log")  # undoes what the killed one left
         assert not [m for m in prepared.machines.all() if m.name == f"{VM}-next"]
         time.sleep(1.0)
         moved = subprocess.run([*argv, "--json"], capture_output=True, text=True,

@@ -199,8 +199,8 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
 def recover_interrupted(host: Host, name: str, progress: Progress = silent) -> str | None:
     """Finish or undo an update of ``name`` that was killed: its standby (NAME-next) is
     still there. If the update had said "go", the old VM's copies are gone: the
-    standby takes over. Else the standby is stopped, and the trees resume on the old
-    VM, its volume thawed and its NIC back on the bridge. What was done, or None."""
+    standby takes over. Else the trees resume on the old VM, its volume thawed and its
+    NIC back on the bridge, and then the standby is stopped. What was done, or None."""
     standby = next((m for m in host.machines.all() if m.name == f"{name}-next"), None)
     if standby is None:
         return None
@@ -226,9 +226,11 @@ def recover_interrupted(host: Host, name: str, progress: Progress = silent) -> s
         return (f"an interrupted update of {name} had committed: finished, {name} runs "
                 f"{target.record.kernel}")
     progress(f"an interrupted update of {name} had not committed: undoing it")
-    host.machines.remove(standby)
+    # the standby goes last: a dump still sending pages to its page server would
+    # wait for it past any timeout, its trees frozen
     agent.run([f"{GUEST_TOOLS}/tm-migrate", "abandon", HOLD_DIR],
               what="resuming the held trees", timeout=60)
+    host.machines.remove(standby)
     host.network.attach(source.record.service_tap)
     _remove_images(host, source)
     return (f"an interrupted update of {name} was undone: {standby.name} removed, the "
