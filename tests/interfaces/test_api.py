@@ -27,7 +27,7 @@ from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.controller import LIVE_LOCKS, Controller
 from transmigrate.orchestrate.faults import FAULTS
 from transmigrate.orchestrate.host import Host
-from transmigrate.orchestrate.services import redis_answers, redis_cli, start_service
+from transmigrate.orchestrate.services import redis_answers, redis_cli
 from transmigrate.polling import wait_for
 
 from ..conftest import CLI, REDIS_SERVICE, ROOT, left_running_by_a_dead_process
@@ -35,6 +35,13 @@ from ..conftest import CLI, REDIS_SERVICE, ROOT, left_running_by_a_dead_process
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 """Kept after the run: the dashboard's screenshot."""
+DECLARED = f"""
+[vms.{{vm}}]
+kernel = "{ACTIVE_KERNEL}"
+memory_mib = 512
+cpus = 2
+"""
+"""VM {vm} declared, for the controller to boot: as the guard tests' VMs."""
 GUARDED = f"""
 [guard.{{vm}}]
 standby_kernel = "{STANDBY_KERNEL}"
@@ -201,29 +208,42 @@ def _browser(playwright: Playwright) -> Browser:
         "--disable-background-networking", "--disable-component-update", "--disable-sync"])
 
 
+def _ended(api: httpx.Client, vm: str, kind: str, after: int = 0) -> dict[str, Any]:
+    """The newest operation of ``kind`` on ``vm`` after operation ``after``, once it has
+    ended."""
+    def ended() -> dict[str, Any] | None:
+        found = [op for op in api.get("/api/operations", params={"vm": vm}).json()
+                 if op["kind"] == kind and op["id"] > after]
+        return found[0] if found and found[0]["outcome"] != "running" else None
+    return wait_for(ended, timeout=600, interval=0.5, what=f"no {kind} of {vm} ended")
+
+
 def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Host,
                                                                      tmp_path: Path) -> None:
-    """redis with data in a guarded 6.1 guest, in a real browser: the page shows the VM,
-    its guard and standby, and its live chart moves; an update to 6.12 started from the
-    page (the guard standing aside) completes and shows on the timeline with its
-    downtime. Meanwhile a second update of the same VM is refused (409) and an unknown
-    kernel too (400). Then the page (a lab's) panics the kernel: the guard, watching
-    again, recovers redis onto its new standby, and the failover is on the timeline
-    too. The history and the metrics have both."""
+    """The controller boots a declared, guarded 6.1 guest and starts redis in it (data
+    is put in). In a real browser: the page shows the VM, its guard and standby, and
+    its live chart moves; an update to 6.12 started from the page (the guard standing
+    aside) completes and shows on the timeline with its downtime. Meanwhile a second
+    update of the same VM is refused (409) and an unknown kernel too (400). Then the
+    page (a lab's) panics the kernel: the guard, watching again, recovers redis onto
+    its new standby, and the failover is on the timeline too. The history and the
+    metrics have all three."""
     name = "t-api"
     config_path = tmp_path / "transmigrate.toml"
-    config_path.write_text(REDIS_SERVICE.format(vm=name) + GUARDED.format(vm=name))
-    config = load_config(config_path)
-    lifecycle.up(prepared, name, ACTIVE_KERNEL, memory_mib=512, cpus=2)  # as guard tests
+    config_path.write_text(REDIS_SERVICE.format(vm=name) + "boot = true\n"
+                           + DECLARED.format(vm=name) + GUARDED.format(vm=name))
     controller = None
     try:
-        start_service(prepared, config.services_of(name)[0])
-        address = prepared.machines.get(name).record.ip
-        wait_for(lambda: redis_answers(prepared, address), timeout=60, interval=0.2,
-                 what="redis did not answer")
-        assert redis_cli(prepared, address, "SET", "kept", "yes") == "OK"
-        controller = Controller(prepared, config, lab=True)
+        controller = Controller(prepared, load_config(config_path), lab=True)
         with _serving(controller) as api, sync_playwright() as playwright:
+            booted = _ended(api, name, "up")
+            assert booted["outcome"] == "done", booted["error"]
+            assert booted["report"]["kernel"].startswith(ACTIVE_KERNEL)
+            assert set(booted["report"]["services_started"]) == {"kv"}
+            address = prepared.machines.get(name).record.ip
+            wait_for(lambda: redis_answers(prepared, address), timeout=60, interval=0.2,
+                     what="redis did not answer")
+            assert redis_cli(prepared, address, "SET", "kept", "yes") == "OK"
             browser = _browser(playwright)
             page = browser.new_page(viewport={"width": 1300, "height": 1100})
             page.goto(str(api.base_url))
@@ -279,15 +299,7 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
                                                              timeout=60_000)
             injected = int(page.locator("#message").inner_text().rsplit("#", 1)[1])
 
-            def failover() -> dict[str, Any] | None:
-                """The failover after the injection, once it has ended."""
-                after = [op for op in api.get("/api/operations", params={"vm": name}).json()
-                         if op["kind"] == "failover" and op["id"] > injected]
-                return after[-1] if after and after[-1]["outcome"] != "running" else None
-
-            wait_for(failover, timeout=600, interval=0.5, what="the guard did not fail over")
-            failed_over = failover()
-            assert failed_over is not None
+            failed_over = _ended(api, name, "failover", after=injected)
             failover_row = page.locator(f'#operations tr[data-operation="{failed_over["id"]}"]')
             expect(failover_row).to_contain_text("failover: panic -> recover", timeout=30_000)
             expect(failover_row).to_have_attribute("data-outcome", "done")
@@ -305,6 +317,8 @@ def test_the_dashboard_runs_an_update_that_the_api_and_metrics_show(prepared: Ho
             assert done["report"]["kernel_after"].startswith(STANDBY_KERNEL)
             assert api.get(f"/api/vms/{name}").json()["operation"] is None
             metrics = _metrics(api)
+            assert metrics[("transmigrate_operations_total",
+                            (("kind", "up"), ("outcome", "done")))] == 1
             assert metrics[("transmigrate_operations_total",
                             (("kind", "update"), ("outcome", "done")))] == 1
             assert metrics[("transmigrate_downtime_seconds_count", (("kind", "update"),))] == 1

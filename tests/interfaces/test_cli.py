@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from transmigrate.config import ACTIVE_KERNEL
+from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import redis_cli, start_redis
 
@@ -75,6 +76,9 @@ def test_a_declared_vm_boots_and_down_twice_fails_in_one_line(prepared: Host) ->
     assert booted["boot_seconds"] > 0 and booted["memory_mib"] == 256
     assert booted["kernel"].startswith(ACTIVE_KERNEL)
     assert prepared.volume("t-twice").stat().st_size == 512 << 20
+    [kept] = History.at(prepared.state).recent(vm="t-twice", limit=1)
+    assert (kept.kind, kept.outcome, kept.report["boot_seconds"]) == \
+        ("up", "done", booted["boot_seconds"])
     assert cli("down", "t-twice").returncode == 0
     assert "no VM named" in _one_line_error(cli("down", "t-twice"))
 

@@ -41,7 +41,6 @@ from transmigrate.orchestrate.monitor import (
     readings,
     with_settings,
 )
-from transmigrate.vm.image import ImageSpec
 
 app = typer.Typer(
     name="transmigrate",
@@ -101,13 +100,6 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _image_spec(config: Config, packages: list[str] | None, files: Path | None) -> ImageSpec:
-    return ImageSpec(
-        extra_packages=tuple(sorted({*config.image_packages, *(packages or [])})),
-        files_dir=files.resolve() if files else config.image_files,
-    )
-
-
 @app.command()
 def kernels(json_: JsonOption = False,
             refresh: Annotated[bool, typer.Option(help="Re-read the archive's lists.")] = False,
@@ -150,7 +142,7 @@ def image(config: ConfigOption = None, package: PackageOption = None, files: Fil
           json_: JsonOption = False) -> None:
     """Build (or find cached) the guest image."""
     host = Host.from_environment()
-    spec = _image_spec(_config(config), package, files)
+    spec = services.declared_image(_config(config), package or (), files)
     guest_image = host.image(spec)
     if rebuild or not guest_image.exists():
         guest_image.build(_Progress())
@@ -173,25 +165,19 @@ def up(name: Annotated[str, typer.Argument(help="Name of the new VM.")],
     comes from the configuration's [vms.NAME], then [vm]."""
     host = Host.from_environment()
     loaded = _config(config)
-    declared = loaded.vm(name)
-    kernel = kernel or declared.kernel
-    if kernel is None:
-        raise TransmigrateError(f"which kernel? give --kernel, or declare vms.{name}.kernel "
-                                "in the configuration")
-    report = lifecycle.up(host, name, kernel, image_spec=_image_spec(loaded, package, files),
-                          memory_mib=memory or declared.memory_mib,
-                          cpus=cpus or declared.cpus, data_mib=declared.data_mib,
-                          progress=_Progress())
-    record = report.machine.record
-    started = {service.name: services.start_service(host, service)
-               for service in loaded.services_of(name) if service.boot}
+    with contextlib.closing(History.at(host.state)) as history, \
+            history.recorded("up", name, {"kernel": kernel}) as kept:
+        booted = services.up_declared(
+            host, loaded, name, kernel=kernel, memory_mib=memory, cpus=cpus,
+            image=services.declared_image(loaded, package or (), files), progress=_Progress())
+        kept.report = booted.as_dict()
     if json_:
-        _emit_json({**asdict(record), "boot_seconds": round(report.boot_seconds, 3),
-                    "services_started": started})
+        _emit_json(booted.as_dict())
     else:
+        record = booted.boot.machine.record
         out.print(f"{record.name} up on {record.kernel} at {record.ip} "
-                  f"in {report.boot_seconds:.1f} s ({record.accel})")
-        for service_name, root in started.items():
+                  f"in {booted.boot.boot_seconds:.1f} s ({record.accel})")
+        for service_name, root in booted.services_started.items():
             out.print(f"{service_name} started (pid {root})")
 
 
@@ -216,8 +202,9 @@ def list_machines(json_: JsonOption = False) -> None:
 def history(vm: Annotated[str | None, typer.Option(help="Only this VM's operations.")] = None,
             limit: Annotated[int, typer.Option(help="How many, the newest first.")] = 20,
             json_: JsonOption = False) -> None:
-    """The operations kept in the history (updates, recoveries, failovers, injected
-    faults), whether the controller or a command ran them; --json with their reports."""
+    """The operations kept in the history (VMs brought up, updates, recoveries,
+    failovers, injected faults), whether the controller or a command ran them; --json
+    with their reports."""
     operations = History.at(Host.from_environment().state).recent(vm=vm, limit=limit)
     if json_:
         _emit_json([asdict(op) for op in operations])

@@ -1,6 +1,7 @@
-"""The long-running controller behind ``transmigrate serve``: it runs operations on the
-VMs in the background, one at a time per VM, guards the VMs the configuration names
-(``[guard.NAME]``), keeps the history of both and counts them for Prometheus.
+"""The long-running controller behind ``transmigrate serve``: it boots the VMs the
+configuration declares (``[vms.NAME]``) that are not there, runs operations on the VMs
+in the background, one at a time per VM, guards the VMs the configuration names
+(``[guard.NAME]``), keeps the history of all of it and counts it for Prometheus.
 
 A guarded VM's guard stands aside while an update started here runs (the update
 replaces the VM it watches) and takes up its watch again after it.
@@ -30,6 +31,7 @@ from transmigrate.config import Config, Service
 from transmigrate.detect.events import READERS, Sample
 from transmigrate.errors import IntrospectionError, MachineNotFound, TransmigrateError
 from transmigrate.orchestrate import guard as guard_job
+from transmigrate.orchestrate import services
 from transmigrate.orchestrate import update as update_job
 from transmigrate.orchestrate.faults import FAULTS, inject_by_name
 from transmigrate.orchestrate.history import Busy, History, Operation
@@ -159,8 +161,65 @@ class Controller:
                 continue
             if done:
                 self.log(f"vm={machine.name} interrupted-update={done!r}")
+        booting = self._boot_declared()
         for name in self._guards:
+            if name not in booting:
+                self._start_guard(name)
+
+    def _boot_declared(self) -> set[str]:
+        """Start booting each VM the configuration declares (``[vms.NAME]``) that is not
+        there, in the background, with its services that start at boot; its guard, if
+        it has one, starts once it is up. The names of those it boots."""
+        names = {m.name for m in self.host.machines.all()}
+        booting = set()
+        for name, declared in self.config.vms.items():
+            if name in names:
+                continue
+            if declared.kernel is None:
+                self.log(f"vm={name} not-booted=\"vms.{name}.kernel is not declared\"")
+                continue
+            try:
+                operation = self.history.start("up", name, {"kernel": declared.kernel})
+            except Busy as exc:
+                self.log(f"vm={name} not-booted={str(exc)!r}")
+                continue
+            with self._lock:
+                self._running[name] = operation
+                self._progress[operation] = []
+            thread = threading.Thread(target=self._boot, args=(operation, name),
+                                      name=f"up-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+            booting.add(name)
+        return booting
+
+    def _boot(self, operation: int, name: str) -> None:
+        self.log(f"operation={operation} kind=up vm={name} started")
+        try:
+            with self.history.recording(operation) as kept:
+                booted = services.up_declared(self.host, self.config, name,
+                                              progress=self._progress_of(operation))
+                kept.report = booted.as_dict()
+        except Exception as exc:  # on record already; the thread ends here
+            self._operations.labels("up", "failed").inc()
+            self.log(f"operation={operation} outcome=failed error={exc!r}")
+        else:
+            self._operations.labels("up", "done").inc()
+            self.log(f"operation={operation} outcome=done "
+                     f"boot={booted.boot.boot_seconds:.1f}s")
+        finally:
+            with self._lock:
+                self._running.pop(name, None)
+        if name in self._guards:
             self._start_guard(name)
+
+    def _progress_of(self, operation: int) -> Callable[[str], None]:
+        """What keeps ``operation``'s progress lines (for :meth:`progress`) and logs them."""
+        def progress(line: str) -> None:
+            with self._lock:
+                self._progress[operation].append(line)
+            self.log(f"operation={operation} {line}")
+        return progress
 
     def vms(self) -> list[VmView]:
         machines = self.host.machines.all()
@@ -314,12 +373,7 @@ class Controller:
                 declared: Sequence[Service], selection: Selection, strict: bool) -> None:
         start = time.monotonic()
         self.log(f"operation={operation} kind=update vm={name} kernel={kernel} started")
-
-        def progress(line: str) -> None:
-            with self._lock:
-                self._progress[operation].append(line)
-            self.log(f"operation={operation} {line}")
-
+        progress = self._progress_of(operation)
         guarded = self._stand_aside(name)
         try:
             with self.history.recording(operation) as kept:

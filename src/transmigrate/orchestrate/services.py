@@ -9,20 +9,24 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from transmigrate.config import Service
+from transmigrate.config import Config, Service
 from transmigrate.errors import TransmigrateError
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.migrate.plan import GUEST_TOOLS
+from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import exec_in, running
 from transmigrate.polling import wait_for
+from transmigrate.progress import Progress, silent
+from transmigrate.vm.image import ImageSpec
 from transmigrate.vm.volume import DATA_MOUNT
 
-__all__ = ["REDIS_PORT", "LoadClient", "ServiceStatus", "oldest_process", "redis_answers",
-           "redis_cli", "service_root", "service_status", "start_redis", "start_service",
-           "stop_service"]
+__all__ = ["REDIS_PORT", "Booted", "LoadClient", "ServiceStatus", "declared_image",
+           "oldest_process", "redis_answers", "redis_cli", "service_root", "service_status",
+           "start_redis", "start_service", "stop_service", "up_declared"]
 
 HOLDERS = f"{DATA_MOUNT}/.transmigrate/services"
 """Where tm-service keeps each held service's pid (and output), on the volume."""
@@ -45,6 +49,51 @@ class ServiceStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Booted:
+    """A VM brought up as the configuration declares it, with its services."""
+
+    boot: lifecycle.BootReport
+    services_started: dict[str, int]
+    """Each service started at boot (``boot = true``), and the root ``update`` moves."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self.boot.machine.record),
+                "boot_seconds": round(self.boot.boot_seconds, 3),
+                "services_started": self.services_started}
+
+
+def declared_image(config: Config, packages: Sequence[str] = (),
+                   files: Path | None = None) -> ImageSpec:
+    """The guest image the configuration asks for, with more ``packages`` and other
+    ``files`` if given."""
+    return ImageSpec(extra_packages=tuple(sorted({*config.image_packages, *packages})),
+                     files_dir=files.resolve() if files else config.image_files)
+
+
+def up_declared(host: Host, config: Config, name: str, *, kernel: str | None = None,
+                memory_mib: int | None = None, cpus: int | None = None,
+                image: ImageSpec | None = None, progress: Progress = silent) -> Booted:
+    """Boot VM ``name`` as the configuration declares it (``[vms.NAME]``, then ``[vm]``),
+    what is given overriding it, and start its services that start at boot: what
+    ``transmigrate up`` and the controller do."""
+    declared = config.vm(name)
+    kernel = kernel or declared.kernel
+    if kernel is None:
+        raise TransmigrateError(f"which kernel? give --kernel, or declare vms.{name}.kernel "
+                                "in the configuration")
+    boot = lifecycle.up(host, name, kernel, image_spec=image or declared_image(config),
+                        memory_mib=memory_mib or declared.memory_mib,
+                        cpus=cpus or declared.cpus, data_mib=declared.data_mib,
+                        progress=progress)
+    started = {}
+    for service in config.services_of(name):
+        if service.boot:
+            progress(f"starting {service.name}")
+            started[service.name] = start_service(host, service)
+    return Booted(boot, started)
 
 
 def _holder(agent: GuestAgent, service: Service) -> int | None:
