@@ -119,6 +119,8 @@ def test_a_labs_controller_names_its_faults_and_refuses_unknown_ones(empty_host:
         assert api.post("/api/vms/nope/faults", json={"fault": "panic"}).status_code == 404
         unknown = api.post("/api/vms/nope/faults", json={"fault": "meteor"})
         assert unknown.status_code == 400 and "unknown fault 'meteor'" in unknown.text
+        wrong = api.post("/api/vms/nope/faults", json={"fault": "panic", "cpu": 1})
+        assert wrong.status_code == 400 and "panic takes no cpu" in wrong.text
         assert api.get("/api/operations").json() == [], "nothing injected, nothing on record"
 
 
@@ -167,38 +169,69 @@ def test_serve_refuses_to_listen_off_loopback_without_a_token(tmp_path: Path) ->
     assert "--set takes KEY=VALUE" in serve(settings=("-c", "vm.cpus")).stderr
 
 
-def test_the_cli_hands_updates_to_a_running_controller(tmp_path: Path) -> None:
-    """`serve` makes itself known in the state directory; while it runs `update` goes
-    through it (its refusal comes back as one line), after it the command runs alone."""
-    env = {**os.environ, "TRANSMIGRATE_STATE": str(tmp_path / "s")}
+@contextlib.contextmanager
+def _serve_in(state: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`transmigrate serve` with state directory ``state`` on a free loopback port, once
+    it has announced itself; it and its URL. Stopped (SIGTERM) after."""
+    env = {**os.environ, "TRANSMIGRATE_STATE": str(state)}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    server = subprocess.Popen([str(CLI), "serve", "--listen", f"127.0.0.1:{port}", *flags],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        wait_for(lambda: (state / ANNOUNCEMENT).exists(), timeout=60,
+                 what="serve did not announce")
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_the_cli_hands_updates_to_a_running_controller(tmp_path: Path) -> None:
+    """`serve` makes itself known in the state directory; while it runs `update` goes
+    through it (its refusal comes back as one line), after it the command runs alone."""
+    state = tmp_path / "s"
+    env = {**os.environ, "TRANSMIGRATE_STATE": str(state)}
 
     def update() -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(CLI), "update", "nope", "--kernel", STANDBY_KERNEL],
                               capture_output=True, text=True, timeout=60, env=env)
 
-    announcement = tmp_path / "s" / ANNOUNCEMENT
-    server = subprocess.Popen([str(CLI), "serve", "--listen", f"127.0.0.1:{port}"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: announcement.exists(), timeout=60, what="serve did not announce")
+    announcement = state / ANNOUNCEMENT
+    with _serve_in(state) as (server, url):
         assert json.loads(announcement.read_text())["pid"] == server.pid
         assert announcement.stat().st_mode & 0o777 == 0o600
         handed = update()
         assert handed.returncode == 1
         assert handed.stderr.strip().splitlines() == [
             "transmigrate: error: the controller refused: no VM named 'nope'"]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     assert not announcement.exists(), "gone with the controller"
     alone = update()
     assert alone.returncode == 1 and "controller" not in alone.stderr, alone.stderr
-    announcement.write_text(json.dumps({"pid": server.pid, "url": f"http://127.0.0.1:{port}",
-                                        "token_file": None}))
+    announcement.write_text(json.dumps({"pid": server.pid, "url": url, "token_file": None}))
     assert "controller" not in update().stderr, "a dead controller's file is ignored"
+
+
+def test_a_labs_controller_injects_the_clis_faults(tmp_path: Path) -> None:
+    """`inject` beside a lab's controller goes through it (on record, its detection
+    timed); its refusals come back as one line."""
+    state = tmp_path / "s"
+    env = {**os.environ, "TRANSMIGRATE_STATE": str(state)}
+
+    def inject(*args: str) -> list[str]:
+        done = subprocess.run([str(CLI), "inject", *args], capture_output=True, text=True,
+                              timeout=60, env=env)
+        assert done.returncode == 1
+        return done.stderr.strip().splitlines()
+
+    with _serve_in(state, "--lab") as (server, _):
+        said = inject("nope", "panic")
+        assert said[0].endswith(f"the controller (pid {server.pid}) injects it"), said
+        assert said[1:] == ["transmigrate: error: the controller refused: no VM named 'nope'"]
+        assert inject("nope", "panic", "--cpu", "1")[-1] == \
+            "transmigrate: error: the controller refused: panic takes no cpu"
 
 
 def _browser(playwright: Playwright) -> Browser:

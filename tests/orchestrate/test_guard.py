@@ -34,6 +34,7 @@ from transmigrate.orchestrate.guard import (
     guard,
     load_policy,
 )
+from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import (
     LoadClient,
@@ -353,7 +354,8 @@ def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path)
     VM was fenced (stopped, as a failover does first). Started again, it takes the
     standby it had (no second one), finds the VM stopped, recovers redis from its
     memory (one JSON line), and boots a new standby; a panic after that is recovered
-    too, the first dead VM kept beside the second. It stops on SIGTERM."""
+    too, the first dead VM kept beside the second. While it runs, `down` of the VM is
+    refused; it stops on SIGTERM, each run on record."""
     name = "t-guard-again"
     config = tmp_path / "transmigrate.toml"
     config.write_text(REDIS_SERVICE.format(vm=name))
@@ -403,6 +405,9 @@ def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path)
         assert redis_cli(prepared, address, "GET", "kept") == "yes"
         assert prepared.agent(prepared.machines.get(name)).run(
             ["kill", "-0", str(holder)]).exit_code == 0, "the same tree, recovered"
+        refused = cli("down", name)
+        assert refused.returncode == 1 and \
+            f"{name} is busy: guard (operation" in refused.stderr, refused.stderr
 
         # Its kernel panics in turn: the first dead VM is kept, this one is NAME-dead-2.
         inject(fault_target(prepared, name), Panic())
@@ -415,6 +420,10 @@ def test_a_killed_guard_started_again_carries_on(prepared: Host, tmp_path: Path)
         assert redis_cli(prepared, address, "GET", "kept") == "yes"
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=60) == 0
+        kept = [op for op in History.at(prepared.state).recent(vm=name, limit=10)
+                if op.kind == "guard"]
+        assert [op.outcome for op in kept[:2]] == ["done", "interrupted"], "each run on record"
+        assert [d["fault"] for d in kept[0].report["decisions"]] == ["stopped", "panic"]
     finally:
         for guard_process in guards:
             if guard_process.poll() is None:

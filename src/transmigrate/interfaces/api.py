@@ -79,6 +79,12 @@ class OperationProgress:
 class FaultRequest:
     fault: str
     """A fault's name, as ``transmigrate inject`` takes it (``GET /api/faults``)."""
+    cpu: int | None = None
+    """deadlock: the CPU to wedge."""
+    all_cpus: bool | None = None
+    """deadlock: wedge every CPU."""
+    readers: int | None = None
+    """hung-driver: how many readers to block."""
 
 
 @dataclass
@@ -141,7 +147,8 @@ def create_app(controller: Controller, *, token: str | None = None) -> FastAPI:
     def inject(name: str, request: FaultRequest) -> Operation:
         """Inject a fault into the VM (a lab's controller only: 403 otherwise); the
         injection, on record as an operation, once the fault is triggered."""
-        return controller.inject(name, request.fault)
+        return controller.inject(name, request.fault, cpu=request.cpu,
+                                 all_cpus=request.all_cpus, readers=request.readers)
 
     @app.get("/api/vms/{name}/live")
     async def live(name: str) -> dict[str, Any]:

@@ -242,8 +242,9 @@ def exec_(name: Annotated[str, typer.Argument(help="VM to run in.")],
 def down(name: Annotated[str, typer.Argument(help="VM to stop.")],
          json_: JsonOption = False) -> None:
     """Stop a VM and remove everything it used; refused while another process (the
-    controller, an update) runs an operation on it."""
+    controller, an update, a guard) runs an operation on it or guards it."""
     host = Host.from_environment()
+    _refuse_beside_a_guard(host, name, "down")
     with contextlib.closing(History.at(host.state)) as history:
         history.refuse_if_busy(name)
     lifecycle.down(host, name)
@@ -537,16 +538,23 @@ def inject_fault(
         readers: Annotated[int, typer.Option(help="hung-driver: readers to block.")] = 16,
         json_: JsonOption = False) -> None:
     """Inject a real fault: a spinlock deadlock, a hung driver, a fork bomb, a memory
-    bomb, a kernel oops or a kernel panic."""
-    report = faults.inject_by_name(Host.from_environment(), name, fault, cpu=cpu,
-                                   all_cpus=all_cpus or None,
-                                   readers=readers if fault == "hung-driver" else None,
-                                   progress=_Progress())
-    if json_:
-        _emit_json(asdict(report))
+    bomb, a kernel oops or a kernel panic. A lab's running controller (serve --lab)
+    injects it, so that it is on record and its detection is timed."""
+    host = Host.from_environment()
+    options = {"cpu": cpu, "all_cpus": all_cpus or None,
+               "readers": readers if fault == "hung-driver" else None}
+    remote = Remote.find(host.state)
+    if remote is not None and remote.get("/api/faults")["lab"]:
+        _Progress()(f"the controller (pid {remote.pid}) injects it")
+        report = remote.post(f"/api/vms/{name}/faults", {"fault": fault, **options})["report"]
     else:
-        out.print(f"{fault} injected into {name} ({report.kernel})"
-                  + (f" on CPU {report.cpu}" if report.cpu is not None else ""))
+        report = asdict(faults.inject_by_name(host, name, fault, progress=_Progress(),
+                                              **options))
+    if json_:
+        _emit_json(report)
+    else:
+        out.print(f"{fault} injected into {name} ({report['kernel']})"
+                  + (f" on CPU {report['cpu']}" if report["cpu"] is not None else ""))
 
 
 @app.command("dump")
@@ -685,13 +693,17 @@ def guard(name: Annotated[str, typer.Argument(help="VM whose services to keep ru
         signal.signal(signum, lambda *_: stop.set())
     host = Host.from_environment()
     _refuse_beside_a_guard(host, name, "guard")
-    decisions = guard_job.guard(host, name, _config(config).services_of(name), chosen,
-                                dry_run=dry_run, on_decision=log,
-                                history=History.at(host.state), progress=_Progress(),
-                                stop=stop)
-    if decisions and decisions[-1].outcome == "reported":
-        raise TransmigrateError(f"{name}: {decisions[-1].summary}; guard stops, the "
-                                "services could not be saved")
+    # on record while it runs: another process's operation on NAME is refused meanwhile
+    with contextlib.closing(History.at(host.state)) as history, history.recorded(
+            "guard", name, {"standby_kernel": chosen.standby_kernel, "dry_run": dry_run}
+            ) as kept:
+        decisions = guard_job.guard(host, name, _config(config).services_of(name), chosen,
+                                    dry_run=dry_run, on_decision=log, history=history,
+                                    progress=_Progress(), stop=stop)
+        kept.report = {"decisions": [decision.as_dict() for decision in decisions]}
+        if decisions and decisions[-1].outcome == "reported":
+            raise TransmigrateError(f"{name}: {decisions[-1].summary}; guard stops, the "
+                                    "services could not be saved")
 
 
 @app.command()

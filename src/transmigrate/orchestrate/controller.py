@@ -30,10 +30,11 @@ from prometheus_client.registry import Collector
 from transmigrate.config import Config, Service
 from transmigrate.detect.events import READERS, Sample
 from transmigrate.errors import IntrospectionError, MachineNotFound, TransmigrateError
+from transmigrate.faults import spec_for
 from transmigrate.orchestrate import guard as guard_job
 from transmigrate.orchestrate import services
 from transmigrate.orchestrate import update as update_job
-from transmigrate.orchestrate.faults import FAULTS, inject_by_name
+from transmigrate.orchestrate.faults import inject_by_name
 from transmigrate.orchestrate.history import Busy, History, Operation
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.monitor import Monitor, MonitorConfig, Watch, readings
@@ -277,20 +278,20 @@ class Controller:
         thread.start()
         return operation
 
-    def inject(self, name: str, fault: str) -> Operation:
-        """Inject ``fault`` (a name of :data:`FAULTS`) into VM ``name``, in a lab only; the
-        injection, on record as an operation, once the fault is triggered."""
+    def inject(self, name: str, fault: str, **options: Any) -> Operation:
+        """Inject ``fault`` (a name of :data:`FAULTS`) with ``options`` (as
+        ``inject_by_name`` takes them; None: the default) into VM ``name``, in a lab
+        only; the injection, on record as an operation, once the fault is triggered."""
         if not self.lab:
             raise LabOnly("faults are injected only in a lab: start the controller with "
                           "--lab")
-        if fault not in FAULTS:
-            raise TransmigrateError(f"unknown fault {fault!r}; choose one of "
-                                    f"{', '.join(FAULTS)}")
+        options = {key: value for key, value in options.items() if value is not None}
+        spec_for(fault, **options)  # an unknown fault, or option, refused before the record
         self._machine(name)
-        operation = self.history.start("inject", name, {"fault": fault})
+        operation = self.history.start("inject", name, {"fault": fault, **options})
         self.log(f"operation={operation} kind=inject vm={name} fault={fault} started")
         try:
-            report = inject_by_name(self.host, name, fault)
+            report = inject_by_name(self.host, name, fault, **options)
         except TransmigrateError as exc:
             self.history.finish(operation, "failed", error=str(exc))
             raise

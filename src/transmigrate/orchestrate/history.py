@@ -146,7 +146,8 @@ class History:
         for operation, kind, owner in rows:
             if _alive(owner):
                 raise Busy(f"{vm} is busy: {kind} (operation {operation}) runs in process "
-                           f"{owner}; wait for it to end")
+                           f"{owner}; " + ("stop it first" if kind == "guard"
+                                           else "wait for it to end"))
 
     def recorded(self, kind: str, vm: str, request: dict[str, Any]
                  ) -> contextlib.AbstractContextManager[Outcome]:

@@ -242,6 +242,7 @@ async function refreshOperations() {
     cell(row, op.kind === "failover" ? `failover: ${op.request.fault} -> ${op.request.action}`
               : op.kind === "inject" ? `inject ${op.request.fault}`
               : op.kind === "up" ? `up on ${op.request.kernel}`
+              : op.kind === "guard" ? "guard (the command)"
               : `${op.kind} to ${op.request.kernel || ""}`);
     cell(row, op.vm);
     cell(row, new Date(op.started_at * 1000).toLocaleString());
