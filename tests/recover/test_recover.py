@@ -624,8 +624,10 @@ def test_a_refused_service_of_a_dead_kernel_is_started_again_from_its_volume(
         prepared: Host, tmp_path: Path) -> None:
     """redis in a pid namespace of its own: its kernel panics, recovery refuses it and
     starts it again from its data volume on the new kernel, as a reboot would, its
-    losses named; every key it had synced is there. While its kernel ran, the same
-    refusal left it running where it was."""
+    losses named. Every key it acknowledged is there, also the last fifty, which it
+    never fsynced (appendfsync no): the dead kernel's page cache was written back to
+    the volume first. While its kernel ran, the same refusal left it running where it
+    was."""
     name = "t-rec-restart"
     config = tmp_path / "transmigrate.toml"
     config.write_text(CONTAINED_REDIS.format(vm=name))
@@ -641,19 +643,22 @@ def test_a_refused_service_of_a_dead_kernel_is_started_again_from_its_volume(
         with pytest.raises(TransmigrateError, match=r"nothing to recover: .*pid namespace"):
             recover(prepared, name, STANDBY_KERNEL, services=[service])
         assert redis_cli(prepared, address, "GET", "key:49") == "49", "it runs on"
+        assert redis_cli(prepared, address, "CONFIG", "SET", "appendfsync", "no") == "OK"
+        for n in range(50, 100):
+            redis_cli(prepared, address, "SET", f"key:{n}", str(n))
         _panic(prepared, name)
         report = recover(prepared, name, STANDBY_KERNEL, services=[service])
         [verdict] = report.processes
         assert verdict.verdict == "restarted", verdict
         assert "pid namespace of its own" in verdict.reason
         assert verdict.losses == ["kv was started again from its data volume: what it held "
-                                  "in memory, its connections, and what its kernel had not "
-                                  "written to the volume are gone"]
+                                  "in memory and its connections are gone"]
+        assert "read unwritten pages" in report.steps
         assert report.kernel_after.startswith(STANDBY_KERNEL)
         wait_for(lambda: redis_answers(prepared, address), timeout=60, interval=0.2,
                  what="redis did not answer again")
-        assert int(redis_cli(prepared, address, "DBSIZE")) == 50
-        assert redis_cli(prepared, address, "GET", "key:49") == "49"
+        assert int(redis_cli(prepared, address, "DBSIZE")) == 100
+        assert redis_cli(prepared, address, "GET", "key:99") == "99"
     finally:
         for machine in prepared.machines.all():
             if machine.name.startswith(name):

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import drgn
-from drgn.helpers.linux.fs import d_path, for_each_file, inode_for_each_page
+from drgn.helpers.linux.fs import d_path, for_each_file
 from drgn.helpers.linux.list import list_for_each_entry
-from drgn.helpers.linux.mm import PageDirty, PageWriteback, for_each_vma, page_to_phys
+from drgn.helpers.linux.mm import for_each_vma, page_to_phys
 from drgn.helpers.linux.pid import find_task, for_each_task, for_each_task_in_group
 from drgn.helpers.linux.sched import task_cpu, task_on_cpu, task_state_to_char
 from drgn.helpers.linux.xarray import xa_is_value, xa_load
@@ -43,6 +43,7 @@ from transmigrate.introspect.namespaces import (
     read_ipc_namespace,
     read_time_namespace,
 )
+from transmigrate.introspect.pagecache import dirty_pages
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.pipes import PipeState, read_pipe
@@ -156,7 +157,7 @@ class FileState:
     dirty: tuple[tuple[int, int], ...] = ()
     """For a file on the data volume (which the new VM mounts): (page index, physical
     address) of each page-cache page the volume may not have yet (see
-    ``_Reader._dirty_pages``); with them, ``size`` is written back too."""
+    ``pagecache.dirty_pages``); with them, ``size`` is written back too."""
 
 
 OpenFile = FileState | PipeState | EpollState | SocketState | EventfdState | SignalfdState
@@ -921,30 +922,13 @@ class _Reader:
         path = self._name(file.f_path)
         dirty: tuple[tuple[int, int], ...] = ()
         if stat.S_ISREG(mode) and path.startswith(f"{DATA_MOUNT}/"):
-            dirty = self._dirty_pages(inode, what)
+            try:
+                dirty = dirty_pages(self.guest, inode)
+            except IntrospectionError as exc:
+                raise self.refuse(f"{what}: {exc}") from exc
         return FileState(path=path, flags=int(file.f_flags) & ~_O_CLOEXEC, pos=int(file.f_pos),
                          mode=mode, size=self.rewound.get(file.value_(), int(inode.i_size)),
                          key=file.value_(), dirty=dirty)
-
-    def _dirty_pages(self, inode: drgn.Object, what: str) -> tuple[tuple[int, int], ...]:
-        """Pages dirty or under writeback; and on ext4 every page from the size its
-        journal has (``i_disksize``) on, which an fsync cut short by the death may have
-        written without committing the size that makes them part of the file."""
-        limit = int(inode.i_size) // PAGE + 1
-        committed = limit
-        if inode.i_sb.s_type.name.string_() == b"ext4":
-            ext4 = drgn.container_of(inode, "struct ext4_inode_info", "vfs_inode")
-            committed = int(ext4.i_disksize) // PAGE
-        dirty = []
-        for count, (index, page) in enumerate(inode_for_each_page(inode)):
-            if count > limit or index > limit:
-                raise self.refuse(f"{what}: its page cache is corrupt")
-            if PageDirty(page) or PageWriteback(page) or index >= committed:
-                physical = int(page_to_phys(page))
-                if not self.guest.ram.covers(physical, PAGE):
-                    raise self.refuse(f"{what}: a cached page is outside guest RAM")
-                dirty.append((index, physical))
-        return tuple(dirty)
 
     def _path(self, path: drgn.Object) -> FileState:
         inode = path.dentry.d_inode

@@ -21,6 +21,7 @@ from transmigrate.errors import IntrospectionError, MachineError, TransmigrateEr
 from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.clocks import read_clocks
 from transmigrate.introspect.kernel import Guest, attach
+from transmigrate.introspect.pagecache import unwritten_files
 from transmigrate.introspect.process import Refusal, read_cmdline, read_tree
 from transmigrate.introspect.sockets import SocketState
 from transmigrate.introspect.tasks import TaskReader
@@ -30,7 +31,7 @@ from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import STANDBY_PID_MARGIN, up
 from transmigrate.orchestrate.services import start_service
 from transmigrate.progress import Progress, silent
-from transmigrate.recover.images import WRITEBACK, write_images
+from transmigrate.recover.images import WRITEBACK, write_images, write_writeback
 from transmigrate.vm.machine import Machine
 from transmigrate.vm.qemu_command import IMPORT_SERIAL
 from transmigrate.vm.registers import vcpu_states
@@ -41,6 +42,8 @@ __all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dead_name", "dump",
 
 GUEST_IMAGES = "/run/transmigrate-import"
 """Where the new VM mounts the disk of images (read-only) it restores from."""
+VOLUME_WRITEBACK = "volume-writeback.bin"
+"""Beside the images: the data volume's pages its kernel had not written (tm-writeback)."""
 RESTORE_WORK = "/var/lib/transmigrate/recover"
 """CRIU's working directory (its logs) per restored process in the new VM."""
 _MOUNT_IMPORT = (
@@ -89,6 +92,8 @@ class DumpReport:
     kernel: str
     processes: list[ProcessVerdict]
     steps: dict[str, float] = field(default_factory=dict)
+    unwritten_read: bool = False
+    """Whether the data volume's page cache was read, to be written back (recover)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,7 +135,10 @@ def dump(host: Host, name: str, pids: list[int], out: Path, *, panicking: bool =
 def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 steps: dict[str, float], progress: Progress,
                 processes: Sequence[str] = (), panicking: bool = False,
-                services: Sequence[Service] = ()) -> DumpReport:
+                services: Sequence[Service] = (), unwritten: bool = False) -> DumpReport:
+    """Read the processes out of ``machine``'s memory as CRIU images under ``out``;
+    ``unwritten``: the data volume's page cache that its disk may lack too
+    (:data:`VOLUME_WRITEBACK`)."""
     mark = time.monotonic()
     vcpus = vcpu_states(machine, machine.record.cpus)
     progress(f"reading {machine.name}'s kernel ({machine.record.kernel})")
@@ -175,7 +183,30 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             progress(f"dumped {pid} ({verdict.comm}"
                      + (f" and {len(tree) - 1} below it" if len(tree) > 1 else "")
                      + f"): {verdict.pages} pages in {steps[f'read {pid}']:.2f} s")
+        if unwritten:
+            report.unwritten_read = _read_unwritten(guest, out, steps, progress)
     return report
+
+
+def _read_unwritten(guest: Guest, out: Path, steps: dict[str, float],
+                    progress: Progress) -> bool:
+    """The data volume's pages its kernel had not written, for tm-writeback: what a
+    service started again from the volume would otherwise lose. Not reading them is
+    no reason to give up the recovery. Whether they were read."""
+    mark = time.monotonic()
+    try:
+        files = unwritten_files(guest)
+    except IntrospectionError as exc:
+        progress(f"not writing back the volume's page cache: {exc}")
+        return False
+    if files:
+        out.mkdir(parents=True, exist_ok=True)
+        write_writeback(files, guest.ram, out / VOLUME_WRITEBACK)
+        pages = sum(len(f.dirty) for f in files)
+        progress(f"{pages} page(s) of {len(files)} file(s) on the volume not yet on its "
+                 "disk: written back before anything starts")
+    steps["read unwritten pages"] = round(time.monotonic() - mark, 3)
+    return True
 
 
 def _find_processes(guest: Guest, names: Sequence[str],
@@ -256,7 +287,7 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
     images = paths.data_dir() / "recover" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         checkpoint = _checkpoint(host, machine, pids, images, steps, progress, processes,
-                                 panicking, services)
+                                 panicking, services, unwritten=True)
     except BaseException:
         if before == "running":
             machine.qmp("cont")
@@ -277,7 +308,8 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
         target = _restore_on_standby(host, name, dead, kernel_spec or dead.record.kernel,
                                      dumped, images, steps, progress,
                                      keep_partial=kernel_dead)
-        _restart(host, target, restarts, steps, progress, alone=not dumped)
+        _restart(host, target, restarts, steps, progress, alone=not dumped,
+                 written_back=checkpoint.unwritten_read)
         serving = time.monotonic() - start
         ports = sorted({port for v in dumped if v.verdict != "failed" for port in v.listening})
         accepting = None
@@ -355,9 +387,11 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
     agent = host.agent(target)
     mark = time.monotonic()
     progress(f"mounting the data volume in {target.name} (its journal replays)")
-    writebacks = " && ".join(
-        f"{GUEST_TOOLS}/tm-writeback {GUEST_IMAGES}/{v.pid}/{WRITEBACK}" for v in dumped
-        if (images / str(v.pid) / WRITEBACK).exists())
+    writebacks = " && ".join([  # the processes' own last: their sizes may be rewound
+        *([f"{GUEST_TOOLS}/tm-writeback --missing-ok {GUEST_IMAGES}/{VOLUME_WRITEBACK}"]
+          if (images / VOLUME_WRITEBACK).exists() else []),
+        *(f"{GUEST_TOOLS}/tm-writeback {GUEST_IMAGES}/{v.pid}/{WRITEBACK}" for v in dumped
+          if (images / str(v.pid) / WRITEBACK).exists())])
     agent.sh(f"{GUEST_TOOLS}/tm-data mount && {_MOUNT_IMPORT}"
              + (f" && {writebacks}" if writebacks else ""),
              what="mounting the volume and the images, writing back", timeout=120)
@@ -407,9 +441,11 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
 
 
 def _restart(host: Host, target: Machine, restarts: Sequence[tuple[Service, ProcessVerdict]],
-             steps: dict[str, float], progress: Progress, *, alone: bool) -> None:
+             steps: dict[str, float], progress: Progress, *, alone: bool,
+             written_back: bool) -> None:
     """Start the declared services that could not be rebuilt again on ``target``, from
     their data volume, as a reboot would: better than losing them with their kernel.
+    ``written_back``: the volume has what their kernel had not written yet.
     One that does not start is failed; ``alone`` (nothing was restored): if none
     starts, the recovery fails."""
     for service, verdict in restarts:
@@ -423,9 +459,11 @@ def _restart(host: Host, target: Machine, restarts: Sequence[tuple[Service, Proc
             progress(f"{service.name} did not start again: {exc}")
             continue
         verdict.verdict, verdict.processes = "restarted", [root]
-        verdict.losses.append(f"{service.name} was started again from its data volume: what "
-                              "it held in memory, its connections, and what its kernel had "
-                              "not written to the volume are gone")
+        lost = "what it held in memory and its connections" if written_back else \
+            "what it held in memory, its connections, and what its kernel had not written " \
+            "to the volume"
+        verdict.losses.append(f"{service.name} was started again from its data volume: "
+                              f"{lost} are gone")
         steps[f"restart {service.name}"] = round(time.monotonic() - mark, 3)
     if alone and all(v.verdict == "failed" for _, v in restarts):
         raise TransmigrateError("nothing could be recovered or started again: " + "; ".join(

@@ -13,6 +13,7 @@ import base64
 import io
 import stat
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from transmigrate.introspect.clocks import KernelClocks
 from transmigrate.introspect.epoll import EpollState
 from transmigrate.introspect.eventfds import EventfdState, SignalfdState
 from transmigrate.introspect.namespaces import TimeNamespaceState
+from transmigrate.introspect.pagecache import UnwrittenFile
 from transmigrate.introspect.pagetable import PAGE
 from transmigrate.introspect.pipes import PipeState
 from transmigrate.introspect.process import (
@@ -33,7 +35,7 @@ from transmigrate.introspect.process import (
 from transmigrate.introspect.ram import GuestRam
 from transmigrate.introspect.sockets import SocketState, millisecond_timestamp
 
-__all__ = ["WRITEBACK", "write_images"]
+__all__ = ["WRITEBACK", "write_images", "write_writeback"]
 
 WRITEBACK = "writeback.bin"
 """Not a CRIU image: the dead kernel's unwritten file data, for tm-writeback."""
@@ -159,7 +161,7 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
         process.exe, *(m.file for m in process.mappings if m.file is not None))]
     dirty = {state.path: state for state in referenced if state.dirty}
     if dirty:
-        written.append(_writeback(list(dirty.values()), ram, directory / WRITEBACK))
+        written.append(write_writeback(list(dirty.values()), ram, directory / WRITEBACK))
     return written
 
 
@@ -221,8 +223,10 @@ def _base64(data: bytes) -> str:
     return base64.encodebytes(data).decode()
 
 
-def _writeback(files: list[FileState], ram: GuestRam, path: Path) -> Path:
-    """What the guest tool tm-writeback writes to the volume before the restore."""
+def write_writeback(files: Sequence[FileState | UnwrittenFile], ram: GuestRam,
+                    path: Path) -> Path:
+    """What the guest tool tm-writeback writes to the volume before the restore: the
+    dirty pages of ``files``, and their sizes."""
     with path.open("wb") as out:
         for state in files:
             name = state.path.encode(errors="surrogateescape")

@@ -1,0 +1,94 @@
+"""The page cache a kernel had not yet written to disk: what ``sync`` would have written.
+
+A dead kernel's dirty pages are the last writes its processes made. Those of the files
+a recovered process holds open go with it (``process.FileState.dirty``); the rest of the
+data volume's are found here, inode by inode of its file system, so that a service
+started again from the volume, or a file written and closed just before the death,
+loses no byte the kernel had accepted.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import drgn
+from drgn.helpers.linux.fs import dentry_path, for_each_mount, inode_for_each_page
+from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
+from drgn.helpers.linux.mm import PageDirty, PageWriteback, page_to_phys
+
+from transmigrate.errors import IntrospectionError
+from transmigrate.introspect.kernel import Guest, drgn_errors
+from transmigrate.introspect.pagetable import PAGE
+from transmigrate.vm.volume import DATA_MOUNT
+
+__all__ = ["UnwrittenFile", "dirty_pages", "unwritten_files"]
+
+
+@dataclass(frozen=True)
+class UnwrittenFile:
+    """A file whose last writes the disk may not have: its size as the kernel knew it,
+    and (page index, physical address) of each page the disk may lack."""
+
+    path: str
+    size: int
+    dirty: tuple[tuple[int, int], ...]
+
+
+def dirty_pages(guest: Guest, inode: drgn.Object) -> tuple[tuple[int, int], ...]:
+    """Pages dirty or under writeback; and on ext4, when the file is longer than the
+    size its journal has (``i_disksize``), every page past that size, which an fsync cut
+    short by the death may have written without committing the size that makes them
+    part of the file. IntrospectionError for a page cache that cannot be trusted."""
+    size = int(inode.i_size)
+    limit = size // PAGE + 1
+    on_disk = size
+    if inode.i_sb.s_type.name.string_() == b"ext4":
+        ext4 = drgn.container_of(inode, "struct ext4_inode_info", "vfs_inode")
+        on_disk = min(size, int(ext4.i_disksize))
+    dirty = []
+    for count, (index, page) in enumerate(inode_for_each_page(inode)):
+        if count > limit or index > limit:
+            raise IntrospectionError("its page cache is corrupt")
+        beyond = on_disk < size and (index + 1) * PAGE > on_disk
+        if beyond or PageDirty(page) or PageWriteback(page):
+            physical = int(page_to_phys(page))
+            if not guest.ram.covers(physical, PAGE):
+                raise IntrospectionError("a cached page is outside guest RAM")
+            dirty.append((index, physical))
+    return tuple(dirty)
+
+
+def unwritten_files(guest: Guest, mount_point: str = DATA_MOUNT) -> list[UnwrittenFile]:
+    """Every regular file of the file system mounted at ``mount_point`` (in the initial
+    mount namespace) with pages the disk may not have; none if nothing is mounted
+    there. A file whose page cache cannot be trusted, or that has no name left (it was
+    deleted), is passed over: it is no worse off than after a power cut."""
+    with drgn_errors(f"cannot read the page cache of {mount_point}"):
+        return list(_unwritten_files(guest, mount_point))
+
+
+def _unwritten_files(guest: Guest, mount_point: str) -> Iterator[UnwrittenFile]:
+    prog = guest.prog
+    mounts = list(for_each_mount(prog, dst=mount_point))
+    if not mounts:
+        return
+    superblock = mounts[-1].mnt.mnt_sb  # the last one mounted there is the one seen
+    for inode in list_for_each_entry("struct inode", superblock.s_inodes.address_of_(),
+                                     "i_sb_list"):
+        if not stat.S_ISREG(int(inode.i_mode)) or not int(inode.i_nlink) \
+                or not int(inode.i_mapping.nrpages):
+            continue
+        try:
+            pages = dirty_pages(guest, inode)
+        except IntrospectionError:
+            continue
+        if not pages:
+            continue
+        dentry = next(hlist_for_each_entry("struct dentry", inode.i_dentry.address_of_(),
+                                           "d_u.d_alias"), None)
+        if dentry is None:
+            continue
+        name = dentry_path(dentry).decode(errors="surrogateescape").lstrip("/")
+        yield UnwrittenFile(f"{mount_point.rstrip('/')}/{name}", int(inode.i_size), pages)
