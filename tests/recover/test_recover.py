@@ -299,7 +299,8 @@ def _assert_same_stream(ours: Path, golden: Path, inode: int) -> None:
 @pytest.mark.parametrize("vm", ["old_vm", "new_vm"])
 def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         prepared: Host, vm: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """On each kernel: a pipe holding 5000 bytes, an eventfd, a signalfd, a listener,
+    """On each kernel: a pipe holding 5000 bytes, an eventfd, a signalfd, a timerfd (its
+    time left counted from the stop), a listener,
     and a loopback connection with bytes waiting in the receive queue one way and in the
     send queue the other (megabytes, in page fragments), all watched by an epoll set.
     Our images of them from the stopped VM equal a real `criu dump` taken just before,
@@ -322,10 +323,17 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         report = dump(prepared, name, [pid], tmp_path / "ours")
         assert [v.verdict for v in report.processes] == ["dumped"], report
         ours_dir, golden_dir = tmp_path / "ours" / str(pid), tmp_path / "golden"
-        golden = _non_regular_files(golden_dir, pid)
-        assert _non_regular_files(ours_dir, pid) == golden
+        golden, ours = (_non_regular_files(d, pid) for d in (golden_dir, ours_dir))
+        [(timer, left)] = [(fd, body["vsec"]) for fd, (kind, body) in golden.items()
+                           if kind == "TIMERFD"]
+        assert 0 <= left - ours[timer][1]["vsec"] < 120, "time went on, from the stop"
+        for files in (golden, ours):
+            files[timer][1]["vsec"] = files[timer][1]["vnsec"] = 0
+        assert ours == golden
+        assert golden[timer][1]["isec"] == 7 and golden[timer][1]["insec"] == 250_000_000
         assert sorted(kind for kind, _ in golden.values()) == [
-            "EVENTFD", "EVENTPOLL", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE", "SIGNALFD"]
+            "EVENTFD", "EVENTPOLL", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE", "SIGNALFD",
+            "TIMERFD"]
         assert _entries(ours_dir / "pipes-data.img") == _entries(golden_dir / "pipes-data.img")
         connected = [body["ino"] for kind, body in golden.values()
                      if kind == "INETSK" and body["state"] == 1]  # ESTABLISHED

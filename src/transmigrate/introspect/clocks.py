@@ -21,10 +21,13 @@ __all__ = ["KernelClocks", "read_clocks"]
 class KernelClocks:
     monotonic_ns: int
     boottime_ns: int
+    realtime_ns: int
 
 
 def read_clocks(guest: Guest) -> KernelClocks:
     keeper = guest.prog["tk_core"].timekeeper
     mono = keeper.tkr_mono
-    monotonic = int(mono.base) + (int(mono.xtime_nsec) >> int(mono.shift))
-    return KernelClocks(monotonic_ns=monotonic, boottime_ns=monotonic + int(keeper.offs_boot))
+    since_update = int(mono.xtime_nsec) >> int(mono.shift)
+    monotonic = int(mono.base) + since_update
+    return KernelClocks(monotonic_ns=monotonic, boottime_ns=monotonic + int(keeper.offs_boot),
+                        realtime_ns=int(keeper.xtime_sec) * 10**9 + since_update)

@@ -48,6 +48,7 @@ from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.pipes import PipeState, read_pipe
 from transmigrate.introspect.sockets import SocketState, is_connection, read_socket
+from transmigrate.introspect.timerfds import TimerfdState, read_timerfd
 from transmigrate.vm.registers import VcpuState
 from transmigrate.vm.volume import DATA_MOUNT
 
@@ -160,7 +161,8 @@ class FileState:
     ``pagecache.dirty_pages``); with them, ``size`` is written back too."""
 
 
-OpenFile = FileState | PipeState | EpollState | SocketState | EventfdState | SignalfdState
+OpenFile = (FileState | PipeState | EpollState | SocketState | EventfdState | SignalfdState
+            | TimerfdState)
 """What a descriptor can be that recovery rebuilds."""
 
 
@@ -354,7 +356,7 @@ class _Reader:
         self.file_operations = {
             self.prog.object(name).address_of_().value_(): name
             for name in ("pipefifo_fops", "eventpoll_fops", "socket_file_ops", "eventfd_fops",
-                         "signalfd_fops")}
+                         "signalfd_fops", "timerfd_fops")}
 
     def refuse(self, reason: str) -> Refusal:
         return Refusal(self.pid, reason)
@@ -900,6 +902,8 @@ class _Reader:
                 return read_eventfd(file)
             if kind == "signalfd_fops":
                 return read_signalfd(file)
+            if kind == "timerfd_fops":
+                return read_timerfd(file)
         except (Unrecoverable, IntrospectionError) as exc:
             raise self.refuse(f"fd {fd} {exc}") from exc
         return self._file(file, f"fd {fd}")

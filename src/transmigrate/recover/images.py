@@ -34,6 +34,7 @@ from transmigrate.introspect.process import (
 )
 from transmigrate.introspect.ram import GuestRam
 from transmigrate.introspect.sockets import SocketState, millisecond_timestamp
+from transmigrate.introspect.timerfds import TimerfdState
 
 __all__ = ["WRITEBACK", "write_images", "write_writeback"]
 
@@ -67,7 +68,8 @@ _NETWORK_LOCK_NFTABLES = 1
 with nftables, which the guest image has (CRIU's default would be iptables)."""
 _FOWN = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
 _FDINFO_TYPES = {FileState: "REG", PipeState: "PIPE", EpollState: "EVENTPOLL",
-                 SocketState: "INETSK", EventfdState: "EVENTFD", SignalfdState: "SIGNALFD"}
+                 SocketState: "INETSK", EventfdState: "EVENTFD", SignalfdState: "SIGNALFD",
+                 TimerfdState: "TIMERFD"}
 
 
 class _Ids:
@@ -112,7 +114,7 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
         if isinstance(state, FileState):
             return file_id(state)
         number = ids(state.key)
-        files.setdefault(number, _file_entry(state, number))
+        files.setdefault(number, _file_entry(state, number, clocks))
         return number
 
     written = [_dump(directory / "inventory.img", "INVENTORY", [{
@@ -169,8 +171,9 @@ def _timespec(nanoseconds: int) -> dict[str, int]:
     return {"tv_sec": nanoseconds // 10**9, "tv_nsec": nanoseconds % 10**9}
 
 
-def _file_entry(state: OpenFile, number: int) -> dict[str, Any]:
-    """files.img's entry for a descriptor that is not a regular file."""
+def _file_entry(state: OpenFile, number: int, clocks: KernelClocks) -> dict[str, Any]:
+    """files.img's entry for a descriptor that is not a regular file (``clocks``: when
+    the kernel stopped, for the time a timer has left)."""
     if isinstance(state, PipeState):
         return {"type": "PIPE", "id": number, "pipe": {
             "id": number, "pipe_id": state.pipe_id, "flags": state.flags, "fown": _FOWN}}
@@ -182,6 +185,13 @@ def _file_entry(state: OpenFile, number: int) -> dict[str, Any]:
     if isinstance(state, EventfdState):
         return {"type": "EVENTFD", "id": number, "efd": {
             "id": number, "flags": state.flags, "fown": _FOWN, "counter": state.counter}}
+    if isinstance(state, TimerfdState):
+        remaining = state.remaining_ns(clocks)
+        return {"type": "TIMERFD", "id": number, "tfd": {
+            "id": number, "flags": state.flags, "fown": _FOWN, "clockid": state.clockid,
+            "ticks": state.ticks, "settime_flags": state.settime_flags,
+            "vsec": remaining // 10**9, "vnsec": remaining % 10**9,
+            "isec": state.interval_ns // 10**9, "insec": state.interval_ns % 10**9}}
     if isinstance(state, SignalfdState):
         return {"type": "SIGNALFD", "id": number, "sgfd": {
             "id": number, "flags": state.flags, "fown": _FOWN, "sigmask": state.sigmask}}

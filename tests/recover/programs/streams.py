@@ -6,9 +6,10 @@ Listens on 127.0.0.1:PORT, connects to itself and accepts; the client end sends
 1000 bytes the server end never reads; the server end sends until its send buffer
 is full and the client end reads nothing (so bytes wait in the client's receive
 queue and in the server's send queue), until nothing moves; 5000 bytes wait in a
-pipe; an eventfd counts 42; a signalfd reads SIGUSR1 and SIGUSR2. An epoll set
-watches them all. It prints "ready" and waits in
-pause(), leaving everything as it is (for the golden comparison with criu dump).
+pipe; an eventfd counts 42; a signalfd reads SIGUSR1 and SIGUSR2; a monotonic timerfd
+fires in 1000 s, then every 7.25 s. An epoll set watches all but the timer. It prints
+"ready" and waits in pause(), leaving everything as it is (for the golden comparison
+with criu dump).
 """
 
 import ctypes
@@ -62,6 +63,11 @@ mask = ctypes.c_uint64(1 << (signal.SIGUSR1 - 1) | 1 << (signal.SIGUSR2 - 1))
 signals = ctypes.CDLL(None, use_errno=True).signalfd(-1, ctypes.byref(mask),
                                                       os.O_NONBLOCK | os.O_CLOEXEC)
 assert signals >= 0, ctypes.get_errno()
+libc = ctypes.CDLL(None, use_errno=True)
+timer = libc.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+assert timer >= 0, ctypes.get_errno()
+when = (ctypes.c_long * 4)(7, 250_000_000, 1000, 0)  # struct itimerspec: interval, value
+assert libc.timerfd_settime(timer, 0, when, None) == 0, ctypes.get_errno()
 poll = select.epoll()
 for fd, events in ((reader, select.EPOLLIN), (counter, select.EPOLLIN),
                    (signals, select.EPOLLIN), (listener.fileno(), select.EPOLLIN),
