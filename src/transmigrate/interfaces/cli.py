@@ -166,7 +166,7 @@ def up(name: Annotated[str, typer.Argument(help="Name of the new VM.")],
     host = Host.from_environment()
     loaded = _config(config)
     with contextlib.closing(History.at(host.state)) as history, \
-            history.recorded("up", name, {"kernel": kernel}) as kept:
+            history.recorded("up", name, {"kernel": kernel or loaded.vm(name).kernel}) as kept:
         booted = services.up_declared(
             host, loaded, name, kernel=kernel, memory_mib=memory, cpus=cpus,
             image=services.declared_image(loaded, package or (), files), progress=_Progress())
