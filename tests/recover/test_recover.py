@@ -242,6 +242,13 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
         assert report["stop_to_serving_seconds"] > 0
         assert prepared.machines.get(f"{name}-dead").status() == (
             "guest-panicked" if before == ACTIVE_KERNEL else "paused")
+        logs = Path(report["logs"])
+        assert (logs / f"{name}-dead.console.log").exists()
+        assert "Kernel panic" in (logs / f"{name}-dead.console.log").read_text(
+            errors="replace") or before != ACTIVE_KERNEL
+        with tarfile.open(next(logs.glob("*.criu-logs.tar"))) as criu_logs:
+            restore_logs = [m.name for m in criu_logs if m.name.endswith("restore.log")]
+        assert len(restore_logs) == 2, restore_logs
         agent = prepared.agent(prepared.machines.get(name))
         seen = len(_lines(agent, "/data/counter.log"))
         deadline = time.monotonic() + 60

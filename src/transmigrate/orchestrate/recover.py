@@ -29,6 +29,7 @@ from transmigrate.migrate.criu import LOG_LEVEL
 from transmigrate.migrate.plan import GUEST_TOOLS
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import STANDBY_PID_MARGIN, up
+from transmigrate.orchestrate.logs import keep_logs
 from transmigrate.orchestrate.services import start_service
 from transmigrate.progress import Progress, silent
 from transmigrate.recover.images import WRITEBACK, write_images, write_writeback
@@ -257,6 +258,8 @@ class RecoverReport:
     dead_vm: str
     """The old VM, kept paused for diagnosis until ``down``."""
     memory_dump: str
+    logs: str
+    """The directory that keeps both VMs' consoles and CRIU's restore logs."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -319,7 +322,12 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
             _wait_accepting(host, target.record.ip, ports)
             accepting = round(time.monotonic() - start, 3)
     except BaseException:
-        progress(f"recovery failed: {name} keeps its name, the new VM is removed")
+        targets = [m for m in host.machines.all()
+                   if m.name in (f"{name}-next", f"{name}{STANDBY_SUFFIX}")]
+        logs = keep_logs(host, f"recover-{name}", [dead, *targets],
+                         [(m, RESTORE_WORK) for m in targets])
+        progress(f"recovery failed: {name} keeps its name, the new VM is removed; the logs "
+                 f"are in {logs}")
         for standby in (f"{name}-next", f"{name}{STANDBY_SUFFIX}"):
             with contextlib.suppress(TransmigrateError):
                 host.machines.remove(host.machines.get(standby), keep_network=True)
@@ -329,6 +337,8 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
         if before == "running":
             dead.qmp("cont")
         raise
+    logs = keep_logs(host, f"recover-{name}", [dead, target], [(target, RESTORE_WORK)])
+    progress(f"{dead.name}'s and {target.name}'s logs are in {logs}")
     host.machines.take_over(target, name)
     if target.record.import_disk:  # QEMU holds it open; the images stay in their directory
         Path(target.record.import_disk).unlink(missing_ok=True)
@@ -343,7 +353,7 @@ def recover(host: Host, name: str, kernel_spec: str | None = None, *,
         stop_to_serving_seconds=round(serving, 3), stop_to_accepting_seconds=accepting,
         warm_standby="boot standby" not in steps,
         dead_vm=dead.name,
-        memory_dump=str(dump_path))
+        memory_dump=str(dump_path), logs=str(logs))
 
 
 def dead_name(host: Host, name: str) -> str:

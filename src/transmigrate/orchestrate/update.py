@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from transmigrate import paths
 from transmigrate.config import Service
 from transmigrate.errors import MachineError, TransmigrateError
 from transmigrate.guest.agent import GuestAgent
@@ -33,6 +31,7 @@ from transmigrate.migrate.steps import migration_steps
 from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.lifecycle import running, standby_pid_base, up
+from transmigrate.orchestrate.logs import keep_logs
 from transmigrate.orchestrate.services import oldest_process, service_root
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.machine import Machine
@@ -165,14 +164,14 @@ def update(host: Host, name: str, kernel_spec: str, *, pids: Sequence[int],
             report = run_steps(plan, migration_steps(inspecting.result, progress), progress,
                                before_step)
         except BaseException as exc:
-            logs = None if isinstance(exc, PrecheckFailed) else _keep_logs(host, source, target)
+            logs = None if isinstance(exc, PrecheckFailed) else _logs_of(host, source, target)
             progress(f"discarding {standby_name}")
             host.machines.remove(target)
             _remove_images(host, source)
             if isinstance(exc, MigrationFailed) and logs is not None:
                 raise MigrationFailed(f"{exc}; logs in {logs}") from exc
             raise
-    logs = _keep_logs(host, source, target)
+    logs = _logs_of(host, source, target)
     progress(f"retiring {name} ({source.record.kernel}); its logs are in {logs}")
     host.machines.remove(source)
     target = host.machines.take_over(target, name)
@@ -237,25 +236,11 @@ def recover_interrupted(host: Host, name: str, progress: Progress = silent) -> s
             f"service runs on in {name}")
 
 
-def _keep_logs(host: Host, source: Machine, target: Machine) -> Path:
-    """Keep what explains a move, done or failed, before a VM goes: both consoles
-    (the kernels' logs) and CRIU's logs from both VMs (a tar each), under the data
-    directory."""
-    directory = paths.data_dir() / "logs" / \
-        f"update-{source.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    directory.mkdir(parents=True, exist_ok=True)
-    for machine in (source, target):
-        with contextlib.suppress(OSError):
-            shutil.copyfile(machine.console_log, directory / f"{machine.name}.console.log")
-    for machine in (source, target):
-        if not machine.alive():  # a target fenced by the rollback is gone, logs and all
-            continue
-        with contextlib.suppress(TransmigrateError, OSError):
-            logs = host.agent(machine).sh(
-                f"cd {IMAGES_ROOT} 2>/dev/null || exit 0; find . -name '*.log' | tar -c -T -",
-                what="packing CRIU's logs", timeout=15).stdout
-            (directory / f"{machine.name}.criu-logs.tar").write_bytes(logs)
-    return directory
+def _logs_of(host: Host, source: Machine, target: Machine) -> Path:
+    """Keep what explains a move, done or failed, before a VM goes: both consoles and
+    CRIU's logs from both VMs."""
+    return keep_logs(host, f"update-{source.name}", [source, target],
+                     [(source, IMAGES_ROOT), (target, IMAGES_ROOT)])
 
 
 def _remove_images(host: Host, machine: Machine) -> None:
