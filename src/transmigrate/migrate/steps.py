@@ -20,9 +20,11 @@ round trip per wait.
 from __future__ import annotations
 
 import contextlib
+import io
 import shlex
+import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from transmigrate.errors import TransmigrateError
 from transmigrate.guest.agent import ExecResult, GuestAgent
@@ -37,7 +39,7 @@ from transmigrate.migrate.criu import (
 from transmigrate.migrate.engine import Step
 from transmigrate.migrate.plan import GUEST_TOOLS, Plan, Side, Tree, criu_error
 from transmigrate.migrate.precheck import Precheck, SourceInspection
-from transmigrate.migrate.precopy import CopyMode, PreCopyPolicy
+from transmigrate.migrate.precopy import CopyMode
 from transmigrate.polling import wait_for
 from transmigrate.progress import Progress, silent
 from transmigrate.vm.volume import DATA_MOUNT
@@ -52,15 +54,38 @@ COMMIT_WAIT = 10.0
 HOLD_MARGIN = 10.0
 """Seconds of hold that must be left for the commit to say "go" in time."""
 LAZY_TRANSFER_WAIT = 900.0
+CRIU_AT_ONCE = 8
+"""CRIU runs at a time in one guest, of a move's many trees: more would only share its
+vCPUs, and leave the guest agent too little CPU to answer (50 at once on one vCPU)."""
 
 
-def _read_stats(side: Side, directory: str, name: str) -> DumpStats | RestoreStats:
-    data = side.agent.run(["cat", f"{directory}/{name}"], what=f"reading {name}").stdout
-    return parse_stats(data)
+def _batches(trees: Sequence[Tree]) -> list[Sequence[Tree]]:
+    return [trees[i:i + CRIU_AT_ONCE] for i in range(0, len(trees), CRIU_AT_ONCE)]
+
+
+def _side_by_side(commands: Sequence[str]) -> str:
+    """A shell script that runs ``commands`` in the background, CRIU_AT_ONCE at a time."""
+    return "".join(f"{{ {command}; }} & " + ("wait; " if i % CRIU_AT_ONCE == 0 else "")
+                   for i, command in enumerate(commands, 1)) + "wait; "
+
+
+def _read_stats(side: Side, paths: Sequence[str]) -> dict[str, DumpStats | RestoreStats]:
+    """The CRIU statistics files among ``paths`` that exist, in one round trip."""
+    archive = side.agent.exec(["tar", "-cf", "-", "--ignore-failed-read", *paths])
+    if archive.exit_code != 0:
+        return {}
+    stats: dict[str, DumpStats | RestoreStats] = {}
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        for member in tar:
+            data = tar.extractfile(member)
+            if data is not None:
+                stats["/" + member.name] = parse_stats(data.read())
+    return stats
 
 
 class PreCopy:
-    """Copy memory to the target while the service runs, until the dirty set is small."""
+    """Copy memory to the target while the service runs, until each tree's dirty set is
+    small: P.Haul's loop, its rounds taken by every tree still copying side by side."""
 
     name = "pre-copy"
 
@@ -70,38 +95,47 @@ class PreCopy:
     def run(self, plan: Plan) -> None:
         if not plan.copy.precopies:
             return
-        for tree in plan.trees:
-            written = self._iterate(plan, plan.policy, tree)
-            if plan.copy is CopyMode.AUTO and plan.policy.should_postcopy(written):
-                self.progress(f"pre-copy of {tree.pid} did not converge ({written[-1]} pages "
-                              "dirty): post-copy")
-                plan.copy = CopyMode.POST
-
-    def _iterate(self, plan: Plan, policy: PreCopyPolicy, tree: Tree) -> list[int]:
-        """P.Haul's loop for one tree; the pages each pre-dump wrote."""
-        source, target, images = plan.source, plan.target, tree.images
-        written: list[int] = []
+        written: dict[int, list[int]] = {tree.pid: [] for tree in plan.trees}
         n = 1
-        while policy.should_continue(written):
-            directory = images.dir(n)
-            target.agent.sh(f"mkdir -p {directory} && " +
-                            shlex.join(images.page_server(n, target.record.migration_ip)),
-                            what="criu page-server")
-            predump = source.agent.exec(["sh", "-c", f"mkdir -p {directory} && exec " + shlex.join(
-                images.pre_dump(n, tree.pid, target.record.migration_ip))], timeout=300)
-            if predump.exit_code != 0:
-                error = criu_error(source, f"{directory}/pre-dump.log") or "no log"
-                raise TransmigrateError(f"criu pre-dump failed in {source.record.name}: "
-                                        f"{error}")
-            stats = _read_stats(source, directory, "stats-dump")
-            assert isinstance(stats, DumpStats)
-            tree.report.precopy.append(stats)
-            written.append(stats.pages_written)
-            self.progress(f"pre-copy {n} of {tree.pid}: {stats.pages_written} pages written, "
-                          f"{stats.pages_skipped_parent} unchanged")
+        while going := [t for t in plan.trees if plan.policy.should_continue(written[t.pid])]:
+            for tree, stats in zip(going, self._round(plan, going, n), strict=True):
+                tree.report.precopy.append(stats)
+                written[tree.pid].append(stats.pages_written)
+                tree.final_iteration = n + 1
+                self.progress(f"pre-copy {n} of {tree.pid}: {stats.pages_written} pages "
+                              f"written, {stats.pages_skipped_parent} unchanged")
             n += 1
-        tree.final_iteration = n
-        return written
+        stalled = [t.pid for t in plan.trees if plan.policy.should_postcopy(written[t.pid])]
+        if plan.copy is CopyMode.AUTO and stalled:
+            self.progress(f"pre-copy of {', '.join(map(str, stalled))} did not converge "
+                          f"({max(written[pid][-1] for pid in stalled)} pages dirty): post-copy")
+            plan.copy = CopyMode.POST
+
+    @staticmethod
+    def _round(plan: Plan, trees: list[Tree], n: int) -> list[DumpStats]:
+        """Pre-dump ``n`` of each of ``trees``, side by side, each to its own page server."""
+        source, target = plan.source, plan.target
+        address = target.record.migration_ip
+        target.agent.sh(" && ".join(f"mkdir -p {t.images.dir(n)} && "
+                                    + shlex.join(t.images.page_server(n, address))
+                                    for t in trees), what="criu page-server")
+        script = _side_by_side([
+            f"mkdir -p {t.images.dir(n)} && {shlex.join(t.images.pre_dump(n, t.pid, address))}"
+            f"; echo $? > {t.images.dir(n)}/pre-dump.rc" for t in trees]) + \
+            "".join(f"cat {t.images.dir(n)}/pre-dump.rc || echo '?'; " for t in trees)
+        codes = source.agent.exec(["sh", "-c", script], timeout=300).text.split()
+        for tree, code in zip(trees, codes + ["?"] * (len(trees) - len(codes)), strict=False):
+            if code != "0":
+                error = criu_error(source, f"{tree.images.dir(n)}/pre-dump.log") or "no log"
+                raise TransmigrateError(f"criu pre-dump of {tree.pid} failed in "
+                                        f"{source.record.name}: {error}")
+        paths = [f"{t.images.dir(n)}/stats-dump" for t in trees]
+        found = _read_stats(source, paths)
+        stats = [s for s in (found.get(path) for path in paths) if isinstance(s, DumpStats)]
+        if len(stats) != len(trees):
+            raise TransmigrateError(f"criu pre-dump left no statistics in "
+                                    f"{source.record.name}")
+        return stats
 
     def undo(self, plan: Plan) -> None:
         """Pre-dumps leave the service running; their images are removed at the end."""
@@ -121,20 +155,23 @@ class FinalDump:
                 f"mkdir -p {t.images.dir(t.final_iteration)} && "
                 + shlex.join(t.images.page_server(t.final_iteration, target.record.migration_ip))
                 for t in plan.trees), what="criu page-server")
-        # Before anything is frozen: the link answers (else CRIU's connect would wait
-        # minutes, frozen), and the data volume is flushed, so that freezing it later has
-        # little left to write.
+        # Before anything is frozen: the holds' FIFOs are made (one process less in each
+        # hold), the link answers (else CRIU's connect would wait minutes, frozen), and
+        # the data volume is flushed, so that freezing it later has little left to write.
         link = target.record.migration_ip
         source.agent.sh(" && ".join(f"mkdir -p {t.images.dir(t.final_iteration)} {t.hold_dir}"
+                                    f" && mkfifo {t.hold_dir}/wake {t.hold_dir}/dumped-wake"
                                     for t in plan.trees)
                         + f" && if mountpoint -q {DATA_MOUNT}; then sync -f {DATA_MOUNT}; fi"
                         + f" && ping -q -c 1 -W 2 {link} > /dev/null",
                         what=f"checking the migration link to {link}")
-        # Every tree is frozen at once, and dumped alongside the others.
+        # The trees are frozen and dumped side by side, a batch at a time; each stays
+        # frozen, held, until the commit.
         plan.frozen_at = time.monotonic()
-        for tree in plan.trees:
-            self._start_dump(plan, tree, postcopy)
-        self._wait_dumped(plan)
+        for batch in _batches(plan.trees):
+            for tree in batch:
+                self._start_dump(plan, tree, postcopy)
+            self._wait_dumped(plan, batch)
 
     @staticmethod
     def _start_dump(plan: Plan, tree: Tree, postcopy: bool) -> None:
@@ -150,14 +187,15 @@ class FinalDump:
             "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
 
     @staticmethod
-    def _wait_dumped(plan: Plan) -> None:
-        """Until every dump holds its tree: one call, which sleeps in the guest."""
+    def _wait_dumped(plan: Plan, trees: Sequence[Tree]) -> None:
+        """Until each dump of ``trees`` holds its tree: one call, which sleeps in the
+        guest."""
         source = plan.source
         waited = source.agent.exec([f"{GUEST_TOOLS}/tm-wait-dumped",
-                                    *(f"{tree.hold_dir}:{tree.dump_pid}" for tree in plan.trees)],
+                                    *(f"{tree.hold_dir}:{tree.dump_pid}" for tree in trees)],
                                    timeout=max(plan.hold_left(), 1.0))
         if waited.exit_code != 0:
-            failed = next((t for t in plan.trees if t.hold_dir == waited.text.strip()), None)
+            failed = next((t for t in trees if t.hold_dir == waited.text.strip()), None)
             if failed is None:
                 raise TransmigrateError(f"waiting for the dumps in {source.record.name} failed: "
                                         f"{waited.text.strip() or waited.exit_code}")
@@ -254,7 +292,7 @@ class DetachSource:
 
 class Restore:
     """Mount the data volume on the target and recreate the processes by system calls:
-    every tree at once (with post-copy, one after another, each with its lazy-pages
+    the trees side by side (with post-copy, one after another, each with its lazy-pages
     daemon)."""
 
     name = "restore"
@@ -277,10 +315,10 @@ class Restore:
 
     @staticmethod
     def _restore_all(plan: Plan, ready: str) -> None:
-        """Every tree at once, in one command; then each one's exit code and pid."""
-        script = ready + "".join(
-            f"{{ {shlex.join(t.images.restore(t.final_iteration, t.restored_pidfile))}; "
-            f"echo $? > {t.restored_pidfile}.rc; }} & " for t in plan.trees) + "wait; " + \
+        """Every tree side by side, in one command; then each one's exit code and pid."""
+        script = ready + _side_by_side([
+            f"{shlex.join(t.images.restore(t.final_iteration, t.restored_pidfile))}; "
+            f"echo $? > {t.restored_pidfile}.rc" for t in plan.trees]) + \
             "".join(f"echo $(cat {t.restored_pidfile}.rc) $(cat {t.restored_pidfile} || "
                     f"echo -); " for t in plan.trees)
         result = plan.target.agent.exec(["sh", "-c", script], timeout=300)
@@ -422,29 +460,33 @@ class Commit:
                              what="checking that every tree is still held")
         plan.source.agent.exec([f"{GUEST_TOOLS}/tm-migrate", "decide", "go",
                                 *(tree.hold_dir for tree in plan.trees)])
-        for tree in plan.trees:
-            self._finish(plan, tree)
+        self._finish(plan)
 
     @staticmethod
-    def _finish(plan: Plan, tree: Tree) -> None:
-        assert tree.dump_pid is not None
-        try:
-            _wait_exit(plan.source.agent, tree.dump_pid, timeout=COMMIT_WAIT)
-        except TransmigrateError as exc:
-            plan.report.warnings.append(f"criu dump of {tree.pid} did not finish after "
-                                        f"commit ({exc}); its statistics are missing")
-            return
-        finally:
-            tree.dump_pid = None
-        directory = tree.images.dir(tree.final_iteration)
+    def _finish(plan: Plan) -> None:
+        """Wait for the dumps to end, then read every tree's statistics on both sides."""
+        ended: list[Tree] = []
+        for tree in plan.trees:
+            assert tree.dump_pid is not None
+            try:
+                _wait_exit(plan.source.agent, tree.dump_pid, timeout=COMMIT_WAIT)
+                ended.append(tree)
+            except TransmigrateError as exc:
+                plan.report.warnings.append(f"criu dump of {tree.pid} did not finish after "
+                                            f"commit ({exc}); its statistics are missing")
+            finally:
+                tree.dump_pid = None
         # CRIU 3.17 writes a lazy dump's statistics before it serves the memory, with
         # its timers still running and its page counters empty: not worth reporting.
-        with contextlib.suppress(TransmigrateError):
-            if not plan.copy.lazy:
-                dump = _read_stats(plan.source, directory, "stats-dump")
-                tree.report.dump = dump if isinstance(dump, DumpStats) else None
-        with contextlib.suppress(TransmigrateError):
-            restore = _read_stats(plan.target, directory, "stats-restore")
+        dumps = {} if plan.copy.lazy else _read_stats(plan.source, [
+            f"{t.images.dir(t.final_iteration)}/stats-dump" for t in ended])
+        restores = _read_stats(plan.target, [
+            f"{t.images.dir(t.final_iteration)}/stats-restore" for t in ended])
+        for tree in ended:
+            directory = tree.images.dir(tree.final_iteration)
+            dump = dumps.get(f"{directory}/stats-dump")
+            restore = restores.get(f"{directory}/stats-restore")
+            tree.report.dump = dump if isinstance(dump, DumpStats) else None
             tree.report.restore = restore if isinstance(restore, RestoreStats) else None
 
     def undo(self, plan: Plan) -> None:
