@@ -29,12 +29,16 @@ def _progress(line: str) -> None:
 
 
 def _move(host: Host, trees: int) -> dict[str, Any]:
-    lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=768, progress=_progress)
+    # Each tree's held dump needs ~8-12 MiB until the commit (the precheck refuses a
+    # move that would not fit): the VM grows with the trees.
+    lifecycle.up(host, VM, ACTIVE_KERNEL, memory_mib=max(768, 512 + 16 * trees),
+                 progress=_progress)
     try:
         redis = start_redis(host, VM)
         started = lifecycle.exec_in(host, VM, ["sh", "-c", "mkdir -p /data/ticks && " + "".join(
             f"setsid sh -c '{TICKER}' </dev/null >/dev/null 2>&1 & " for _ in range(trees - 1))
-            + "sleep 1; ls /data/ticks"], timeout=300)
+            + f"until [ $(ls /data/ticks | wc -l) -ge {trees - 1} ]; do sleep 0.2; done; "
+            "ls /data/ticks"], timeout=300)
         tickers = [int(pid) for pid in started.text.split()]
         assert len(tickers) == trees - 1, started.text
         client = LoadClient(host, host.machines.get(VM).record.ip)

@@ -12,6 +12,7 @@ from transmigrate.migrate.precheck import (
     Refusal,
     carry_or_refuse,
     describe,
+    held_dumps_fit,
 )
 
 
@@ -132,3 +133,14 @@ def test_carrying_stops_at_the_total_limit() -> None:
              for n in range(fit + 1)}
     carried, refused = carry_or_refuse(files, {}, "web-next")
     assert len(carried) == fit and [r.comm for r in refused] == [f"/var/log/{fit}.log"]
+
+
+def test_a_move_whose_held_dumps_would_exhaust_memory_is_refused() -> None:
+    """50 trees in a 768 MiB guest (~600 MiB available) froze it: the held dumps took
+    what was left, and nothing, the guest agent included, made progress."""
+    assert held_dumps_fit(10, 600.0, "web") == []
+    assert held_dumps_fit(3, None, "web") == [], "a guest that does not say is not refused"
+    refused = held_dumps_fit(50, 600.0, "web")
+    assert describe(refused) == [
+        "web has 600 MiB available; the 50 trees' final dumps, held until the commit, need "
+        "about 664 MiB; fix: give the VM more memory, or move fewer trees at once"]

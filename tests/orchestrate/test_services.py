@@ -66,9 +66,11 @@ def test_session_members_outside_the_tree_are_refused(prepared: Host, old_vm: st
         "</dev/null >/dev/null 2>&1; sleep 0.5; cat /tmp/leader").text)
     try:
         orphan = int(agent.sh(f"pgrep -s {leader} -x sleep | grep -vx {leader}").text)
-        refusals = inspect_source(agent, [leader]).refusals
-        assert [(r.cause, r.pid, r.detail) for r in refusals] == [
+        inspection = inspect_source(agent, [leader])
+        assert [(r.cause, r.pid, r.detail) for r in inspection.refusals] == [
             ("session-member", orphan, str(leader))]
+        # What the precheck weighs the held dumps against: the VM's (512 MiB) memory left.
+        assert inspection.available_mib is not None and 200 < inspection.available_mib < 512
     finally:
         agent.sh(f"pkill -s {leader} || true")
 
