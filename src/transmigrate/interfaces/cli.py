@@ -162,7 +162,7 @@ def up(name: Annotated[str, typer.Argument(help="Name of the new VM.")],
        config: ConfigOption = None, package: PackageOption = None, files: FilesOption = None,
        json_: JsonOption = False) -> None:
     """Boot a VM on a kernel; returns when its guest agent answers. What is not given
-    comes from the configuration's [vms.NAME], then [vm]."""
+    comes from the configuration's table vms.NAME, then its table vm."""
     host = Host.from_environment()
     loaded = _config(config)
     with contextlib.closing(History.at(host.state)) as history, \
