@@ -1,7 +1,8 @@
 """Frozen time and client-observed downtime as the number of process trees moved together
 grows: redis under load from our client (one connection) and N-1 small trees beside it
 (shell loops writing to the volume), moved 6.1 -> 6.12 in one update, from a fresh VM
-each time. Figures are ratios against the move of redis alone, in the same run.
+each time. Figures are ratios against the move of redis alone, in the same run; a
+client that gave up (its socket waits 120 s) is named beside its figures.
 
 Targets (issue 11): 10 trees frozen <= 1.2x one tree, 50 trees <= 2x.
 """
@@ -48,12 +49,12 @@ def _move(host: Host, trees: int) -> dict[str, Any]:
             time.sleep(2)
         finally:
             summary = client.stop()
-        assert not summary["errors"], summary["errors"]
         alive = lifecycle.exec_in(host, VM, ["kill", "-0", *map(str, report.pids)])
         assert alive.exit_code == 0, "every tree runs on the new VM"
         return {"trees": trees, "frozen_s": report.frozen_seconds,
                 "downtime_s": round(summary["max_gap_s"], 3),
-                "total_s": report.total_seconds, "steps": report.steps}
+                "total_s": report.total_seconds, "client_errors": summary["errors"],
+                "steps": report.steps}
     finally:
         lifecycle.down(host, VM)
 
@@ -78,7 +79,8 @@ def main() -> None:
     print(f"{'trees':>5}{'frozen s':>10}{'x one':>7}{'client s':>10}{'x one':>7}{'total s':>9}")
     for run in runs:
         print(f"{run['trees']:>5}{run['frozen_s']:>10.2f}{run['frozen_ratio']:>7.2f}"
-              f"{run['downtime_s']:>10.2f}{run['downtime_ratio']:>7.2f}{run['total_s']:>9.1f}")
+              f"{run['downtime_s']:>10.2f}{run['downtime_ratio']:>7.2f}{run['total_s']:>9.1f}"
+              + (f"  client: {run['client_errors'][0]}" if run["client_errors"] else ""))
 
 
 if __name__ == "__main__":
