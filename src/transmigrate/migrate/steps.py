@@ -75,11 +75,15 @@ def _read_stats(side: Side, paths: Sequence[str]) -> dict[str, DumpStats | Resto
     if archive.exit_code != 0:
         return {}
     stats: dict[str, DumpStats | RestoreStats] = {}
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        for member in tar:
-            data = tar.extractfile(member)
-            if data is not None:
-                stats["/" + member.name] = parse_stats(data.read())
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            for member in tar:
+                data = tar.extractfile(member)
+                if data is not None:
+                    stats["/" + member.name] = parse_stats(data.read())
+    except tarfile.TarError as exc:
+        raise TransmigrateError(f"reading CRIU's statistics in {side.record.name}: "
+                                f"{exc}") from exc
     return stats
 
 
@@ -478,10 +482,15 @@ class Commit:
                 tree.dump_pid = None
         # CRIU 3.17 writes a lazy dump's statistics before it serves the memory, with
         # its timers still running and its page counters empty: not worth reporting.
-        dumps = {} if plan.copy.lazy else _read_stats(plan.source, [
-            f"{t.images.dir(t.final_iteration)}/stats-dump" for t in ended])
-        restores = _read_stats(plan.target, [
-            f"{t.images.dir(t.final_iteration)}/stats-restore" for t in ended])
+        # Nothing raises after "go": statistics that cannot be read are missing.
+        dumps: dict[str, DumpStats | RestoreStats] = {}
+        restores: dict[str, DumpStats | RestoreStats] = {}
+        with contextlib.suppress(TransmigrateError):
+            if not plan.copy.lazy:
+                dumps = _read_stats(plan.source, [
+                    f"{t.images.dir(t.final_iteration)}/stats-dump" for t in ended])
+            restores = _read_stats(plan.target, [
+                f"{t.images.dir(t.final_iteration)}/stats-restore" for t in ended])
         for tree in ended:
             directory = tree.images.dir(tree.final_iteration)
             dump = dumps.get(f"{directory}/stats-dump")
