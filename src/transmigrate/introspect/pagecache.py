@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import drgn
 from drgn.helpers.linux.fs import dentry_path, for_each_mount, inode_for_each_page
 from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
-from drgn.helpers.linux.mm import PageDirty, PageWriteback, page_to_phys
+from drgn.helpers.linux.mm import PageDirty, PageUptodate, PageWriteback, page_to_phys
 
 from transmigrate.errors import IntrospectionError
 from transmigrate.introspect.kernel import Guest, drgn_errors
@@ -37,27 +37,48 @@ class UnwrittenFile:
 
 
 def dirty_pages(guest: Guest, inode: drgn.Object) -> tuple[tuple[int, int], ...]:
-    """Pages dirty or under writeback; and on ext4, when the file is longer than the
-    size its journal has (``i_disksize``), every page past that size, which an fsync cut
-    short by the death may have written without committing the size that makes them
-    part of the file. IntrospectionError for a page cache that cannot be trusted."""
+    """Pages dirty or under writeback; and on ext4, when the disk may hold an older
+    size than the kernel had, the cached pages it may lack. IntrospectionError for a
+    page cache that cannot be trusted."""
     size = int(inode.i_size)
     limit = size // PAGE + 1
-    on_disk = size
-    if inode.i_sb.s_type.name.string_() == b"ext4":
-        ext4 = drgn.container_of(inode, "struct ext4_inode_info", "vfs_inode")
-        on_disk = min(size, int(ext4.i_disksize))
+    on_disk = min(size, _size_on_disk(inode))
     dirty = []
     for count, (index, page) in enumerate(inode_for_each_page(inode)):
         if count > limit or index > limit:
             raise IntrospectionError("its page cache is corrupt")
-        beyond = on_disk < size and (index + 1) * PAGE > on_disk
+        beyond = on_disk < size and (index + 1) * PAGE > on_disk and PageUptodate(page)
         if beyond or PageDirty(page) or PageWriteback(page):
             physical = int(page_to_phys(page))
             if not guest.ram.covers(physical, PAGE):
                 raise IntrospectionError("a cached page is outside guest RAM")
             dirty.append((index, physical))
     return tuple(dirty)
+
+
+def _size_on_disk(inode: drgn.Object) -> int:
+    """How much of the file the disk is sure to hold after its journal is replayed. On
+    ext4: the size its journal has (``i_disksize``) once the transaction that last
+    changed the file's size or blocks (``i_datasync_tid``) has committed; until then
+    none, as its written pages may lie past the committed size or in blocks whose
+    mapping is not committed (an fsync caught waiting for its commit). Elsewhere, the
+    whole file: only its dirty pages are missing."""
+    superblock = inode.i_sb
+    if superblock.s_type.name.string_() != b"ext4":
+        return int(inode.i_size)
+    ext4 = drgn.container_of(inode, "struct ext4_inode_info", "vfs_inode")
+    journal = drgn.cast("struct ext4_sb_info *", superblock.s_fs_info).s_journal
+    if journal:
+        committed = int(journal.j_commit_sequence)
+        if _tid_after(int(ext4.i_datasync_tid), committed):
+            return 0
+    return int(ext4.i_disksize)
+
+
+def _tid_after(tid: int, other: int) -> bool:
+    """jbd2's tid_gt: transaction ids wrap at 2**32."""
+    difference = (tid - other) & 0xFFFF_FFFF
+    return 0 < difference < 1 << 31
 
 
 def unwritten_files(guest: Guest, mount_point: str = DATA_MOUNT) -> list[UnwrittenFile]:
