@@ -171,6 +171,8 @@ def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
     assert _pages(ours, pid) == _pages(golden, pid)
     assert _files(ours, pid) == _files(golden, pid)
     assert _entries(ours / "pstree.img") == _entries(golden / "pstree.img")
+    assert _locks(ours) == _locks(golden)
+    assert [(lock["flag"], lock["type"]) for lock in _locks(golden)] == [(1, 1), (2, 1)]
     theirs_clock, our_clock = (_entries(d / "timens-0.img")[0]["monotonic"]
                                for d in (golden, ours))
     assert 0 <= our_clock["tv_sec"] - theirs_clock["tv_sec"] < 120, "the clock at the death"
@@ -180,6 +182,12 @@ def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
         decoded = subprocess.run(["crit", "decode", "-i", str(image)],
                                  capture_output=True, text=True, check=False)
         assert decoded.returncode == 0, (image.name, decoded.stderr)
+
+
+def _locks(directory: Path) -> list[dict[str, Any]]:
+    """filelocks.img's entries, in a stable order (CRIU's follows /proc/locks)."""
+    return sorted(_entries(directory / "filelocks.img"),
+                  key=lambda lock: (lock["pid"], lock["flag"], lock["start"]))
 
 
 def _lines(agent: GuestAgent, log: str) -> list[str]:
@@ -210,7 +218,7 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
             "done; pgrep -of '^sh -c /data/counter'").text)
         sender = _start_blocked_send(agent)
         packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {paused} "
-                          "-D /tmp/golden --leave-running -o dump.log && "
+                          "-D /tmp/golden --leave-running --file-locks -o dump.log && "
                           "tar -c -C /tmp/golden .", what="criu dump", timeout=120).stdout
         with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
             archive.extractall(tmp_path / "golden")
@@ -257,6 +265,11 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
             time.sleep(0.5)
         numbers = [int(line.split()[0]) for line in lines]
         assert numbers == list(range(1, len(numbers) + 1)), "no line lost or repeated"
+        locked = agent.run(["sh", "-c", "flock -n /data/counter.log true; echo $?; "
+                            "python3 -c \"import fcntl; fcntl.lockf(open("
+                            "'/data/counter.log', 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)\" "
+                            "2>/dev/null; echo $?"]).text.split()
+        assert locked == ["1", "1"], "its flock and POSIX locks are held again"
         # Its clocks go on from where the dead kernel's stood (a time namespace), not
         # from the new VM's shorter uptime.
         died = _entries(Path(report["processes"][0]["images"]) / "timens-0.img")[0]
@@ -323,7 +336,7 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
     try:
         packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {pid} "
                           "-D /tmp/golden --leave-running --tcp-established --network-lock "
-                          "nftables -o dump.log && tar -c -C /tmp/golden .",
+                          "nftables --file-locks -o dump.log && tar -c -C /tmp/golden .",
                           what="criu dump", timeout=180).stdout
         with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
             archive.extractall(tmp_path / "golden")
@@ -342,6 +355,9 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
             "EVENTFD", "EVENTPOLL", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE", "SIGNALFD",
             "TIMERFD"]
         assert _entries(ours_dir / "pipes-data.img") == _entries(golden_dir / "pipes-data.img")
+        assert _locks(ours_dir) == _locks(golden_dir)
+        assert [(lock["flag"], lock["type"], lock["start"], lock["len"])
+                for lock in _locks(golden_dir)] == [(1, 0, 0, 10), (1, 1, 100, 0), (2, 1, 0, 0)]
         connected = [body["ino"] for kind, body in golden.values()
                      if kind == "INETSK" and body["state"] == 1]  # ESTABLISHED
         queued = 0
@@ -684,7 +700,8 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
     """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init, a
     process in the middle of a write into a pipe, one sharing its memory with another
-    process: one line each, a non-zero exit, and the VM runs on as before."""
+    process, one holding an open file description lock: one line each, a non-zero
+    exit, and the VM runs on as before."""
     out = str(tmp_path / "images")
     for args, error in [
             (["dump", "no-such-vm", "--pid", "1", "--out", out], "no VM named 'no-such-vm'"),
@@ -729,6 +746,18 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
             "CLONE_VM)" in _dump_refused(old_vm, parent, out)
     finally:
         agent.sh(f"kill -KILL {parent} {child}")
+    # An open file description lock, which CRIU 3.17 cannot take again.
+    holder = int(agent.sh(
+        "setsid -f python3 -c \"import fcntl, os, signal, struct; "
+        "f = open('/tmp/tm-ofd', 'w'); fcntl.fcntl(f, 37, struct.pack('hhqqi', "
+        "fcntl.F_WRLCK, 0, 0, 0, 0)); open('/tmp/tm-ofd.ready', 'w'); signal.pause()\" "
+        "</dev/null >/dev/null 2>&1; until [ -e /tmp/tm-ofd.ready ]; do sleep 0.2; done; "
+        "pgrep -nx python3").text)  # 37: F_OFD_SETLK
+    try:
+        assert f"{holder}: refused: fd 3: an open file description lock (F_OFD_SETLK; " \
+            "CRIU 3.17 cannot rebuild it)" in " ".join(_dump_refused(old_vm, holder, out).split())
+    finally:
+        agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-ofd /tmp/tm-ofd.ready")
 
 
 def _overwrite(host: Host, vm: str, address: int, value: int) -> None:

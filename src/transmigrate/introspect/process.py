@@ -36,6 +36,7 @@ from transmigrate.introspect.eventfds import (
     read_eventfd,
     read_signalfd,
 )
+from transmigrate.introspect.filelocks import FileLockState, read_locks
 from transmigrate.introspect.kernel import Guest
 from transmigrate.introspect.namespaces import (
     IpcNamespaceState,
@@ -234,6 +235,8 @@ class ProcessState:
     """Its IPC namespace, if it is not the VM's."""
     time_namespace: TimeNamespaceState | None = None
     """Its time namespace, if it is not the VM's (CRIU restored it once)."""
+    locks: list[FileLockState] = field(default_factory=list)
+    """The file locks it holds (POSIX and flock)."""
 
     @property
     def leader(self) -> ThreadState:
@@ -366,7 +369,7 @@ class _Reader:
         self._check_task()
         tasks = self._threads()
         threads = [self._thread(thread) for thread in tasks]
-        files = self._files()
+        files, locks = self._files()
         mm = task.mm
         mappings = list(self._mappings(mm))
         pgid, sid = self._group_ids()
@@ -383,7 +386,7 @@ class _Reader:
             rlimits=[(int(r.rlim_cur), int(r.rlim_max)) for r in task.signal.rlim],
             mm=self._mm(mm), mappings=mappings, pages=self._pages(mm, mappings),
             children=children, ipc_namespace=ipc_namespace,
-            time_namespace=time_namespace, files=files,
+            time_namespace=time_namespace, files=files, locks=locks,
             losses=[loss for state, _ in files.values()
                     if isinstance(state, SocketState | EpollState) for loss in state.losses],
             exe=self._file(mm.exe_file, "the executable"),
@@ -868,7 +871,8 @@ class _Reader:
 
     # -- files -----------------------------------------------------------------------
 
-    def _files(self) -> dict[int, tuple[OpenFile, bool]]:
+    def _files(self) -> tuple[dict[int, tuple[OpenFile, bool]], list[FileLockState]]:
+        """Its open files by descriptor, and the locks it holds through them."""
         fdt = self.task.files.fdt
         if int(fdt.max_fds) > 1 << 20:
             raise self.refuse("its file table is corrupt")
@@ -884,7 +888,11 @@ class _Reader:
         for fd, file in open_files.items():
             word = int(cloexec[fd // 64])
             result[fd] = (self._open_file(file, fd, by_fd), bool(word >> (fd % 64) & 1))
-        return result
+        try:
+            locks = read_locks(self.task, open_files)
+        except IntrospectionError as exc:
+            raise self.refuse(str(exc)) from exc
+        return result, locks
 
     def _open_file(self, file: drgn.Object, fd: int, by_fd: dict[int, int]) -> OpenFile:
         kind = self.file_operations.get(file.f_op.value_())

@@ -72,6 +72,8 @@ class ProcessVerdict:
     losses: list[str] = field(default_factory=list)
     connections: int = 0
     """Established TCP connections, rebuilt in repair mode (``--tcp-established``)."""
+    file_locks: int = 0
+    """POSIX and flock locks its processes hold, taken again (``--file-locks``)."""
     cut: list[str] = field(default_factory=list)
     """Connections cut (see losses) whose peers are sent a reset, as tm-reset takes them."""
     listening: list[int] = field(default_factory=list)
@@ -172,6 +174,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             sockets = list({f.key: f for p in tree for f, _ in p.files.values()
                             if isinstance(f, SocketState)}.values())
             verdict.connections = sum(1 for s in sockets if s.stream is not None)
+            verdict.file_locks = sum(len(p.locks) for p in tree)
             verdict.cut = [s.cut.argument for s in sockets if s.cut is not None]
             service = machine.record.ip
             verdict.listening = sorted({s.src_port for s in sockets if s.state == "LISTEN"
@@ -412,7 +415,8 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
         work = f"{RESTORE_WORK}/{verdict.pid}"
         progress(f"restoring {verdict.pid} ({verdict.comm}) on {target.record.kernel}")
         options = ("" if verdict.own_session else " --shell-job") + (
-            " --tcp-established" if verdict.connections else "")
+            " --tcp-established" if verdict.connections else "") + (
+            " --file-locks" if verdict.file_locks else "")
         restored = agent.exec(["sh", "-c", f"mkdir -p {work} && exec criu restore -D "
                                f"{GUEST_IMAGES}/{verdict.pid} -W {work} --restore-detached"
                                f"{options} -o restore.log {LOG_LEVEL}"], timeout=300)

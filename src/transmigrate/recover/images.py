@@ -158,6 +158,9 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
     written += [_dump(directory / "pstree.img", "PSTREE", tree),
                 _dump(directory / "files.img", "FILES", [files[n] for n in sorted(files)]),
                 *_streams(processes, directory)]
+    locks = _file_locks(processes)
+    if locks:  # restored by --file-locks, which fails without this image
+        written.append(_dump(directory / "filelocks.img", "FILE_LOCKS", locks))
     referenced = [state for process in processes for state in (
         *(state for state, _ in process.files.values() if isinstance(state, FileState)),
         process.exe, *(m.file for m in process.mappings if m.file is not None))]
@@ -165,6 +168,26 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
     if dirty:
         written.append(write_writeback(list(dirty.values()), ram, directory / WRITEBACK))
     return written
+
+
+def _file_locks(processes: list[ProcessState]) -> list[dict[str, Any]]:
+    """filelocks.img's entries: each POSIX lock with its owner; each flock lock once,
+    though several processes share its file, with the one that took it if it is
+    there (as CRIU's dump picks)."""
+    entries: list[dict[str, Any]] = []
+    flocks: dict[int, int] = {}  # by file: its entry
+    for process in processes:
+        for lock in process.locks:
+            entry = {"flag": lock.kind, "type": lock.type, "pid": process.pid,
+                     "fd": lock.fd, "start": lock.start, "len": lock.length}
+            if not lock.file:
+                entries.append(entry)
+            elif lock.file not in flocks:
+                flocks[lock.file] = len(entries)
+                entries.append(entry)
+            elif process.pid == lock.taker:
+                entries[flocks[lock.file]] = entry
+    return entries
 
 
 def _timespec(nanoseconds: int) -> dict[str, int]:

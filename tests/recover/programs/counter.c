@@ -11,6 +11,8 @@
  * computing thread moved on with its sums in step. After a recovery the line numbers go
  * on without a gap, and every line says ok. With --pause it writes "ready" and waits
  * in pause(), leaving memory unchanged (for the golden comparison with criu dump).
+ * It holds LOG with a flock lock and a POSIX write lock over all of it: another
+ * process can take neither, before and after a recovery.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -19,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -77,6 +80,10 @@ int main(int argc, char **argv) {
     const size_t WORDS = mib << 17, every = mib > 8 ? mib / 8 : 1;
     int fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT, 0644);
     if (fd < 0) { perror(argv[1]); return 1; }
+    struct flock whole = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    if (flock(fd, LOCK_EX | LOCK_NB) || fcntl(fd, F_SETLK, &whole)) {
+        perror("locking the log"); return 1;
+    }
     uint64_t *words = malloc(WORDS * 8), seed = 0x9E3779B97F4A7C15ull, sum = 0;
     if (!words) { perror("malloc"); return 1; }
     for (size_t i = 0; i < WORDS; i++) sum += (words[i] = next(&seed));

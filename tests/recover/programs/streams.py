@@ -7,7 +7,9 @@ Listens on 127.0.0.1:PORT, connects to itself and accepts; the client end sends
 is full and the client end reads nothing (so bytes wait in the client's receive
 queue and in the server's send queue), until nothing moves; 5000 bytes wait in a
 pipe; an eventfd counts 42; a signalfd reads SIGUSR1 and SIGUSR2; a monotonic timerfd
-fires in 1000 s, then every 7.25 s. An epoll set watches all but the timer. It prints
+fires in 1000 s, then every 7.25 s. An epoll set watches all but the timer. Beside
+itself, it holds streams.records with two POSIX locks (bytes 0-9 for reading, 100 to
+the end for writing) and streams.flock with a flock lock. It prints
 "ready" and waits in pause(), leaving everything as it is (for the golden comparison
 with criu dump).
 """
@@ -74,5 +76,13 @@ for fd, events in ((reader, select.EPOLLIN), (counter, select.EPOLLIN),
                    (client.fileno(), select.EPOLLIN | select.EPOLLET),
                    (server.fileno(), select.EPOLLOUT)):
     poll.register(fd, events)
+here = os.path.dirname(os.path.abspath(__file__))
+records = open(os.path.join(here, "streams.records"), "w+b")  # noqa: SIM115 (held)
+records.write(b"r" * 200)
+records.flush()
+fcntl.lockf(records, fcntl.LOCK_SH, 10, 0)
+fcntl.lockf(records, fcntl.LOCK_EX, 0, 100)
+whole = open(os.path.join(here, "streams.flock"), "w")  # noqa: SIM115 (held)
+fcntl.flock(whole, fcntl.LOCK_EX)
 print("ready", flush=True)
 signal.pause()
