@@ -164,6 +164,8 @@ def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
                 "loginuid", "oom_score_adj", "flags"):
         assert our_core["tc"][key] == theirs_core["tc"][key], key
     assert _vmas(ours, pid) == _vmas(golden, pid)
+    assert [(v["flags"], v["fdflags"]) for v in _vmas(golden, pid) if v["status"] & 0x80] == [
+        (1, 2)], "one shared mapping (MAP_SHARED) of a file opened O_RDWR"
     theirs_mm = _entries(golden / f"mm-{pid}.img")[0]
     our_mm = _entries(ours / f"mm-{pid}.img")[0]
     assert {k: v for k, v in our_mm.items() if k not in ("vmas", "exe_file_id")} == \
@@ -201,10 +203,12 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
                                                       tmp_path: Path) -> None:
     """One guest per direction: the golden program waits in pause() (and its second
     thread on a futex) and the counter counts with a waiting and a computing thread,
-    under a shell waiting for it; the 6.1 kernel panics, the 6.12 VM is stopped while
+    under a shell waiting for it, each holding its log with a flock and a POSIX lock
+    and a number in a shared mapping of a file; the 6.1 kernel panics, the 6.12 VM is stopped while
     the computing thread runs user code (its registers only in the vCPU); the paused
     one's images match CRIU's own dump of it, and the shell and its counter (a process
-    tree) go on in the new VM on the other kernel (6.12 -> 6.1 through the CLI). A
+    tree) go on in the new VM on the other kernel (6.12 -> 6.1 through the CLI), its
+    locks held again and its mapping holding its last number. A
     process caught inside send() on a connection is restored with that connection cut
     (named as its loss): its send fails, it carries on, and the other end gets a reset."""
     name = f"t-rec-{before.split('.')[1]}"

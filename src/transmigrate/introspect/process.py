@@ -104,6 +104,7 @@ _MAX_THREADS = 4096
 _MAX_PROCESSES = 4096
 _MAX_TASKS = 1 << 22
 _PIPEFS_MAGIC = 0x50495045
+_TMPFS_MAGIC = 0x01021994
 _O_CLOEXEC = 0o2000000
 _PT_REGS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx",
             "dx", "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss")
@@ -175,7 +176,8 @@ class Mapping:
     """In bytes, as /proc/PID/maps has it."""
     vm_flags: int
     kind: str
-    """"anon", "file", "heap", "stack", "vdso" or "vvar"."""
+    """"anon", "file" (private), "shared-file" (MAP_SHARED, of a file on the data
+    volume), "heap", "stack", "vdso" or "vvar"."""
     file: FileState | None
 
 
@@ -801,16 +803,26 @@ class _Reader:
                 else:
                     kind = "anon"
             elif flags & _VM_SHARED:
-                raise self.refuse(f"it has shared memory at {start:#x} (not supported yet)")
+                kind = "shared-file"
             else:
                 kind = "file"
             if kind not in ("vvar", "vdso") and flags & _VM_SPECIAL:
                 raise self.refuse(f"it maps device or hugetlb memory at {start:#x}")
-            if kind == "file":
-                yield Mapping(start, end, int(vma.vm_pgoff) * PAGE, flags, kind,
-                              self._file(file, f"the mapping at {start:#x}"))
+            if kind in ("file", "shared-file"):
+                state = self._file(file, f"the mapping at {start:#x}")
+                if kind == "shared-file" and not self._on_volume(file, state):
+                    raise self.refuse(f"it has shared memory at {start:#x} ({state.path}; "
+                                      "only files on the data volume are supported)")
+                yield Mapping(start, end, int(vma.vm_pgoff) * PAGE, flags, kind, state)
             else:  # /proc/PID/maps, and so CRIU, give an anonymous mapping offset 0
                 yield Mapping(start, end, 0, flags, kind, None)
+
+    def _on_volume(self, file: drgn.Object, state: FileState) -> bool:
+        """Whether ``file`` is a regular file of the data volume's file system, whose
+        contents (its unwritten pages written back) the new VM has: what a shared
+        mapping of it shows there. Not memory-only files (tmpfs, memfd, SysV shm)."""
+        return (stat.S_ISREG(state.mode) and state.path.startswith(f"{DATA_MOUNT}/")
+                and int(file.f_inode.i_sb.s_magic) != _TMPFS_MAGIC)
 
     def _vdso_mark(self, mm: drgn.Object, vdso: int) -> tuple[int, int, int] | None:
         """CRIU's mark on the kernel's vdso, if its restorer left one: the addresses of

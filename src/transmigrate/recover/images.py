@@ -52,8 +52,9 @@ _EMPTY_TLS = {"base_addr": 0, "limit": 0, "seg_32bit": False, "contents_h": Fals
 """A TLS slot no one set, as get_thread_area() reports it."""
 # vma_entry.status bits (criu/include/image.h)
 _REGULAR, _VDSO, _HEAP = 0x1, 0x8, 0x20
-_FILE_PRIVATE, _ANON_PRIVATE, _VVAR = 0x40, 0x200, 0x1000
-_MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_GROWSDOWN = 0x02, 0x20, 0x0100
+_FILE_PRIVATE, _FILE_SHARED, _ANON_PRIVATE, _VVAR = 0x40, 0x80, 0x200, 0x1000
+_MAP_SHARED, _MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x0100
+_O_ACCMODE = 0o3
 _VM_GROWSDOWN = 0x100
 _MADVISE = {0x0002_0000: 10, 0x0400_0000: 16, 0x2000_0000: 14, 0x4000_0000: 15,
             0x8000_0000: 12}
@@ -295,6 +296,11 @@ def _vma(mapping: Mapping, file_id: Any) -> dict[str, Any]:
     if mapping.kind == "file":
         assert mapping.file is not None
         vma.update(status=_REGULAR | _FILE_PRIVATE, fdflags=0,
+                   shmid=file_id(mapping.file, mapped=True))
+    elif mapping.kind == "shared-file":  # its pages are the file's: none dumped
+        assert mapping.file is not None
+        vma.update(status=_REGULAR | _FILE_SHARED, flags=_MAP_SHARED,
+                   fdflags=mapping.file.flags & _O_ACCMODE,
                    shmid=file_id(mapping.file, mapped=True))
     else:
         vma["flags"] |= _MAP_ANONYMOUS

@@ -12,7 +12,9 @@
  * on without a gap, and every line says ok. With --pause it writes "ready" and waits
  * in pause(), leaving memory unchanged (for the golden comparison with criu dump).
  * It holds LOG with a flock lock and a POSIX write lock over all of it: another
- * process can take neither, before and after a recovery.
+ * process can take neither, before and after a recovery. It maps LOG.map shared (the
+ * file's descriptor closed) and keeps the last line's number there: a line is ok only
+ * if the mapping still holds the one before.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -22,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -84,6 +87,13 @@ int main(int argc, char **argv) {
     if (flock(fd, LOCK_EX | LOCK_NB) || fcntl(fd, F_SETLK, &whole)) {
         perror("locking the log"); return 1;
     }
+    char map_path[4096];
+    snprintf(map_path, sizeof map_path, "%s.map", argv[1]);
+    int map_fd = open(map_path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (map_fd < 0 || ftruncate(map_fd, 4096)) { perror(map_path); return 1; }
+    volatile uint64_t *last = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, map_fd, 0);
+    if (last == MAP_FAILED) { perror("mmap"); return 1; }
+    close(map_fd);
     uint64_t *words = malloc(WORDS * 8), seed = 0x9E3779B97F4A7C15ull, sum = 0;
     if (!words) { perror("malloc"); return 1; }
     for (size_t i = 0; i < WORDS; i++) sum += (words[i] = next(&seed));
@@ -115,7 +125,8 @@ int main(int argc, char **argv) {
             for (size_t i = 0; i < WORDS; i++) check += words[i];
         }
         half += 0.5;
-        int ok = check == sum && half * 2 == (double)n;
+        int ok = check == sum && half * 2 == (double)n && *last == n - 1;
+        *last = n;
         if (threads) {
             pthread_mutex_lock(&mutex);
             ok = ok && seen == n - 1 && (n == 1 || spins != last_spins) && !spin_bad;
