@@ -162,7 +162,8 @@ class Campaign:
             agent, "python3 -m http.server 8000 --directory /data", "^python3 -m http.server",
             None)
         self.pids["sqlite"] = self._spawn(agent, "python3 /data/sqlite-app.py",
-                                          "^python3 /data/sqlite-app.py", None)
+                                          "^python3 /data/sqlite-app.py", None,
+                                          errors="/data/sqlite-app.err")
         self.pids["appender"] = self._spawn(agent, "python3 /data/appender.py",
                                             "^python3 /data/appender.py", "/data/app.log")
         for service in SERVICES:  # before the daemon, which would pass for "kv"
@@ -179,9 +180,10 @@ class Campaign:
         time.sleep(3)
 
     @staticmethod
-    def _spawn(agent: GuestAgent, command: str, pattern: str, output: str | None) -> int:
+    def _spawn(agent: GuestAgent, command: str, pattern: str, output: str | None,
+               errors: str = "/dev/null") -> int:
         ready = f"while ! [ -s {output} ]; do sleep 0.2; done; " if output else "sleep 2; "
-        return int(agent.sh(f"setsid -f {command} </dev/null >/dev/null 2>&1; {ready}"
+        return int(agent.sh(f"setsid -f {command} </dev/null >/dev/null 2>{errors}; {ready}"
                             f"pgrep -of '{pattern}'", timeout=120).text)
 
     def kill(self, mode: str) -> None:
@@ -228,9 +230,15 @@ class Campaign:
         if name == "http.server":
             return _answers(host, address, 8000, "GET /app.log HTTP/1.0\\r\\n\\r\\n", "200 OK")
         if name == "sqlite":
-            return _numbers_go_on(agent, "python3 -c \"import sqlite3; [print(r[0]) for r in "
-                                         "sqlite3.connect('/data/app.db').execute("
-                                         "'SELECT n FROM rows ORDER BY n')]\"")
+            failed = _numbers_go_on(agent, "python3 -c \"import sqlite3; [print(r[0]) for r in "
+                                           "sqlite3.connect('/data/app.db').execute("
+                                           "'SELECT n FROM rows ORDER BY n')]\"")
+            if not failed:
+                return None
+            running = agent.exec(["kill", "-0", str(self.pids[name])]).exit_code == 0
+            said = agent.sh("tail -n 1 /data/sqlite-app.err").text.strip()
+            return f"{failed}, {'running' if running else 'gone'}" + (
+                f": {said}" if said else "")
         if name == "appender":
             return _numbers_go_on(agent, "cat /data/app.log")
         if name == "redis":
