@@ -133,12 +133,13 @@ def _pages(directory: Path, pid: int) -> dict[int, str]:
 
 
 def _files(directory: Path, pid: int) -> dict[int, dict[str, Any]]:
-    """Per descriptor: the file's name, flags, offset, and close-on-exec."""
+    """Per descriptor of a regular file: its name, flags, offset, and close-on-exec."""
     files = {f["id"]: f["reg"] for f in _entries(directory / "files.img") if "reg" in f}
     ids = _entries(directory / f"ids-{pid}.img")[0]
     return {fd["fd"]: {"cloexec": fd["flags"], **{k: files[fd["id"]][k] for k in
                                                    ("name", "flags", "pos")}}
-            for fd in _entries(directory / f"fdinfo-{ids['files_id']}.img")}
+            for fd in _entries(directory / f"fdinfo-{ids['files_id']}.img")
+            if fd["id"] in files}
 
 
 def _vmas(directory: Path, pid: int) -> list[dict[str, Any]]:
@@ -172,6 +173,8 @@ def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
         {k: v for k, v in theirs_mm.items() if k not in ("vmas", "exe_file_id")}
     assert _pages(ours, pid) == _pages(golden, pid)
     assert _files(ours, pid) == _files(golden, pid)
+    assert _non_regular_files(ours, pid) == _non_regular_files(golden, pid)
+    assert _queues(ours, pid) == _queues(golden, pid)
     assert _entries(ours / "pstree.img") == _entries(golden / "pstree.img")
     assert _locks(ours) == _locks(golden)
     assert [(lock["flag"], lock["type"]) for lock in _locks(golden)] == [(1, 1), (2, 1)]
@@ -204,7 +207,8 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
     """One guest per direction: the golden program waits in pause() (and its second
     thread on a futex) and the counter counts with a waiting and a computing thread,
     under a shell waiting for it, each holding its log with a flock and a POSIX lock
-    and a number in a shared mapping of a file; the 6.1 kernel panics, the 6.12 VM is stopped while
+    and a number in a shared mapping of a file and in a UNIX socketpair; the 6.1 kernel
+    panics, the 6.12 VM is stopped while
     the computing thread runs user code (its registers only in the vCPU); the paused
     one's images match CRIU's own dump of it, and the shell and its counter (a process
     tree) go on in the new VM on the other kernel (6.12 -> 6.1 through the CLI), its
@@ -305,6 +309,16 @@ def _non_regular_files(directory: Path, pid: int) -> dict[int, tuple[str, dict[s
     return result
 
 
+def _queues(directory: Path, pid: int) -> dict[int, list[str]]:
+    """By descriptor: what waits in its UNIX socket's receive queue, piece by piece."""
+    ids = _entries(directory / f"ids-{pid}.img")[0]
+    by_id = {fd["id"]: fd["fd"] for fd in _entries(directory / f"fdinfo-{ids['files_id']}.img")}
+    queues: dict[int, list[str]] = {}
+    for entry in _entries(directory / "sk-queues.img"):
+        queues.setdefault(by_id[entry["id_for"]], []).append(entry["extra"])
+    return queues
+
+
 def _assert_same_stream(ours: Path, golden: Path, inode: int) -> None:
     """A connection's state and queued bytes, ours against CRIU's."""
     stream = f"tcp-stream-{inode:x}.img"
@@ -324,7 +338,8 @@ def _assert_same_stream(ours: Path, golden: Path, inode: int) -> None:
 def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         prepared: Host, vm: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """On each kernel: a pipe holding 5000 bytes, an eventfd, a signalfd, a timerfd (its
-    time left counted from the stop), a listener,
+    time left counted from the stop), UNIX socketpairs with bytes and datagrams waiting,
+    a listener,
     and a loopback connection with bytes waiting in the receive queue one way and in the
     send queue the other (megabytes, in page fragments), all watched by an epoll set.
     Our images of them from the stopped VM equal a real `criu dump` taken just before,
@@ -357,7 +372,10 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         assert golden[timer][1]["isec"] == 7 and golden[timer][1]["insec"] == 250_000_000
         assert sorted(kind for kind, _ in golden.values()) == [
             "EVENTFD", "EVENTPOLL", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE", "SIGNALFD",
-            "TIMERFD"]
+            "TIMERFD", "UNIXSK", "UNIXSK", "UNIXSK", "UNIXSK"]
+        assert _queues(ours_dir, pid) == _queues(golden_dir, pid)
+        assert sorted(map(len, _queues(golden_dir, pid).values())) == [1, 2, 3], \
+            "500 bytes one way, 12000 the other in two pieces, three datagrams"
         assert _entries(ours_dir / "pipes-data.img") == _entries(golden_dir / "pipes-data.img")
         assert _locks(ours_dir) == _locks(golden_dir)
         assert [(lock["flag"], lock["type"], lock["start"], lock["len"])

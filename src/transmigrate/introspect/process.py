@@ -50,6 +50,7 @@ from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.pipes import PipeState, read_pipe
 from transmigrate.introspect.sockets import SocketState, is_connection, read_socket
 from transmigrate.introspect.timerfds import TimerfdState, read_timerfd
+from transmigrate.introspect.unix import UnixSocketState, is_unix_socket, read_unix_socket
 from transmigrate.vm.registers import VcpuState
 from transmigrate.vm.volume import DATA_MOUNT
 
@@ -163,8 +164,8 @@ class FileState:
     ``pagecache.dirty_pages``); with them, ``size`` is written back too."""
 
 
-OpenFile = (FileState | PipeState | EpollState | SocketState | EventfdState | SignalfdState
-            | TimerfdState)
+OpenFile = (FileState | PipeState | EpollState | SocketState | UnixSocketState
+            | EventfdState | SignalfdState | TimerfdState)
 """What a descriptor can be that recovery rebuilds."""
 
 
@@ -287,7 +288,22 @@ def read_tree(guest: Guest, pid: int, *, vcpus: dict[int, VcpuState] | None = No
             if tree[-1].time_namespace != tree[0].time_namespace:
                 raise Refusal(pid, f"its child {child} lives in another time namespace "
                                    "(not supported yet)")
+    _check_unix_peers(pid, tree)
     return tree
+
+
+def _check_unix_peers(pid: int, tree: list[ProcessState]) -> None:
+    """Refuse a tree with a UNIX socket whose peer it does not hold: the restore
+    could not connect it again."""
+    sockets = [(process.pid, fd, state) for process in tree
+               for fd, (state, _) in process.files.items()
+               if isinstance(state, UnixSocketState)]
+    held = {state.ino for _, _, state in sockets}
+    for owner, fd, state in sockets:
+        if state.peer and state.peer not in held:
+            who = "its" if owner == pid else f"its child {owner}'s"
+            raise Refusal(pid, f"{who} fd {fd} is a UNIX socket whose peer is outside the "
+                               "process tree (not supported yet)")
 
 
 def saved_user_registers(task: drgn.Object) -> drgn.Object:
@@ -917,6 +933,8 @@ class _Reader:
             if kind == "eventpoll_fops":
                 return read_epoll(file, by_fd, self._in_epoll_wait)
             if kind == "socket_file_ops":
+                if is_unix_socket(file):
+                    return read_unix_socket(self.guest, file)
                 return read_socket(self.guest, file, cut=self.cut.get(fd))
             if kind == "eventfd_fops":
                 return read_eventfd(file)

@@ -25,7 +25,8 @@ from transmigrate.errors import Unrecoverable
 from transmigrate.introspect.kernel import Guest
 
 __all__ = ["CutConnection", "SocketState", "TcpStream", "is_connection",
-           "millisecond_timestamp", "read_socket"]
+           "millisecond_timestamp", "read_socket", "skb_list", "skb_payload",
+           "socket_options"]
 
 # include/net/tcp_states.h, uapi; the same in 6.1 and 6.12.
 _TCP_ESTABLISHED, _TCP_CLOSE, _TCP_LISTEN = 1, 7, 10
@@ -207,23 +208,16 @@ def _addresses(common: drgn.Object, family: int) -> tuple[str, str]:
     return local, remote
 
 
-def _options(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> dict[str, int | bool]:
-    """What CRIU's dump_socket_opts reads with getsockopt."""
+def socket_options(guest: Guest, sk: drgn.Object) -> dict[str, int | bool]:
+    """What CRIU's dump_socket_opts reads with getsockopt for any socket (SO_*)."""
     prog = guest.prog
-    hz = round(1e9 / int(prog["tick_nsec"]))
     flags = int(sk.__sk_common.skc_flags)
 
     def flag(name: str) -> bool:
         return bool(flags >> prog[name].value_() & 1)
 
-    def timeout(jiffies: int) -> tuple[int, int]:
-        if jiffies >= _MAX_SCHEDULE_TIMEOUT:
-            return 0, 0
-        return jiffies // hz, jiffies % hz * 1_000_000 // hz
-
-    net = sk.__sk_common.skc_net.net.ipv4
-    snd_sec, snd_usec = timeout(int(sk.sk_sndtimeo))
-    rcv_sec, rcv_usec = timeout(int(sk.sk_rcvtimeo))
+    snd_sec, snd_usec = _timeout(guest, int(sk.sk_sndtimeo))
+    rcv_sec, rcv_usec = _timeout(guest, int(sk.sk_rcvtimeo))
     options: dict[str, int | bool] = {
         "so_sndbuf": int(sk.sk_sndbuf), "so_rcvbuf": int(sk.sk_rcvbuf),
         "so_snd_tmo_sec": snd_sec, "so_snd_tmo_usec": snd_usec,
@@ -234,15 +228,35 @@ def _options(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> dict[str, int |
         "so_dontroute": flag("SOCK_LOCALROUTE"), "so_no_check": bool(sk.sk_no_check_tx),
         "so_reuseport": bool(sk.__sk_common.skc_reuseport),
         "so_broadcast": flag("SOCK_BROADCAST"), "so_keepalive": flag("SOCK_KEEPOPEN"),
-        "tcp_keepcnt": int(tcp.keepalive_probes) or int(net.sysctl_tcp_keepalive_probes),
-        "tcp_keepidle": (int(tcp.keepalive_time) or int(net.sysctl_tcp_keepalive_time)) // hz,
-        "tcp_keepintvl": (int(tcp.keepalive_intvl)
-                          or int(net.sysctl_tcp_keepalive_intvl)) // hz,
         "so_oobinline": int(flag("SOCK_URGINLINE")),
         "so_buf_lock": int(sk.sk_userlocks) & _SOCK_BUF_LOCKS}
     if flag("SOCK_LINGER"):
-        options["so_linger"] = int(sk.sk_lingertime) // hz
+        options["so_linger"] = int(sk.sk_lingertime) // _hz(guest)
     return options
+
+
+def _hz(guest: Guest) -> int:
+    return round(1e9 / int(guest.prog["tick_nsec"]))
+
+
+def _timeout(guest: Guest, jiffies: int) -> tuple[int, int]:
+    """A socket timeout in jiffies as getsockopt gives it: seconds, microseconds."""
+    if jiffies >= _MAX_SCHEDULE_TIMEOUT:
+        return 0, 0
+    hz = _hz(guest)
+    return jiffies // hz, jiffies % hz * 1_000_000 // hz
+
+
+def _options(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> dict[str, int | bool]:
+    """CRIU's socket options of a TCP socket: the generic ones and its keepalive."""
+    hz = _hz(guest)
+    net = sk.__sk_common.skc_net.net.ipv4
+    return {**socket_options(guest, sk),
+            "tcp_keepcnt": int(tcp.keepalive_probes) or int(net.sysctl_tcp_keepalive_probes),
+            "tcp_keepidle": (int(tcp.keepalive_time) or int(net.sysctl_tcp_keepalive_time))
+            // hz,
+            "tcp_keepintvl": (int(tcp.keepalive_intvl)
+                              or int(net.sysctl_tcp_keepalive_intvl)) // hz}
 
 
 def _stream(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> TcpStream:
@@ -254,11 +268,11 @@ def _stream(guest: Guest, sk: drgn.Object, tcp: drgn.Object) -> TcpStream:
         "snd_una", "snd_nxt", "write_seq", "rcv_nxt", "copied_seq", "snd_wl1", "snd_wnd",
         "max_window", "rcv_wnd", "rcv_wup", "tsoffset", "tcp_mstamp")}
     options = tcp.rx_opt
-    inq = _queued(guest, _skb_list(sk.sk_receive_queue), seq["copied_seq"], seq["rcv_nxt"],
+    inq = _queued(guest, skb_list(sk.sk_receive_queue), seq["copied_seq"], seq["rcv_nxt"],
                   "receive")
     outq = _queued(guest, [*rbtree_inorder_for_each_entry(
         "struct sk_buff", sk.tcp_rtx_queue.address_of_(), "rbnode"),
-        *_skb_list(sk.sk_write_queue)], seq["snd_una"], seq["write_seq"], "send")
+        *skb_list(sk.sk_write_queue)], seq["snd_una"], seq["write_seq"], "send")
     mask = ((_TCPI_OPT_TIMESTAMPS if int(options.tstamp_ok) else 0)
             | (_TCPI_OPT_SACK if int(options.sack_ok) else 0)
             | (_TCPI_OPT_WSCALE if int(options.wscale_ok) else 0))
@@ -300,7 +314,7 @@ def _last_tsval(tcp: drgn.Object, mstamp: int, offset: int) -> int:
     return ((mstamp if usec else mstamp // 1000) + offset) & 0xFFFF_FFFF
 
 
-def _skb_list(head: drgn.Object) -> Iterator[drgn.Object]:
+def skb_list(head: drgn.Object) -> Iterator[drgn.Object]:
     """The buffers of an ``sk_buff_head``, bounded by its count."""
     end = head.address_of_().value_()
     skb = head.next
@@ -327,7 +341,7 @@ def _queued(guest: Guest, buffers: Iterator[drgn.Object] | list[drgn.Object], st
         control = drgn.cast("struct tcp_skb_cb *", skb.cb.address_of_())
         first = int(control.seq)
         skip = (start + len(data) - first) & 0xFFFF_FFFF
-        payload = _payload(guest, skb)
+        payload = skb_payload(guest, skb)
         if skip >= 1 << 31:  # a gap before this buffer
             raise Unrecoverable(f"has a {which} queue with a gap")
         data += payload[skip:skip + wanted - len(data)]
@@ -337,7 +351,7 @@ def _queued(guest: Guest, buffers: Iterator[drgn.Object] | list[drgn.Object], st
     return bytes(data)
 
 
-def _payload(guest: Guest, skb: drgn.Object) -> bytes:
+def skb_payload(guest: Guest, skb: drgn.Object) -> bytes:
     """A buffer's data: its linear part, then its page fragments."""
     length, paged = int(skb.len), int(skb.data_len)
     if not 0 <= paged <= length <= _MAX_QUEUED:

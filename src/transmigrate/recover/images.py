@@ -35,6 +35,7 @@ from transmigrate.introspect.process import (
 from transmigrate.introspect.ram import GuestRam
 from transmigrate.introspect.sockets import SocketState, millisecond_timestamp
 from transmigrate.introspect.timerfds import TimerfdState
+from transmigrate.introspect.unix import UnixSocketState
 
 __all__ = ["WRITEBACK", "write_images", "write_writeback"]
 
@@ -69,7 +70,8 @@ _NETWORK_LOCK_NFTABLES = 1
 with nftables, which the guest image has (CRIU's default would be iptables)."""
 _FOWN = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
 _FDINFO_TYPES = {FileState: "REG", PipeState: "PIPE", EpollState: "EVENTPOLL",
-                 SocketState: "INETSK", EventfdState: "EVENTFD", SignalfdState: "SIGNALFD",
+                 SocketState: "INETSK", UnixSocketState: "UNIXSK", EventfdState: "EVENTFD",
+                 SignalfdState: "SIGNALFD",
                  TimerfdState: "TIMERFD"}
 
 
@@ -159,6 +161,13 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
     written += [_dump(directory / "pstree.img", "PSTREE", tree),
                 _dump(directory / "files.img", "FILES", [files[n] for n in sorted(files)]),
                 *_streams(processes, directory)]
+    queued = [{"id_for": ids(state.key), "length": len(message), "extra": _base64(message)}
+              for state in {state.key: state for process in processes
+                            for state, _ in process.files.values()
+                            if isinstance(state, UnixSocketState)}.values()
+              for message in state.queue]
+    if queued:
+        written.append(_dump(directory / "sk-queues.img", "SK_QUEUES", queued))
     locks = _file_locks(processes)
     if locks:  # restored by --file-locks, which fails without this image
         written.append(_dump(directory / "filelocks.img", "FILE_LOCKS", locks))
@@ -216,6 +225,12 @@ def _file_entry(state: OpenFile, number: int, clocks: KernelClocks) -> dict[str,
             "ticks": state.ticks, "settime_flags": state.settime_flags,
             "vsec": remaining // 10**9, "vnsec": remaining % 10**9,
             "isec": state.interval_ns // 10**9, "insec": state.interval_ns % 10**9}}
+    if isinstance(state, UnixSocketState):
+        return {"type": "UNIXSK", "id": number, "usk": {
+            "id": number, "ino": state.ino, "type": state.type, "state": state.state,
+            "flags": state.flags, "uflags": 0, "backlog": state.backlog, "peer": state.peer,
+            "fown": _FOWN, "opts": state.options, "name": b"", "ns_id": _NET_NS_ID,
+            **({"shutdown": state.shutdown} if state.shutdown else {})}}
     if isinstance(state, SignalfdState):
         return {"type": "SIGNALFD", "id": number, "sgfd": {
             "id": number, "flags": state.flags, "fown": _FOWN, "sigmask": state.sigmask}}

@@ -14,7 +14,8 @@
  * It holds LOG with a flock lock and a POSIX write lock over all of it: another
  * process can take neither, before and after a recovery. It maps LOG.map shared (the
  * file's descriptor closed) and keeps the last line's number there: a line is ok only
- * if the mapping still holds the one before.
+ * if the mapping still holds the one before. It also keeps that number in flight in a
+ * UNIX socketpair: each line reads the previous one out and sends its own.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -25,6 +26,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -94,6 +96,12 @@ int main(int argc, char **argv) {
     volatile uint64_t *last = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, map_fd, 0);
     if (last == MAP_FAILED) { perror("mmap"); return 1; }
     close(map_fd);
+    int pair[2];
+    uint64_t in_flight = 0;
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) ||
+        write(pair[0], &in_flight, sizeof in_flight) != sizeof in_flight) {
+        perror("socketpair"); return 1;
+    }
     uint64_t *words = malloc(WORDS * 8), seed = 0x9E3779B97F4A7C15ull, sum = 0;
     if (!words) { perror("malloc"); return 1; }
     for (size_t i = 0; i < WORDS; i++) sum += (words[i] = next(&seed));
@@ -127,6 +135,8 @@ int main(int argc, char **argv) {
         half += 0.5;
         int ok = check == sum && half * 2 == (double)n && *last == n - 1;
         *last = n;
+        ok = ok && read(pair[1], &in_flight, sizeof in_flight) == sizeof in_flight
+             && in_flight == n - 1 && write(pair[0], &n, sizeof n) == sizeof n;
         if (threads) {
             pthread_mutex_lock(&mutex);
             ok = ok && seen == n - 1 && (n == 1 || spins != last_spins) && !spin_bad;

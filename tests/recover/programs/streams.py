@@ -9,7 +9,8 @@ queue and in the server's send queue), until nothing moves; 5000 bytes wait in a
 pipe; an eventfd counts 42; a signalfd reads SIGUSR1 and SIGUSR2; a monotonic timerfd
 fires in 1000 s, then every 7.25 s. An epoll set watches all but the timer. Beside
 itself, it holds streams.records with two POSIX locks (bytes 0-9 for reading, 100 to
-the end for writing) and streams.flock with a flock lock. It prints
+the end for writing) and streams.flock with a flock lock; a UNIX stream socketpair
+holds bytes both ways, a datagram one three messages. It prints
 "ready" and waits in pause(), leaving everything as it is (for the golden comparison
 with criu dump).
 """
@@ -76,6 +77,15 @@ for fd, events in ((reader, select.EPOLLIN), (counter, select.EPOLLIN),
                    (client.fileno(), select.EPOLLIN | select.EPOLLET),
                    (server.fileno(), select.EPOLLOUT)):
     poll.register(fd, events)
+# UNIX socketpairs: a stream with bytes waiting both ways (one side more than a
+# peek's piece), and datagrams waiting as three messages.
+left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+right.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # peeked in 8160-byte pieces
+left.sendall(bytes(i * 13 % 256 for i in range(12000)))
+right.sendall(b"back " * 100)
+mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+for message in (b"one", b"two" * 100, b"three"):  # not empty: CRIU's peek stops there
+    theirs.send(message)
 here = os.path.dirname(os.path.abspath(__file__))
 records = open(os.path.join(here, "streams.records"), "w+b")  # noqa: SIM115 (held)
 records.write(b"r" * 200)
