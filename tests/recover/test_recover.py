@@ -722,7 +722,8 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
     """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init, a
     process in the middle of a write into a pipe, one sharing its memory with another
-    process, one holding an open file description lock: one line each, a non-zero
+    process, one holding an open file description lock, one with anonymous shared
+    memory: one line each, a non-zero
     exit, and the VM runs on as before."""
     out = str(tmp_path / "images")
     for args, error in [
@@ -780,6 +781,17 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
             "CRIU 3.17 cannot rebuild it)" in " ".join(_dump_refused(old_vm, holder, out).split())
     finally:
         agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-ofd /tmp/tm-ofd.ready")
+    # Anonymous shared memory, which lives in RAM only (not supported yet).
+    holder = int(agent.sh(
+        "setsid -f python3 -c \"import mmap, signal; m = mmap.mmap(-1, 4096); m[0] = 1; "
+        "open('/tmp/tm-shared.ready', 'w'); signal.pause()\" </dev/null >/dev/null 2>&1; "
+        "until [ -e /tmp/tm-shared.ready ]; do sleep 0.2; done; pgrep -nx python3").text)
+    try:
+        refused = " ".join(_dump_refused(old_vm, holder, out).split())
+        assert f"{holder}: refused: it has shared memory at 0x" in refused, refused
+        assert "(anonymous; only files on the data volume are supported)" in refused, refused
+    finally:
+        agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-shared.ready")
 
 
 def _overwrite(host: Host, vm: str, address: int, value: int) -> None:

@@ -827,7 +827,9 @@ class _Reader:
             if kind in ("file", "shared-file"):
                 state = self._file(file, f"the mapping at {start:#x}")
                 if kind == "shared-file" and not self._on_volume(file, state):
-                    raise self.refuse(f"it has shared memory at {start:#x} ({state.path}; "
+                    what = ("anonymous" if file.f_path.dentry.d_name.name.string_()
+                            == b"dev/zero" else state.path)
+                    raise self.refuse(f"it has shared memory at {start:#x} ({what}; "
                                       "only files on the data volume are supported)")
                 yield Mapping(start, end, int(vma.vm_pgoff) * PAGE, flags, kind, state)
             else:  # /proc/PID/maps, and so CRIU, give an anonymous mapping offset 0
