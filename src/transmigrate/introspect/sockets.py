@@ -115,8 +115,7 @@ def read_socket(guest: Guest, file: drgn.Object, cut: str | None = None) -> Sock
     common = sk.__sk_common
     family = int(common.skc_family)
     if family not in _FAMILIES:
-        kinds: dict[int, str] = {socket.AF_UNIX: "a UNIX", socket.AF_NETLINK: "a netlink",
-                                 socket.AF_PACKET: "a packet"}
+        kinds: dict[int, str] = {socket.AF_NETLINK: "a netlink", socket.AF_PACKET: "a packet"}
         kind = kinds.get(family, f"a family-{family}")
         raise Unrecoverable(f"is {kind} socket (not supported yet)")
     if int(sock.type) != socket.SOCK_STREAM or int(sk.sk_protocol) != socket.IPPROTO_TCP:
