@@ -161,11 +161,7 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
     written += [_dump(directory / "pstree.img", "PSTREE", tree),
                 _dump(directory / "files.img", "FILES", [files[n] for n in sorted(files)]),
                 *_streams(processes, directory)]
-    queued = [{"id_for": ids(state.key), "length": len(message), "extra": _base64(message)}
-              for state in {state.key: state for process in processes
-                            for state, _ in process.files.values()
-                            if isinstance(state, UnixSocketState)}.values()
-              for message in state.queue]
+    queued = _unix_queues(processes, ids)
     if queued:
         written.append(_dump(directory / "sk-queues.img", "SK_QUEUES", queued))
     locks = _file_locks(processes)
@@ -178,6 +174,15 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
     if dirty:
         written.append(write_writeback(list(dirty.values()), ram, directory / WRITEBACK))
     return written
+
+
+def _unix_queues(processes: list[ProcessState], ids: _Ids) -> list[dict[str, Any]]:
+    """sk-queues.img's entries: what waits in each UNIX socket (once, though several
+    processes have it open), piece by piece, for the socket's file id."""
+    sockets = {state.key: state for process in processes
+               for state, _ in process.files.values() if isinstance(state, UnixSocketState)}
+    return [{"id_for": ids(state.key), "length": len(piece), "extra": _base64(piece)}
+            for state in sockets.values() for piece in state.queue]
 
 
 def _file_locks(processes: list[ProcessState]) -> list[dict[str, Any]]:
