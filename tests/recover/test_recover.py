@@ -132,6 +132,18 @@ def _pages(directory: Path, pid: int) -> dict[int, str]:
     return pages
 
 
+def _shared_pages(directory: Path) -> list[str]:
+    """SHA-256 of every dumped page of anonymous shared memory, in offset order."""
+    hashes = []
+    for pagemap in sorted(directory.glob("pagemap-shmem-*.img")):
+        head, *runs = _entries(pagemap)
+        data = (directory / f"pages-{head['pages_id']}.img").read_bytes()
+        pages = sum(run["nr_pages"] for run in runs)
+        hashes += [hashlib.sha256(data[i * 4096:(i + 1) * 4096]).hexdigest()
+                   for i in range(pages)]
+    return hashes
+
+
 def _files(directory: Path, pid: int) -> dict[int, dict[str, Any]]:
     """Per descriptor of a regular file: its name, flags, offset, and close-on-exec."""
     files = {f["id"]: f["reg"] for f in _entries(directory / "files.img") if "reg" in f}
@@ -165,8 +177,14 @@ def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
                 "loginuid", "oom_score_adj", "flags"):
         assert our_core["tc"][key] == theirs_core["tc"][key], key
     assert _vmas(ours, pid) == _vmas(golden, pid)
-    assert [(v["flags"], v["fdflags"]) for v in _vmas(golden, pid) if v["status"] & 0x80] == [
-        (1, 2)], "one shared mapping (MAP_SHARED) of a file opened O_RDWR"
+    assert [(v["flags"], v["fdflags"]) for v in _vmas(golden, pid)
+            if v["status"] & 0x4080 == 0x80] == [(1, 2)], \
+        "one shared mapping (MAP_SHARED) of a file opened O_RDWR"
+    assert [v["flags"] for v in _vmas(golden, pid) if v["status"] & 0x4000] == [1], \
+        "anonymous shared memory, which CRIU 3.17 takes for a memfd (VMA_AREA_MEMFD)"
+    assert _entries(ours / "memfd.img")[0]["size"] == _entries(golden / "memfd.img")[0][
+        "size"] == 4096
+    assert _shared_pages(ours) == _shared_pages(golden) != []
     theirs_mm = _entries(golden / f"mm-{pid}.img")[0]
     our_mm = _entries(ours / f"mm-{pid}.img")[0]
     assert {k: v for k, v in our_mm.items() if k not in ("vmas", "exe_file_id")} == \
@@ -207,7 +225,8 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
     """One guest per direction: the golden program waits in pause() (and its second
     thread on a futex) and the counter counts with a waiting and a computing thread,
     under a shell waiting for it, each holding its log with a flock and a POSIX lock
-    and a number in a shared mapping of a file and in a UNIX socketpair; the 6.1 kernel
+    and a number in a shared mapping of a file, in anonymous shared memory and in a
+    UNIX socketpair; the 6.1 kernel
     panics, the 6.12 VM is stopped while
     the computing thread runs user code (its registers only in the vCPU); the paused
     one's images match CRIU's own dump of it, and the shell and its counter (a process
@@ -722,8 +741,8 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
     """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init, a
     process in the middle of a write into a pipe, one sharing its memory with another
-    process, one holding an open file description lock, one with anonymous shared
-    memory: one line each, a non-zero
+    process, one holding an open file description lock, one with POSIX shared memory:
+    one line each, a non-zero
     exit, and the VM runs on as before."""
     out = str(tmp_path / "images")
     for args, error in [
@@ -781,17 +800,18 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
             "CRIU 3.17 cannot rebuild it)" in " ".join(_dump_refused(old_vm, holder, out).split())
     finally:
         agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-ofd /tmp/tm-ofd.ready")
-    # Anonymous shared memory, which lives in RAM only (not supported yet).
+    # POSIX shared memory (a file on tmpfs), which lives in RAM only (not supported yet).
     holder = int(agent.sh(
-        "setsid -f python3 -c \"import mmap, signal; m = mmap.mmap(-1, 4096); m[0] = 1; "
+        "setsid -f python3 -c \"import mmap, signal; f = open('/dev/shm/tm-shared', 'w+b'); "
+        "f.truncate(4096); m = mmap.mmap(f.fileno(), 4096); m[0] = 1; "
         "open('/tmp/tm-shared.ready', 'w'); signal.pause()\" </dev/null >/dev/null 2>&1; "
         "until [ -e /tmp/tm-shared.ready ]; do sleep 0.2; done; pgrep -nx python3").text)
     try:
         refused = " ".join(_dump_refused(old_vm, holder, out).split())
         assert f"{holder}: refused: it has shared memory at 0x" in refused, refused
-        assert "(anonymous; only files on the data volume are supported)" in refused, refused
+        assert "(/dev/shm/tm-shared; only files on the data volume are supported)" in refused
     finally:
-        agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-shared.ready")
+        agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-shared.ready /dev/shm/tm-shared")
 
 
 def _overwrite(host: Host, vm: str, address: int, value: int) -> None:

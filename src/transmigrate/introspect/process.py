@@ -26,7 +26,7 @@ from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.mm import for_each_vma, page_to_phys
 from drgn.helpers.linux.pid import find_task, for_each_task, for_each_task_in_group
 from drgn.helpers.linux.sched import task_cpu, task_on_cpu, task_state_to_char
-from drgn.helpers.linux.xarray import xa_is_value, xa_load
+from drgn.helpers.linux.xarray import xa_for_each, xa_is_value, xa_load
 
 from transmigrate.errors import IntrospectionError, Unrecoverable
 from transmigrate.introspect.epoll import EpollState, read_epoll
@@ -55,7 +55,7 @@ from transmigrate.vm.registers import VcpuState
 from transmigrate.vm.volume import DATA_MOUNT
 
 __all__ = ["FileState", "Mapping", "OpenFile", "ProcessState", "Refusal", "Registers",
-           "ThreadState", "read_cmdline", "read_process", "read_tree",
+           "SharedMemoryState", "ThreadState", "read_cmdline", "read_process", "read_tree",
            "saved_user_registers", "unfinished_call"]
 
 # Kernel ABI constants (include/linux/sched.h, mm.h, uapi): stable across 6.1 and 6.12.
@@ -178,8 +178,27 @@ class Mapping:
     vm_flags: int
     kind: str
     """"anon", "file" (private), "shared-file" (MAP_SHARED, of a file on the data
-    volume), "heap", "stack", "vdso" or "vvar"."""
+    volume), "shared-anon" (MAP_SHARED | MAP_ANONYMOUS), "heap", "stack", "vdso" or
+    "vvar"."""
     file: FileState | None
+    shared: SharedMemoryState | None = None
+    """For "shared-anon": its memory."""
+
+
+@dataclass(frozen=True)
+class SharedMemoryState:
+    """Anonymous shared memory (shmem's "dev/zero"), which CRIU 3.17 dumps and restores
+    as a memfd of that name: its size, owner and seals, and (offset, physical) of each
+    page it has, whoever touched it."""
+
+    key: int
+    """The ``struct file`` its mappings share."""
+    ino: int
+    size: int
+    uid: int
+    gid: int
+    seals: int
+    pages: tuple[tuple[int, int], ...] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -824,16 +843,46 @@ class _Reader:
                 kind = "file"
             if kind not in ("vvar", "vdso") and flags & _VM_SPECIAL:
                 raise self.refuse(f"it maps device or hugetlb memory at {start:#x}")
-            if kind in ("file", "shared-file"):
+            if kind == "shared-file" and self._anonymous(file):
+                yield Mapping(start, end, int(vma.vm_pgoff) * PAGE, flags, "shared-anon",
+                              None, self._shared_memory(file, start))
+            elif kind in ("file", "shared-file"):
                 state = self._file(file, f"the mapping at {start:#x}")
                 if kind == "shared-file" and not self._on_volume(file, state):
-                    what = ("anonymous" if file.f_path.dentry.d_name.name.string_()
-                            == b"dev/zero" else state.path)
-                    raise self.refuse(f"it has shared memory at {start:#x} ({what}; "
+                    raise self.refuse(f"it has shared memory at {start:#x} ({state.path}; "
                                       "only files on the data volume are supported)")
                 yield Mapping(start, end, int(vma.vm_pgoff) * PAGE, flags, kind, state)
             else:  # /proc/PID/maps, and so CRIU, give an anonymous mapping offset 0
                 yield Mapping(start, end, 0, flags, kind, None)
+
+    @staticmethod
+    def _anonymous(file: drgn.Object) -> bool:
+        """Whether ``file`` is the memory of an anonymous shared mapping (shmem's
+        "dev/zero", made by mmap(MAP_SHARED | MAP_ANONYMOUS) or of /dev/zero)."""
+        return (int(file.f_inode.i_sb.s_magic) == _TMPFS_MAGIC
+                and file.f_path.dentry.d_name.name.string_() == b"dev/zero")
+
+    def _shared_memory(self, file: drgn.Object, start: int) -> SharedMemoryState:
+        """The memory of the anonymous shared mapping at ``start``, from its page cache.
+        A page swapped out is refused."""
+        inode = file.f_inode
+        pages: list[tuple[int, int]] = []
+        limit = int(inode.i_size) // PAGE + 1
+        for index, entry in xa_for_each(inode.i_mapping.i_pages.address_of_()):
+            if xa_is_value(entry):
+                raise self.refuse(f"its shared memory at {start:#x} has a page swapped out")
+            if index > limit or len(pages) > limit:
+                raise self.refuse(f"its shared memory at {start:#x} is corrupt")
+            physical = int(page_to_phys(drgn.cast("struct page *", entry)))
+            if not self.guest.ram.covers(physical, PAGE):
+                raise self.refuse(f"its shared memory at {start:#x} has a page outside "
+                                  "guest RAM")
+            pages.append((index * PAGE, physical))
+        info = drgn.container_of(inode, "struct shmem_inode_info", "vfs_inode")
+        return SharedMemoryState(key=file.value_(), ino=int(inode.i_ino),
+                                 size=int(inode.i_size), uid=int(inode.i_uid.val),
+                                 gid=int(inode.i_gid.val), seals=int(info.seals),
+                                 pages=tuple(pages))
 
     def _on_volume(self, file: drgn.Object, state: FileState) -> bool:
         """Whether ``file`` is a regular file of the data volume's file system, whose

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import stat
 import struct
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from transmigrate.introspect.process import (
     OpenFile,
     ProcessState,
     Registers,
+    SharedMemoryState,
     ThreadState,
 )
 from transmigrate.introspect.ram import GuestRam
@@ -53,7 +55,7 @@ _EMPTY_TLS = {"base_addr": 0, "limit": 0, "seg_32bit": False, "contents_h": Fals
 """A TLS slot no one set, as get_thread_area() reports it."""
 # vma_entry.status bits (criu/include/image.h)
 _REGULAR, _VDSO, _HEAP = 0x1, 0x8, 0x20
-_FILE_PRIVATE, _FILE_SHARED, _ANON_PRIVATE, _VVAR = 0x40, 0x80, 0x200, 0x1000
+_FILE_PRIVATE, _FILE_SHARED, _ANON_PRIVATE, _VVAR, _MEMFD = 0x40, 0x80, 0x200, 0x1000, 0x4000
 _MAP_SHARED, _MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x0100
 _O_ACCMODE = 0o3
 _VM_GROWSDOWN = 0x100
@@ -99,10 +101,15 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
     root_ids = {"vm_id": 1, "files_id": 1, "fs_id": 1, "sighand_id": 1, **namespace_ids}
     files: dict[int, dict[str, Any]] = {}
 
-    def file_id(state: FileState, mapped: bool = False) -> int:
+    def file_id(state: FileState | SharedMemoryState, mapped: bool = False) -> int:
         """A mapped file (or the executable) is opened read-only at restore, and CRIU
-        checks its size: it must be the same file on the new VM."""
+        checks its size: it must be the same file on the new VM. Shared memory is a
+        memfd's inode (see :func:`_shared_memory`)."""
         number = ids(state.key)
+        if isinstance(state, SharedMemoryState):
+            files.setdefault(number, {"type": "MEMFD", "id": number, "memfd": {
+                "id": number, "flags": 0, "pos": 0, "fown": _FOWN, "inode_id": state.ino}})
+            return number
         if number not in files:
             entry: dict[str, Any] = {
                 "id": number, "flags": 0 if mapped else state.flags,
@@ -157,10 +164,14 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
             _dump(directory / f"mm-{pid}.img", "MM", [_mm(process, exe_id, vmas)]),
             _dump(directory / f"fs-{pid}.img", "FS", [fs]),
             _dump(directory / f"fdinfo-{number}.img", "FDINFO", fdinfo),
-            *_pages(process, number - 1, ram, directory)]
+            *_pages(process.pages, number - 1, ram, directory, f"pagemap-{pid}.img")]
     written += [_dump(directory / "pstree.img", "PSTREE", tree),
                 _dump(directory / "files.img", "FILES", [files[n] for n in sorted(files)]),
                 *_streams(processes, directory)]
+    shared = {m.shared.key: m.shared for process in processes for m in process.mappings
+              if m.shared is not None}
+    if shared:
+        written += _shared_memory(list(shared.values()), len(processes) + 1, ram, directory)
     queued = _unix_queues(processes, ids)
     if queued:
         written.append(_dump(directory / "sk-queues.img", "SK_QUEUES", queued))
@@ -173,6 +184,20 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
     dirty = {state.path: state for state in referenced if state.dirty}
     if dirty:
         written.append(write_writeback(list(dirty.values()), ram, directory / WRITEBACK))
+    return written
+
+
+def _shared_memory(memories: list[SharedMemoryState], first_pages_id: int, ram: GuestRam,
+                   directory: Path) -> list[Path]:
+    """memfd.img (one inode per memory; CRIU 3.17 takes anonymous shared memory for a
+    memfd named /dev/zero, and rebuilds it as one) and each one's pages in
+    pagemap-shmem-INODE.img."""
+    written = [_dump(directory / "memfd.img", "MEMFD_INODE", [
+        {"name": "/dev/zero", "uid": m.uid, "gid": m.gid, "size": m.size, "shmid": m.ino,
+         "seals": m.seals, "inode_id": m.ino} for m in memories])]
+    for number, memory in enumerate(memories, start=first_pages_id):
+        written += _pages(list(memory.pages), number, ram, directory,
+                          f"pagemap-shmem-{memory.ino}.img")
     return written
 
 
@@ -322,6 +347,9 @@ def _vma(mapping: Mapping, file_id: Any) -> dict[str, Any]:
         vma.update(status=_REGULAR | _FILE_SHARED, flags=_MAP_SHARED,
                    fdflags=mapping.file.flags & _O_ACCMODE,
                    shmid=file_id(mapping.file, mapped=True))
+    elif mapping.shared is not None:  # as CRIU 3.17 dumps it: a memfd named /dev/zero
+        vma.update(status=_REGULAR | _FILE_SHARED | _MEMFD, flags=_MAP_SHARED,
+                   fdflags=os.O_RDWR, shmid=file_id(mapping.shared))
     else:
         vma["flags"] |= _MAP_ANONYMOUS
         vma["status"] = _REGULAR | _ANON_PRIVATE | {
@@ -419,14 +447,16 @@ def _fpregs(regs: Registers) -> dict[str, Any]:
     return fpregs
 
 
-def _pages(process: ProcessState, number: int, ram: GuestRam, directory: Path) -> list[Path]:
-    """pagemap-PID.img (runs of consecutive pages) and pages-NUMBER.img (their bytes),
-    written in as few pieces as the RAM file's layout allows."""
+def _pages(pages: list[tuple[int, int]], number: int, ram: GuestRam, directory: Path,
+           pagemap: str) -> list[Path]:
+    """``pagemap`` (runs of consecutive pages: by virtual address for a process, by
+    offset for shared memory) and pages-NUMBER.img (their bytes), written in as few
+    pieces as the RAM file's layout allows."""
     runs: list[dict[str, Any]] = []
-    pages = directory / f"pages-{number}.img"
+    data = directory / f"pages-{number}.img"
     pending_start = pending_end = 0
-    with pages.open("wb") as out, memoryview(ram.buffer) as memory:
-        for virtual, physical in process.pages:
+    with data.open("wb") as out, memoryview(ram.buffer) as memory:
+        for virtual, physical in pages:
             if runs and runs[-1]["vaddr"] + runs[-1]["nr_pages"] * PAGE == virtual:
                 runs[-1]["nr_pages"] += 1
             else:
@@ -437,5 +467,4 @@ def _pages(process: ProcessState, number: int, ram: GuestRam, directory: Path) -
                 pending_start = start
             pending_end = start + PAGE
         out.write(memory[pending_start:pending_end])
-    return [_dump(directory / f"pagemap-{process.pid}.img", "PAGEMAP",
-                  [{"pages_id": number}, *runs]), pages]
+    return [_dump(directory / pagemap, "PAGEMAP", [{"pages_id": number}, *runs]), data]

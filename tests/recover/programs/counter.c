@@ -14,8 +14,9 @@
  * It holds LOG with a flock lock and a POSIX write lock over all of it: another
  * process can take neither, before and after a recovery. It maps LOG.map shared (the
  * file's descriptor closed) and keeps the last line's number there: a line is ok only
- * if the mapping still holds the one before. It also keeps that number in flight in a
- * UNIX socketpair: each line reads the previous one out and sends its own.
+ * if the mapping still holds the one before; the same in anonymous shared memory. It
+ * also keeps that number in flight in a UNIX socketpair: each line reads the previous
+ * one out and sends its own.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -96,6 +97,10 @@ int main(int argc, char **argv) {
     volatile uint64_t *last = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, map_fd, 0);
     if (last == MAP_FAILED) { perror("mmap"); return 1; }
     close(map_fd);
+    volatile uint64_t *shared = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (shared == MAP_FAILED) { perror("mmap shared"); return 1; }
+    *shared = 0;  /* its page exists from here on, also for --pause */
     int pair[2];
     uint64_t in_flight = 0;
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) ||
@@ -133,8 +138,8 @@ int main(int argc, char **argv) {
             for (size_t i = 0; i < WORDS; i++) check += words[i];
         }
         half += 0.5;
-        int ok = check == sum && half * 2 == (double)n && *last == n - 1;
-        *last = n;
+        int ok = check == sum && half * 2 == (double)n && *last == n - 1 && *shared == n - 1;
+        *last = *shared = n;
         ok = ok && read(pair[1], &in_flight, sizeof in_flight) == sizeof in_flight
              && in_flight == n - 1 && write(pair[0], &n, sizeof n) == sizeof n;
         if (threads) {
