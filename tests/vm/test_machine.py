@@ -14,8 +14,10 @@ from transmigrate.errors import MachineDead, MachineExists, MachineNotFound
 from transmigrate.orchestrate import lifecycle
 from transmigrate.orchestrate.host import Host
 from transmigrate.polling import wait_for
+from transmigrate.vm.machine import Machine
 
 from ..conftest import qemu_pids
+from .test_qemu_command import RECORD
 
 
 def test_boots_on_6_1(prepared: Host, old_vm: str) -> None:
@@ -84,3 +86,18 @@ def test_down_removes_everything_and_twice_is_an_error(prepared: Host) -> None:
     assert tap not in prepared.network.links()
     with pytest.raises(MachineNotFound):
         lifecycle.down(prepared, "t-short")
+
+
+def test_a_failed_boot_keeps_its_callers_import_disk(tmp_path: Path) -> None:
+    """A boot tried again (after a panic, or under TCG after a silent KVM) attaches the
+    same import disk: removing the failed machine leaves it; removing a machine for
+    good takes it with it."""
+    for keep, kept in ((True, True), (False, False)):
+        disk = tmp_path / "standby.import"
+        disk.write_bytes(b"images")
+        directory = tmp_path / "vm"
+        directory.mkdir()
+        record = dataclasses.replace(RECORD, import_disk=str(disk),
+                                     ram_path=str(tmp_path / "ram"))
+        Machine(directory, record).stop(keep_import=keep)
+        assert disk.exists() == kept and not directory.exists()

@@ -142,14 +142,15 @@ def _ran_under_kvm(host: Host, machine: Machine) -> bool:
         if forced_accelerator() == KVM:
             raise MachineError(f"vm {machine.name!r} printed nothing under KVM, which "
                                "TRANSMIGRATE_ACCEL forces")
-    host.machines.remove(machine, keep_network=True)
+    host.machines.remove(machine, keep_network=True, keep_import=True)
     return False
 
 
 @contextlib.contextmanager
 def _removed_on_failure(host: Host, machine: Machine) -> Iterator[None]:
-    """Remove ``machine`` if the block fails; our errors then also say what its console
-    showed, or why it may have shown nothing."""
+    """Remove ``machine`` if its boot fails, but not its import disk, which is still its
+    caller's (a boot tried again attaches it again); our errors then also say what its
+    console showed, or why it may have shown nothing."""
     try:
         yield
     except BaseException as exc:
@@ -158,7 +159,7 @@ def _removed_on_failure(host: Host, machine: Machine) -> Iterator[None]:
         kept.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             shutil.copyfile(machine.console_log, kept)
-        host.machines.remove(machine)
+        host.machines.remove(machine, keep_import=True)  # the caller's, for a retry
         if not isinstance(exc, TransmigrateError):
             raise
         note = f"{exc} ({_console_note(tail, machine.record.accel)}; whole console: {kept})"

@@ -186,8 +186,9 @@ class Machine:
         wait_for(lambda: not self.alive(), timeout=timeout,
                  what=f"vm {self.name!r}: its QEMU did not exit", error=MachineError)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop QEMU (QMP quit, then SIGKILL by pid) and remove everything of this VM."""
+    def stop(self, timeout: float = 10.0, *, keep_import: bool = False) -> None:
+        """Stop QEMU (QMP quit, then SIGKILL by pid) and remove everything of this VM;
+        its import disk too, unless ``keep_import`` (a boot to be tried again with it)."""
         pid = self.pid
         if self.alive():
             with contextlib.suppress(MachineError):
@@ -200,7 +201,7 @@ class Machine:
                         os.kill(pid, signal.SIGKILL)
                 self._wait_gone(_KILLED_EXIT_SECONDS)
         self.ram_path.unlink(missing_ok=True)
-        if self.record.import_disk:  # a warm standby's, never filled
+        if self.record.import_disk and not keep_import:  # a warm standby's, never filled
             Path(self.record.import_disk).unlink(missing_ok=True)
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -319,11 +320,13 @@ class MachineRegistry:
             self.network.delete_link(machine.record.service_tap)
             self.network.delete_link(machine.record.migration_tap)
 
-    def remove(self, machine: Machine, *, keep_network: bool = False) -> None:
+    def remove(self, machine: Machine, *, keep_network: bool = False,
+               keep_import: bool = False) -> None:
         """Stop a machine and its TAPs; the last one out removes the network too,
-        unless ``keep_network`` (a VM about to be replaced, with clients waiting)."""
+        unless ``keep_network`` (a VM about to be replaced, with clients waiting).
+        ``keep_import``: see :meth:`Machine.stop`."""
         with self.locked():
-            machine.stop()
+            machine.stop(keep_import=keep_import)
             self._forget_links(machine, keep_network)
 
     def _launch(self, machine: Machine, kernel: Kernel, accel: Accelerator, *,
