@@ -18,16 +18,7 @@ def test_a_file_written_and_not_synced_is_found_with_its_pages(
     path = "/data/tm-unsynced"
     vm.run(f"yes transmigrate | head -c 6000 > {path}")
     try:
-        found = {f.path: f for f in unwritten_files(vm.guest)}
-        assert path in found, sorted(found)
-        unwritten = found[path]
-        assert unwritten.size == 6000
-        assert [index for index, _ in unwritten.dirty] == [0, 1]
-        ram = vm.guest.ram
-        start = ram.offset(unwritten.dirty[0][1], PAGE)
-        assert bytes(ram.buffer[start:start + 24]) == b"transmigrate\ntransmigrat"
-        vm.run("sync")
-        assert path not in {f.path for f in unwritten_files(vm.guest)}
+        _found_until_synced(vm, path, 6000, [0, 1], b"transmigrate\ntransmigrat")
     finally:
         vm.run(f"rm -f {path}")
 
@@ -46,15 +37,22 @@ def test_a_file_on_disk_whose_new_size_is_not_committed_is_found(
     vm.run(f"mount -o remount,commit=600 /data && printf 'first\\n' > {path} && sync && "
            f"printf 'second\\n' >> {path} && python3 -c \"{write_pages.format(path=path)}\"")
     try:
-        found = {f.path: f for f in unwritten_files(vm.guest)}
-        assert path in found, sorted(found)
-        unwritten = found[path]
-        assert unwritten.size == 13
-        assert [index for index, _ in unwritten.dirty] == [0]
-        ram = vm.guest.ram
-        start = ram.offset(unwritten.dirty[0][1], PAGE)
-        assert bytes(ram.buffer[start:start + 13]) == b"first\nsecond\n"
-        vm.run("sync")
-        assert path not in {f.path for f in unwritten_files(vm.guest)}
+        _found_until_synced(vm, path, 13, [0], b"first\nsecond\n")
     finally:
         vm.run(f"rm -f {path}; mount -o remount,commit=5 /data")
+
+
+def _found_until_synced(vm: Attached, path: str, size: int, pages: list[int],
+                        start: bytes) -> None:
+    """``path`` is found with ``size``, its unwritten ``pages`` (by index), and its first
+    page beginning with ``start``; after a sync it is found no more."""
+    found = {f.path: f for f in unwritten_files(vm.guest)}
+    assert path in found, sorted(found)
+    unwritten = found[path]
+    assert unwritten.size == size
+    assert [index for index, _ in unwritten.dirty] == pages
+    ram = vm.guest.ram
+    offset = ram.offset(unwritten.dirty[0][1], PAGE)
+    assert bytes(ram.buffer[offset:offset + len(start)]) == start
+    vm.run("sync")
+    assert path not in {f.path for f in unwritten_files(vm.guest)}
