@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 from pathlib import Path
+from typing import IO
 
 from transmigrate.config import ACTIVE_KERNEL
 from transmigrate.orchestrate.history import History
 from transmigrate.orchestrate.host import Host
 from transmigrate.orchestrate.services import redis_cli, start_redis
+from transmigrate.polling import wait_for
 
 from ..conftest import CLI, cli, operated_on_elsewhere, qemu_pids
 
@@ -69,6 +72,8 @@ def test_a_vm_without_a_kernel_fails_in_one_line(host: Host) -> None:
 
 
 def test_a_declared_vm_boots_and_down_twice_fails_in_one_line(prepared: Host) -> None:
+    """And a command running in it when it goes says so, rather than only that the
+    agent's connection broke."""
     done = cli("-c", f'vms.t-twice.kernel="{ACTIVE_KERNEL}"', "-c", "vms.t-twice.data_mib=512",
                "up", "t-twice", "--memory", "256", "--json")
     assert done.returncode == 0, done.stderr
@@ -79,8 +84,26 @@ def test_a_declared_vm_boots_and_down_twice_fails_in_one_line(prepared: Host) ->
     [kept] = History.at(prepared.state).recent(vm="t-twice", limit=1)
     assert (kept.kind, kept.outcome, kept.report["boot_seconds"]) == \
         ("up", "done", booted["boot_seconds"])
+    running = subprocess.Popen([str(CLI), "exec", "t-twice", "sleep", "60"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    agent = prepared.agent(prepared.machines.get("t-twice"))
+    with open(agent.lock_path, "a") as lock:  # the exec holds the agent while it runs
+        wait_for(lambda: _held(lock), timeout=60, interval=0.1, what="exec did not start")
     assert cli("down", "t-twice").returncode == 0
+    _, err = running.communicate(timeout=60)
+    assert running.returncode == 1
+    assert err.startswith("transmigrate: error: t-twice was removed while the command ran"), err
     assert "no VM named" in _one_line_error(cli("down", "t-twice"))
+
+
+def _held(lock: IO[str]) -> bool:
+    """Whether another process holds the flock on ``lock``."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
 
 
 def test_redis_answers_a_client_in_the_namespace(prepared: Host, old_vm: str) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transmigrate.errors import (
+    AgentError,
     BootPanic,
     MachineDead,
     MachineError,
@@ -197,8 +198,18 @@ def running(host: Host, name: str) -> Machine:
 
 def exec_in(host: Host, name: str, argv: Sequence[str], *, timeout: float = 600.0,
             input: bytes | None = None) -> ExecResult:
+    """Run ``argv`` in VM ``name``. If the VM is retired meanwhile (an update or a
+    recovery put another in its place), say so: the command's fate is unknown."""
     machine = running(host, name)
-    return host.agent(machine).exec(argv, timeout=timeout, input=input)
+    try:
+        return host.agent(machine).exec(argv, timeout=timeout, input=input)
+    except AgentError as exc:
+        now = [m for m in host.machines.all() if m.name == name]
+        if now and now[0].record.id == machine.record.id:
+            raise
+        raise AgentError(f"{name} was {'replaced by a new VM' if now else 'removed'} while "
+                         f"the command ran (an update or a recovery?), so whether it finished "
+                         f"is unknown; the agent said: {exc}") from exc
 
 
 def down(host: Host, name: str) -> None:
