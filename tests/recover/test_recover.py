@@ -323,8 +323,12 @@ def _non_regular_files(directory: Path, pid: int) -> dict[int, tuple[str, dict[s
     for fd in _entries(directory / f"fdinfo-{ids['files_id']}.img"):
         entry = files[fd["id"]]
         if entry["type"] != "REG":
-            body = next(v for k, v in entry.items() if k not in ("type", "id"))
-            result[fd["fd"]] = (entry["type"], {k: v for k, v in body.items() if k != "id"})
+            body = {k: v for k, v in next(v for k, v in entry.items()
+                                          if k not in ("type", "id")).items() if k != "id"}
+            if "regf_id" in body:  # a FIFO: its path and flags, in a file entry of their own
+                body["regf"] = {k: v for k, v in files[body.pop("regf_id")]["reg"].items()
+                                if k != "id"}
+            result[fd["fd"]] = (entry["type"], body)
     return result
 
 
@@ -356,7 +360,7 @@ def _assert_same_stream(ours: Path, golden: Path, inode: int) -> None:
 @pytest.mark.parametrize("vm", ["old_vm", "new_vm"])
 def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         prepared: Host, vm: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """On each kernel: a pipe holding 5000 bytes, an eventfd, a signalfd, a timerfd (its
+    """On each kernel: a pipe holding 5000 bytes, a FIFO 600, an eventfd, a signalfd, a timerfd (its
     time left counted from the stop), UNIX socketpairs with bytes and datagrams waiting,
     a listener,
     and a loopback connection with bytes waiting in the receive queue one way and in the
@@ -390,12 +394,16 @@ def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         assert ours == golden
         assert golden[timer][1]["isec"] == 7 and golden[timer][1]["insec"] == 250_000_000
         assert sorted(kind for kind, _ in golden.values()) == [
-            "EVENTFD", "EVENTPOLL", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE", "SIGNALFD",
-            "TIMERFD", "UNIXSK", "UNIXSK", "UNIXSK", "UNIXSK"]
+            "EVENTFD", "EVENTPOLL", "FIFO", "INETSK", "INETSK", "INETSK", "PIPE", "PIPE",
+            "SIGNALFD", "TIMERFD", "UNIXSK", "UNIXSK", "UNIXSK", "UNIXSK"]
+        [fifo] = [body for kind, body in golden.values() if kind == "FIFO"]
+        assert fifo["regf"]["name"] == "/tmp/streams.fifo", fifo
         assert _queues(ours_dir, pid) == _queues(golden_dir, pid)
         assert sorted(map(len, _queues(golden_dir, pid).values())) == [1, 2, 3], \
             "500 bytes one way, 12000 the other in two pieces, three datagrams"
-        assert _entries(ours_dir / "pipes-data.img") == _entries(golden_dir / "pipes-data.img")
+        for image in ("pipes-data.img", "fifo-data.img"):
+            assert _entries(ours_dir / image) == _entries(golden_dir / image), image
+        assert [entry["bytes"] for entry in _entries(golden_dir / "fifo-data.img")] == [600]
         assert _locks(ours_dir) == _locks(golden_dir)
         assert [(lock["flag"], lock["type"], lock["start"], lock["len"])
                 for lock in _locks(golden_dir)] == [(1, 0, 0, 10), (1, 1, 100, 0), (2, 1, 0, 0)]

@@ -2,7 +2,8 @@
 
 A pipe's data is a ring of page slices (``pipe_inode_info.bufs``, from ``tail`` to
 ``head``), the same in 6.1 and 6.12. Both ends of a pipe share its inode, whose
-number is the pipe's identity in CRIU's images.
+number is the pipe's identity in CRIU's images. A FIFO is such a pipe behind an inode
+of a file system: the same ring, and a path.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class PipeState:
     data: bytes
     size: int
     """The pipe's capacity in bytes (F_GETPIPE_SZ)."""
+    path: str | None = None
+    """A FIFO's path (None for a pipe): restore opens it there again."""
+    mode: int = 0
+    """A FIFO's inode mode."""
 
 
 def read_pipe(guest: Guest, file: drgn.Object) -> PipeState:

@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import drgn
 from drgn.helpers.linux.fs import d_path, for_each_file
@@ -977,10 +977,11 @@ class _Reader:
         kind = self.file_operations.get(file.f_op.value_())
         try:
             if kind == "pipefifo_fops":
-                if int(file.f_inode.i_sb.s_magic) != _PIPEFS_MAGIC:
-                    raise Unrecoverable(f"is the FIFO {self._name(file.f_path)} "
-                                        "(not supported yet)")
-                return read_pipe(self.guest, file)
+                pipe = read_pipe(self.guest, file)
+                if int(file.f_inode.i_sb.s_magic) == _PIPEFS_MAGIC:
+                    return pipe
+                return replace(pipe, path=self._linked_name(file),
+                               mode=int(file.f_inode.i_mode))
             if kind == "eventpoll_fops":
                 return read_epoll(file, by_fd, self._in_epoll_wait)
             if kind == "socket_file_ops":
@@ -1009,10 +1010,10 @@ class _Reader:
             if major != 1:  # /dev/null, /dev/zero, /dev/urandom ... (mem devices)
                 raise self.refuse(f"{what} is a terminal or device (major {major}); "
                                   "not supported yet")
-        dentry = file.f_path.dentry
-        if not int(dentry.d_hash.pprev) and dentry.d_parent.value_() != dentry.value_():
-            raise self.refuse(f"{what} is a deleted file")
-        path = self._name(file.f_path)
+        try:
+            path = self._linked_name(file)
+        except Unrecoverable as exc:
+            raise self.refuse(f"{what} {exc}") from exc
         dirty: tuple[tuple[int, int], ...] = ()
         if stat.S_ISREG(mode) and path.startswith(f"{DATA_MOUNT}/"):
             try:
@@ -1022,6 +1023,13 @@ class _Reader:
         return FileState(path=path, flags=int(file.f_flags) & ~_O_CLOEXEC, pos=int(file.f_pos),
                          mode=mode, size=self.rewound.get(file.value_(), int(inode.i_size)),
                          key=file.value_(), dirty=dirty)
+
+    def _linked_name(self, file: drgn.Object) -> str:
+        """The path ``file`` was opened at (:class:`Unrecoverable` if unlinked since)."""
+        dentry = file.f_path.dentry
+        if not int(dentry.d_hash.pprev) and dentry.d_parent.value_() != dentry.value_():
+            raise Unrecoverable("is a deleted file")
+        return self._name(file.f_path)
 
     def _path(self, path: drgn.Object) -> FileState:
         inode = path.dentry.d_inode

@@ -77,6 +77,12 @@ _FDINFO_TYPES = {FileState: "REG", PipeState: "PIPE", EpollState: "EVENTPOLL",
                  TimerfdState: "TIMERFD"}
 
 
+def _fdinfo_type(state: OpenFile) -> str:
+    if isinstance(state, PipeState) and state.path is not None:
+        return "FIFO"
+    return _FDINFO_TYPES[type(state)]
+
+
 class _Ids:
     """CRIU's file ids: one per distinct kernel object, numbered from 1."""
 
@@ -124,6 +130,15 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
         if isinstance(state, FileState):
             return file_id(state)
         number = ids(state.key)
+        if number not in files and isinstance(state, PipeState) and state.path is not None:
+            # A FIFO, as CRIU dumps one: its path and flags in a regular file's entry of
+            # their own, which the FIFO's entry names.
+            regf = ids(~state.key)
+            files[regf] = {"type": "REG", "id": regf, "reg": {
+                "id": regf, "flags": state.flags, "pos": 0, "fown": _FOWN,
+                "name": state.path, "mode": state.mode}}
+            files[number] = {"type": "FIFO", "id": number, "fifo": {
+                "id": number, "pipe_id": state.pipe_id, "regf_id": regf}}
         files.setdefault(number, _file_entry(state, number, clocks))
         return number
 
@@ -148,7 +163,7 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
         task_ids = {"vm_id": number, "files_id": number, "fs_id": number,
                     "sighand_id": number, **namespace_ids, **own_ipc}
         fdinfo = [{"id": open_file_id(state), "flags": int(cloexec),
-                   "type": _FDINFO_TYPES[type(state)], "fd": fd}
+                   "type": _fdinfo_type(state), "fd": fd}
                   for fd, (state, cloexec) in sorted(process.files.items())]
         exe_id = file_id(process.exe, mapped=True)
         vmas = [_vma(mapping, file_id) for mapping in process.mappings]
@@ -277,16 +292,19 @@ def _file_entry(state: OpenFile, number: int, clocks: KernelClocks) -> dict[str,
 
 def _streams(processes: list[ProcessState], directory: Path) -> list[Path]:
     """The bytes in flight: each pipe's (once, though both ends are open) in
-    pipes-data.img, and each connection's queues in tcp-stream-<inode>.img (once,
-    though several processes have it open)."""
+    pipes-data.img, each FIFO's in fifo-data.img, and each connection's queues in
+    tcp-stream-<inode>.img (once, though several processes have it open)."""
     open_files = list({state.key: state for process in processes
                        for state, _ in process.files.values()}.values())
-    pipes = {p.pipe_id: p for p in open_files if isinstance(p, PipeState)}
     written = []
-    if pipes:
-        written.append(_dump(directory / "pipes-data.img", "PIPES_DATA", [
-            {"pipe_id": p.pipe_id, "bytes": len(p.data), "size": p.size,
-             "extra": _base64(p.data)} for p in pipes.values()]))
+    for fifos, image, magic in ((False, "pipes-data.img", "PIPES_DATA"),
+                                (True, "fifo-data.img", "FIFO_DATA")):
+        pipes = {p.pipe_id: p for p in open_files
+                 if isinstance(p, PipeState) and (p.path is not None) == fifos}
+        if pipes:
+            written.append(_dump(directory / image, magic, [
+                {"pipe_id": p.pipe_id, "bytes": len(p.data), "size": p.size,
+                 "extra": _base64(p.data)} for p in pipes.values()]))
     for state in open_files:
         if isinstance(state, SocketState) and state.stream is not None:
             stream = state.stream

@@ -15,8 +15,9 @@
  * process can take neither, before and after a recovery. It maps LOG.map shared (the
  * file's descriptor closed) and keeps the last line's number there: a line is ok only
  * if the mapping still holds the one before; the same in anonymous shared memory. It
- * also keeps that number in flight in a UNIX socketpair: each line reads the previous
- * one out and sends its own.
+ * also keeps that number in flight in a UNIX socketpair and in the FIFO LOG.fifo (open
+ * for reading and writing): each line reads the previous one out of each and sends its
+ * own.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -28,6 +29,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -107,6 +109,14 @@ int main(int argc, char **argv) {
         write(pair[0], &in_flight, sizeof in_flight) != sizeof in_flight) {
         perror("socketpair"); return 1;
     }
+    char fifo_path[4096];
+    snprintf(fifo_path, sizeof fifo_path, "%s.fifo", argv[1]);
+    unlink(fifo_path);
+    int fifo = -1;
+    if (mkfifo(fifo_path, 0600) || (fifo = open(fifo_path, O_RDWR | O_NONBLOCK)) < 0 ||
+        write(fifo, &in_flight, sizeof in_flight) != sizeof in_flight) {
+        perror(fifo_path); return 1;
+    }
     uint64_t *words = malloc(WORDS * 8), seed = 0x9E3779B97F4A7C15ull, sum = 0;
     if (!words) { perror("malloc"); return 1; }
     for (size_t i = 0; i < WORDS; i++) sum += (words[i] = next(&seed));
@@ -142,6 +152,8 @@ int main(int argc, char **argv) {
         *last = *shared = n;
         ok = ok && read(pair[1], &in_flight, sizeof in_flight) == sizeof in_flight
              && in_flight == n - 1 && write(pair[0], &n, sizeof n) == sizeof n;
+        ok = ok && read(fifo, &in_flight, sizeof in_flight) == sizeof in_flight
+             && in_flight == n - 1 && write(fifo, &n, sizeof n) == sizeof n;
         if (threads) {
             pthread_mutex_lock(&mutex);
             ok = ok && seen == n - 1 && (n == 1 || spins != last_spins) && !spin_bad;

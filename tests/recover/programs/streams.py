@@ -9,8 +9,9 @@ queue and in the server's send queue), until nothing moves; 5000 bytes wait in a
 pipe; an eventfd counts 42; a signalfd reads SIGUSR1 and SIGUSR2; a monotonic timerfd
 fires in 1000 s, then every 7.25 s. An epoll set watches all but the timer. Beside
 itself, it holds streams.records with two POSIX locks (bytes 0-9 for reading, 100 to
-the end for writing) and streams.flock with a flock lock; a UNIX stream socketpair
-holds bytes both ways, a datagram one three messages. It prints
+the end for writing) and streams.flock with a flock lock, and the FIFO streams.fifo
+holding 600 bytes; a UNIX stream socketpair holds bytes both ways, a datagram one
+three messages. It prints
 "ready" and waits in pause(), leaving everything as it is (for the golden comparison
 with criu dump).
 """
@@ -94,5 +95,13 @@ fcntl.lockf(records, fcntl.LOCK_SH, 10, 0)
 fcntl.lockf(records, fcntl.LOCK_EX, 0, 100)
 whole = open(os.path.join(here, "streams.flock"), "w")  # noqa: SIM115 (held)
 fcntl.flock(whole, fcntl.LOCK_EX)
+# A FIFO beside it, open for reading and writing (so that no open waits for the other
+# end), 600 bytes in it.
+named = os.path.join(here, "streams.fifo")
+if os.path.exists(named):
+    os.unlink(named)
+os.mkfifo(named, 0o640)
+fifo = os.open(named, os.O_RDWR | os.O_NONBLOCK)
+os.write(fifo, b"fifo " * 120)
 print("ready", flush=True)
 signal.pause()
