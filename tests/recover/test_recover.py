@@ -360,11 +360,11 @@ def _assert_same_stream(ours: Path, golden: Path, inode: int) -> None:
 @pytest.mark.parametrize("vm", ["old_vm", "new_vm"])
 def test_pipes_epoll_and_tcp_queues_read_as_criu_dumps_them(
         prepared: Host, vm: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """On each kernel: a pipe holding 5000 bytes, a FIFO 600, an eventfd, a signalfd, a timerfd (its
-    time left counted from the stop), UNIX socketpairs with bytes and datagrams waiting,
-    a listener,
-    and a loopback connection with bytes waiting in the receive queue one way and in the
-    send queue the other (megabytes, in page fragments), all watched by an epoll set.
+    """On each kernel: a pipe holding 5000 bytes and a FIFO 600, an eventfd, a signalfd,
+    a timerfd (its time left counted from the stop), UNIX socketpairs with bytes and
+    datagrams waiting, a listener, and a loopback connection with bytes waiting in the
+    receive queue one way and in the send queue the other (megabytes, in page
+    fragments), all watched by an epoll set.
     Our images of them from the stopped VM equal a real `criu dump` taken just before,
     byte for byte."""
     name = request.getfixturevalue(vm)
