@@ -32,7 +32,7 @@ __all__ = ["BootReport", "clean", "down", "exec_in", "failed_console", "running"
 BOOT_TIMEOUT = 180.0
 KVM_SILENCE_SECONDS = 20.0
 """The guest's first console line (its init's "ready"; the kernel is quiet at loglevel 4)
-comes ~5 s after QEMU starts under TCG on 2 cores, sooner under KVM: a KVM guest still
+comes ~4-5 s after QEMU starts under TCG on 2 cores, sooner under KVM: a KVM guest still
 silent after this never ran, whatever the accelerator probe saw."""
 _CONSOLE_POLL = 0.25
 FIRST_PID = 10_000
