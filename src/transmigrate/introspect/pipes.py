@@ -40,6 +40,10 @@ class PipeState:
     mode: int = 0
     """A FIFO's inode mode."""
 
+    @property
+    def fifo(self) -> bool:
+        return self.path is not None
+
 
 def read_pipe(guest: Guest, file: drgn.Object) -> PipeState:
     """Read the pipe end open as ``file``; raise :class:`Unrecoverable` if the pipe was

@@ -78,7 +78,7 @@ _FDINFO_TYPES = {FileState: "REG", PipeState: "PIPE", EpollState: "EVENTPOLL",
 
 
 def _fdinfo_type(state: OpenFile) -> str:
-    if isinstance(state, PipeState) and state.path is not None:
+    if isinstance(state, PipeState) and state.fifo:
         return "FIFO"
     return _FDINFO_TYPES[type(state)]
 
@@ -130,7 +130,9 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
         if isinstance(state, FileState):
             return file_id(state)
         number = ids(state.key)
-        if number not in files and isinstance(state, PipeState) and state.path is not None:
+        if number in files:
+            return number
+        if isinstance(state, PipeState) and state.fifo:
             # A FIFO, as CRIU dumps one: its path and flags in a regular file's entry of
             # their own, which the FIFO's entry names.
             regf = ids(~state.key)
@@ -139,7 +141,8 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
                 "name": state.path, "mode": state.mode}}
             files[number] = {"type": "FIFO", "id": number, "fifo": {
                 "id": number, "pipe_id": state.pipe_id, "regf_id": regf}}
-        files.setdefault(number, _file_entry(state, number, clocks))
+        else:
+            files[number] = _file_entry(state, number, clocks)
         return number
 
     written = [_dump(directory / "inventory.img", "INVENTORY", [{
@@ -300,7 +303,7 @@ def _streams(processes: list[ProcessState], directory: Path) -> list[Path]:
     for fifos, image, magic in ((False, "pipes-data.img", "PIPES_DATA"),
                                 (True, "fifo-data.img", "FIFO_DATA")):
         pipes = {p.pipe_id: p for p in open_files
-                 if isinstance(p, PipeState) and (p.path is not None) == fifos}
+                 if isinstance(p, PipeState) and p.fifo == fifos}
         if pipes:
             written.append(_dump(directory / image, magic, [
                 {"pipe_id": p.pipe_id, "bytes": len(p.data), "size": p.size,
