@@ -204,7 +204,8 @@ def exec_in(host: Host, name: str, argv: Sequence[str], *, timeout: float = 600.
     try:
         return host.agent(machine).exec(argv, timeout=timeout, input=input)
     except AgentError as exc:
-        now = [m for m in host.machines.all() if m.name == name]
+        with host.machines.locked():  # a removal in progress holds it until its record is gone
+            now = [m for m in host.machines.all() if m.name == name]
         if now and now[0].record.id == machine.record.id:
             raise
         raise AgentError(f"{name} was {'replaced by a new VM' if now else 'removed'} while "
