@@ -178,8 +178,8 @@ def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
         assert our_core["tc"][key] == theirs_core["tc"][key], key
     assert _vmas(ours, pid) == _vmas(golden, pid)
     assert [(v["flags"], v["fdflags"]) for v in _vmas(golden, pid)
-            if v["status"] & 0x4080 == 0x80] == [(1, 2)], \
-        "one shared mapping (MAP_SHARED) of a file opened O_RDWR"
+            if v["status"] & 0x4080 == 0x80] == [(1, 2), (1, 2)], \
+        "shared mappings (MAP_SHARED) of a file on the volume and of one on a tmpfs"
     assert [v["flags"] for v in _vmas(golden, pid) if v["status"] & 0x4000] == [1], \
         "anonymous shared memory, which CRIU 3.17 takes for a memfd (VMA_AREA_MEMFD)"
     assert _entries(ours / "memfd.img")[0]["size"] == _entries(golden / "memfd.img")[0][
@@ -225,25 +225,32 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
     """One guest per direction: the golden program waits in pause() (and its second
     thread on a futex) and the counter counts with a waiting and a computing thread,
     under a shell waiting for it, each holding its log with a flock and a POSIX lock
-    and a number in a shared mapping of a file, in anonymous shared memory and in a
-    UNIX socketpair; the 6.1 kernel
-    panics, the 6.12 VM is stopped while
-    the computing thread runs user code (its registers only in the vCPU); the paused
+    and a number in a shared mapping of a file, in anonymous shared memory, in a UNIX
+    socketpair, and in a FIFO and POSIX shared memory on a tmpfs (made again with their
+    contents, as the shell's working directory there is); the 6.1 kernel panics, the
+    6.12 VM is stopped while the computing thread runs user code (its registers only
+    in the vCPU); the paused
     one's images match CRIU's own dump of it, and the shell and its counter (a process
     tree) go on in the new VM on the other kernel (6.12 -> 6.1 through the CLI), its
     locks held again and its mapping holding its last number. A
     process caught inside send() on a connection is restored with that connection cut
-    (named as its loss): its send fails, it carries on, and the other end gets a reset."""
+    (named as its loss): its send fails, it carries on, and the other end gets a reset.
+    One holding a file the new VM lacks is named, and, its kernel dead, the others go
+    on without it."""
     name = f"t-rec-{before.split('.')[1]}"
     lifecycle.up(prepared, name, before, memory_mib=512)
     try:
         agent = prepared.agent(prepared.machines.get(name))
         paused = _start(agent, counter, "/data/paused.log", "--pause", "--threads")
         holder = int(agent.sh(
+            "mkdir -m 700 /tmp/counter.d && cd /tmp/counter.d && "
             "setsid -f sh -c '/data/counter /data/counter.log --threads & wait' "
             "</dev/null >/dev/null 2>&1; while ! [ -s /data/counter.log ]; do sleep 0.2; "
             "done; pgrep -of '^sh -c /data/counter'").text)
         sender = _start_blocked_send(agent)
+        noter = int(agent.sh(  # its file is on the old VM's root file system only
+            "setsid -f sh -c 'exec 3>>/var/tmp/tm-note; echo note >&3; exec sleep 600' "
+            "</dev/null >/dev/null 2>&1; sleep 1; pgrep -nx sleep").text)
         packed = agent.sh(f"rm -rf /tmp/golden && mkdir /tmp/golden && criu dump -t {paused} "
                           "-D /tmp/golden --leave-running --file-locks -o dump.log && "
                           "tar -c -C /tmp/golden .", what="criu dump", timeout=120).stdout
@@ -261,8 +268,13 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
         assert [v.verdict for v in checkpoint.processes] == ["dumped"], checkpoint
         _assert_same_images(tmp_path / "ours" / str(paused), tmp_path / "golden", paused)
 
-        if before == ACTIVE_KERNEL:
-            report = recover(prepared, name, after, pids=[holder, sender]).as_dict()
+        if before == ACTIVE_KERNEL:  # the kernel is dead: what cannot be restored fails
+            report = recover(prepared, name, after, pids=[holder, sender, noter]).as_dict()
+            failed = report["processes"].pop()
+            assert (failed["verdict"], failed["reason"]) == ("failed", (
+                f"{noter}: /var/tmp/tm-note is not on {name}-next: it was on the old "
+                "VM's root file system only; put it in the guest image (--package, "
+                "--files) or on /data")), failed
         else:
             done = cli("recover", name, "--kernel", after, "--pid", str(holder),
                        "--pid", str(sender), "--json")
@@ -297,6 +309,8 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
                             "'/data/counter.log', 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)\" "
                             "2>/dev/null; echo $?"]).text.split()
         assert locked == ["1", "1"], "its flock and POSIX locks are held again"
+        assert agent.sh(f"cd /proc/{holder}/cwd && stat -c '%n %a' \"$(pwd -P)\"").text \
+            .strip() == "/tmp/counter.d 700", "its working directory, on a tmpfs, made again"
         # Its clocks go on from where the dead kernel's stood (a time namespace), not
         # from the new VM's shorter uptime.
         died = _entries(Path(report["processes"][0]["images"]) / "timens-0.img")[0]
@@ -749,9 +763,8 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
                                                  tmp_path: Path) -> None:
     """A VM that does not exist, a pid that is gone, a kernel thread, the guest's init, a
     process in the middle of a write into a pipe, one sharing its memory with another
-    process, one holding an open file description lock, one with POSIX shared memory:
-    one line each, a non-zero
-    exit, and the VM runs on as before."""
+    process, one holding an open file description lock, one sharing a file of the root
+    file system: one line each, a non-zero exit, and the VM runs on as before."""
     out = str(tmp_path / "images")
     for args, error in [
             (["dump", "no-such-vm", "--pid", "1", "--out", out], "no VM named 'no-such-vm'"),
@@ -808,18 +821,20 @@ def test_bad_input_is_refused_and_the_vm_runs_on(prepared: Host, old_vm: str,
             "CRIU 3.17 cannot rebuild it)" in " ".join(_dump_refused(old_vm, holder, out).split())
     finally:
         agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-ofd /tmp/tm-ofd.ready")
-    # POSIX shared memory (a file on tmpfs), which lives in RAM only (not supported yet).
+    # A shared mapping of a file on the root file system, which the new VM has as the
+    # image made it, not as the old one changed it.
     holder = int(agent.sh(
-        "setsid -f python3 -c \"import mmap, signal; f = open('/dev/shm/tm-shared', 'w+b'); "
+        "setsid -f python3 -c \"import mmap, signal; f = open('/var/tmp/tm-shared', 'w+b'); "
         "f.truncate(4096); m = mmap.mmap(f.fileno(), 4096); m[0] = 1; "
         "open('/tmp/tm-shared.ready', 'w'); signal.pause()\" </dev/null >/dev/null 2>&1; "
         "until [ -e /tmp/tm-shared.ready ]; do sleep 0.2; done; pgrep -nx python3").text)
     try:
         refused = " ".join(_dump_refused(old_vm, holder, out).split())
         assert f"{holder}: refused: it has shared memory at 0x" in refused, refused
-        assert "(/dev/shm/tm-shared; only files on the data volume are supported)" in refused
+        assert "(/var/tmp/tm-shared; only files on the data volume or a tmpfs are " \
+            "supported)" in refused
     finally:
-        agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-shared.ready /dev/shm/tm-shared")
+        agent.sh(f"kill -KILL {holder}; rm -f /tmp/tm-shared.ready /var/tmp/tm-shared")
 
 
 def _overwrite(host: Host, vm: str, address: int, value: int) -> None:

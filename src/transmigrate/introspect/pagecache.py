@@ -4,7 +4,8 @@ A dead kernel's dirty pages are the last writes its processes made. Those of the
 a recovered process holds open go with it (``process.FileState.dirty``); the rest of the
 data volume's are found here, inode by inode of its file system, so that a service
 started again from the volume, or a file written and closed just before the death,
-loses no byte the kernel had accepted.
+loses no byte the kernel had accepted. A file on a tmpfs has no disk at all: its page
+cache is the file (:class:`TmpfsFile`), which the new VM gets whole.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import drgn
 from drgn.helpers.linux.fs import dentry_path, for_each_mount, inode_for_each_page
 from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
 from drgn.helpers.linux.mm import PageDirty, PageUptodate, PageWriteback, page_to_phys
+from drgn.helpers.linux.xarray import xa_for_each, xa_is_value
 
 from transmigrate.errors import IntrospectionError
 from transmigrate.introspect.kernel import Guest, drgn_errors
 from transmigrate.introspect.pagetable import PAGE
 from transmigrate.vm.volume import DATA_MOUNT
 
-__all__ = ["UnwrittenFile", "dirty_pages", "unwritten_files"]
+__all__ = ["TmpfsFile", "UnwrittenFile", "dirty_pages", "read_tmpfs_file", "shmem_pages",
+           "unwritten_files"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,47 @@ class UnwrittenFile:
     path: str
     size: int
     dirty: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class TmpfsFile:
+    """A file, FIFO or directory on a tmpfs: its only copy was the dead kernel's memory
+    and the new VM's tmpfs starts empty, so it is made there again, owned as it was, with
+    its size and (index, physical address of) every page, before the restore opens it."""
+
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    dirty: tuple[tuple[int, int], ...]
+    """Named as :class:`UnwrittenFile`'s: tm-writeback writes both the same way."""
+
+
+def read_tmpfs_file(guest: Guest, path: str, inode: drgn.Object) -> TmpfsFile:
+    """The tmpfs file ``inode`` at ``path``; IntrospectionError if its pages cannot be
+    trusted or some are in swap."""
+    regular = stat.S_ISREG(int(inode.i_mode))  # a FIFO's bytes are the pipe's
+    return TmpfsFile(path, int(inode.i_mode), int(inode.i_uid.val), int(inode.i_gid.val),
+                     int(inode.i_size) if regular else 0,
+                     shmem_pages(guest, inode) if regular else ())
+
+
+def shmem_pages(guest: Guest, inode: drgn.Object) -> tuple[tuple[int, int], ...]:
+    """(index, physical address) of each page of a shmem inode (a tmpfs file, shared
+    anonymous memory): all of its contents, holes read as zeros."""
+    pages: list[tuple[int, int]] = []
+    limit = int(inode.i_size) // PAGE + 1
+    for index, entry in xa_for_each(inode.i_mapping.i_pages.address_of_()):
+        if xa_is_value(entry):
+            raise IntrospectionError("has a page swapped out")
+        if index > limit or len(pages) > limit:
+            raise IntrospectionError("has a corrupt page cache")
+        physical = int(page_to_phys(drgn.cast("struct page *", entry)))
+        if not guest.ram.covers(physical, PAGE):
+            raise IntrospectionError("has a page outside guest RAM")
+        pages.append((index, physical))
+    return tuple(pages)
 
 
 def dirty_pages(guest: Guest, inode: drgn.Object) -> tuple[tuple[int, int], ...]:

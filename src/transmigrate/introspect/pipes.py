@@ -16,6 +16,7 @@ from drgn.helpers.linux.mm import page_to_phys
 
 from transmigrate.errors import Unrecoverable
 from transmigrate.introspect.kernel import Guest
+from transmigrate.introspect.pagecache import TmpfsFile
 from transmigrate.introspect.pagetable import PAGE
 
 __all__ = ["PipeState", "read_pipe"]
@@ -39,6 +40,8 @@ class PipeState:
     """A FIFO's path (None for a pipe): restore opens it there again."""
     mode: int = 0
     """A FIFO's inode mode."""
+    tmpfs: TmpfsFile | None = None
+    """A FIFO on a tmpfs: made again on the new VM."""
 
     @property
     def fifo(self) -> bool:

@@ -26,7 +26,7 @@ from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.mm import for_each_vma, page_to_phys
 from drgn.helpers.linux.pid import find_task, for_each_task, for_each_task_in_group
 from drgn.helpers.linux.sched import task_cpu, task_on_cpu, task_state_to_char
-from drgn.helpers.linux.xarray import xa_for_each, xa_is_value, xa_load
+from drgn.helpers.linux.xarray import xa_is_value, xa_load
 
 from transmigrate.errors import IntrospectionError, Unrecoverable
 from transmigrate.introspect.epoll import EpollState, read_epoll
@@ -44,7 +44,12 @@ from transmigrate.introspect.namespaces import (
     read_ipc_namespace,
     read_time_namespace,
 )
-from transmigrate.introspect.pagecache import dirty_pages
+from transmigrate.introspect.pagecache import (
+    TmpfsFile,
+    dirty_pages,
+    read_tmpfs_file,
+    shmem_pages,
+)
 from transmigrate.introspect.pagetable import PAGE, PageTables, UnmovablePage
 from transmigrate.introspect.panic import PanicReader
 from transmigrate.introspect.pipes import PipeState, read_pipe
@@ -162,6 +167,8 @@ class FileState:
     """For a file on the data volume (which the new VM mounts): (page index, physical
     address) of each page-cache page the volume may not have yet (see
     ``pagecache.dirty_pages``); with them, ``size`` is written back too."""
+    tmpfs: TmpfsFile | None = None
+    """For a file on a tmpfs: all of it, to make again on the new VM."""
 
 
 OpenFile = (FileState | PipeState | EpollState | SocketState | UnixSocketState
@@ -848,9 +855,10 @@ class _Reader:
                               None, self._shared_memory(file, start))
             elif kind in ("file", "shared-file"):
                 state = self._file(file, f"the mapping at {start:#x}")
-                if kind == "shared-file" and not self._on_volume(file, state):
+                if kind == "shared-file" and not self._kept(file, state):
                     raise self.refuse(f"it has shared memory at {start:#x} ({state.path}; "
-                                      "only files on the data volume are supported)")
+                                      "only files on the data volume or a tmpfs are "
+                                      "supported)")
                 yield Mapping(start, end, int(vma.vm_pgoff) * PAGE, flags, kind, state)
             else:  # /proc/PID/maps, and so CRIU, give an anonymous mapping offset 0
                 yield Mapping(start, end, 0, flags, kind, None)
@@ -866,30 +874,25 @@ class _Reader:
         """The memory of the anonymous shared mapping at ``start``, from its page cache.
         A page swapped out is refused."""
         inode = file.f_inode
-        pages: list[tuple[int, int]] = []
-        limit = int(inode.i_size) // PAGE + 1
-        for index, entry in xa_for_each(inode.i_mapping.i_pages.address_of_()):
-            if xa_is_value(entry):
-                raise self.refuse(f"its shared memory at {start:#x} has a page swapped out")
-            if index > limit or len(pages) > limit:
-                raise self.refuse(f"its shared memory at {start:#x} is corrupt")
-            physical = int(page_to_phys(drgn.cast("struct page *", entry)))
-            if not self.guest.ram.covers(physical, PAGE):
-                raise self.refuse(f"its shared memory at {start:#x} has a page outside "
-                                  "guest RAM")
-            pages.append((index * PAGE, physical))
+        try:
+            pages = tuple((index * PAGE, physical)
+                          for index, physical in shmem_pages(self.guest, inode))
+        except IntrospectionError as exc:
+            raise self.refuse(f"its shared memory at {start:#x} {exc}") from exc
         info = drgn.container_of(inode, "struct shmem_inode_info", "vfs_inode")
         return SharedMemoryState(key=file.value_(), ino=int(inode.i_ino),
                                  size=int(inode.i_size), uid=int(inode.i_uid.val),
                                  gid=int(inode.i_gid.val), seals=int(info.seals),
-                                 pages=tuple(pages))
+                                 pages=pages)
 
-    def _on_volume(self, file: drgn.Object, state: FileState) -> bool:
-        """Whether ``file`` is a regular file of the data volume's file system, whose
-        contents (its unwritten pages written back) the new VM has: what a shared
-        mapping of it shows there. Not memory-only files (tmpfs, memfd, SysV shm)."""
-        return (stat.S_ISREG(state.mode) and state.path.startswith(f"{DATA_MOUNT}/")
-                and int(file.f_inode.i_sb.s_magic) != _TMPFS_MAGIC)
+    @staticmethod
+    def _kept(file: drgn.Object, state: FileState) -> bool:
+        """Whether the new VM has regular file ``file`` as it was, which a shared mapping
+        of it then shows: on the data volume (its unwritten pages written back), or on
+        a tmpfs (made there again, see ``FileState.tmpfs``)."""
+        return stat.S_ISREG(state.mode) and (state.tmpfs is not None or (
+            state.path.startswith(f"{DATA_MOUNT}/")
+            and int(file.f_inode.i_sb.s_magic) != _TMPFS_MAGIC))
 
     def _vdso_mark(self, mm: drgn.Object, vdso: int) -> tuple[int, int, int] | None:
         """CRIU's mark on the kernel's vdso, if its restorer left one: the addresses of
@@ -980,8 +983,9 @@ class _Reader:
                 pipe = read_pipe(self.guest, file)
                 if int(file.f_inode.i_sb.s_magic) == _PIPEFS_MAGIC:
                     return pipe
-                return replace(pipe, path=self._linked_name(file),
-                               mode=int(file.f_inode.i_mode))
+                path = self._linked_name(file)
+                return replace(pipe, path=path, mode=int(file.f_inode.i_mode),
+                               tmpfs=self._tmpfs(file, path))
             if kind == "eventpoll_fops":
                 return read_epoll(file, by_fd, self._in_epoll_wait)
             if kind == "socket_file_ops":
@@ -1015,14 +1019,23 @@ class _Reader:
         except Unrecoverable as exc:
             raise self.refuse(f"{what} {exc}") from exc
         dirty: tuple[tuple[int, int], ...] = ()
-        if stat.S_ISREG(mode) and path.startswith(f"{DATA_MOUNT}/"):
-            try:
+        tmpfs = None
+        try:
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                tmpfs = self._tmpfs(file, path)
+            if tmpfs is None and stat.S_ISREG(mode) and path.startswith(f"{DATA_MOUNT}/"):
                 dirty = dirty_pages(self.guest, inode)
-            except IntrospectionError as exc:
-                raise self.refuse(f"{what}: {exc}") from exc
+        except IntrospectionError as exc:
+            raise self.refuse(f"{what} ({path}) {exc}") from exc
         return FileState(path=path, flags=int(file.f_flags) & ~_O_CLOEXEC, pos=int(file.f_pos),
                          mode=mode, size=self.rewound.get(file.value_(), int(inode.i_size)),
-                         key=file.value_(), dirty=dirty)
+                         key=file.value_(), dirty=dirty, tmpfs=tmpfs)
+
+    def _tmpfs(self, file: drgn.Object, path: str) -> TmpfsFile | None:
+        """``file``'s inode at ``path`` to make again on the new VM, if on a tmpfs."""
+        if int(file.f_inode.i_sb.s_magic) != _TMPFS_MAGIC:
+            return None
+        return read_tmpfs_file(self.guest, path, file.f_inode)
 
     def _linked_name(self, file: drgn.Object) -> str:
         """The path ``file`` was opened at (:class:`Unrecoverable` if unlinked since)."""
@@ -1032,9 +1045,13 @@ class _Reader:
         return self._name(file.f_path)
 
     def _path(self, path: drgn.Object) -> FileState:
+        """A directory (cwd, root), made again on the new VM if on a tmpfs."""
         inode = path.dentry.d_inode
-        return FileState(path=self._name(path), flags=0, pos=0, mode=int(inode.i_mode),
-                         size=int(inode.i_size), key=path.dentry.value_())
+        name = self._name(path)
+        tmpfs = (read_tmpfs_file(self.guest, name, inode)
+                 if int(inode.i_sb.s_magic) == _TMPFS_MAGIC else None)
+        return FileState(path=name, flags=0, pos=0, mode=int(inode.i_mode),
+                         size=int(inode.i_size), key=path.dentry.value_(), tmpfs=tmpfs)
 
     def _name(self, path: drgn.Object) -> str:
         name = d_path(path.address_of_())

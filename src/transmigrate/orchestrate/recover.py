@@ -8,6 +8,7 @@ CRIU images on the host (:mod:`transmigrate.recover`); a standby restores them.
 from __future__ import annotations
 
 import contextlib
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.clocks import read_clocks
 from transmigrate.introspect.kernel import Guest, attach
 from transmigrate.introspect.pagecache import unwritten_files
-from transmigrate.introspect.process import Refusal, read_cmdline, read_tree
+from transmigrate.introspect.process import FileState, Refusal, read_cmdline, read_tree
 from transmigrate.introspect.sockets import SocketState
 from transmigrate.introspect.tasks import TaskReader
 from transmigrate.migrate.criu import LOG_LEVEL
@@ -36,7 +37,7 @@ from transmigrate.recover.images import WRITEBACK, write_images, write_writeback
 from transmigrate.vm.machine import Machine
 from transmigrate.vm.qemu_command import IMPORT_SERIAL
 from transmigrate.vm.registers import vcpu_states
-from transmigrate.vm.volume import directory_disk
+from transmigrate.vm.volume import DATA_MOUNT, directory_disk
 
 __all__ = ["DumpReport", "ProcessVerdict", "RecoverReport", "dead_name", "dump",
            "prepare_standby", "recover", "warm_standby"]
@@ -80,9 +81,10 @@ class ProcessVerdict:
     """TCP ports it listens on (for all addresses, or the service's)."""
     pages: int = 0
     images: str = ""
-    binaries: dict[str, int] = field(default_factory=dict)
-    """The executable and mapped files, by path, with their sizes: the new VM must
-    have the same ones."""
+    needed_files: dict[str, int] = field(default_factory=dict)
+    """The executable, mapped and open regular files that the new VM must have as they
+    were (from the image both boot), by path, with their sizes: all but those on the
+    data volume or a tmpfs, which go with the processes."""
     processes: list[int] = field(default_factory=list)
     """Every process of the tree rooted at ``pid``, parents first."""
     own_session: bool = True
@@ -168,9 +170,11 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
             verdict.processes = [p.pid for p in tree]
             verdict.own_session = root.sid == root.pid
             verdict.losses = [f"process {p.pid}: {loss}" for p in tree for loss in p.losses]
-            verdict.binaries = {path: size for p in tree for path, size in (
-                (p.exe.path, p.exe.size),
-                *((m.file.path, m.file.size) for m in p.mappings if m.file is not None))}
+            verdict.needed_files = {state.path: state.size for p in tree for state in (
+                p.exe, *(m.file for m in p.mappings if m.file is not None),
+                *(f for f, _ in p.files.values() if isinstance(f, FileState)
+                  and stat.S_ISREG(f.mode)))
+                if state.tmpfs is None and not state.path.startswith(f"{DATA_MOUNT}/")}
             sockets = list({f.key: f for p in tree for f, _ in p.files.values()
                             if isinstance(f, SocketState)}.values())
             verdict.connections = sum(1 for s in sockets if s.stream is not None)
@@ -409,8 +413,14 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
              + (f" && {writebacks}" if writebacks else ""),
              what="mounting the volume and the images, writing back", timeout=120)
     steps["mount and write back"] = round(time.monotonic() - mark, 3)
-    _check_binaries(agent, target.name, dumped)
+    missing = _missing_files(agent, target.name, dumped)
     for verdict in dumped:
+        if verdict.pid in missing:
+            if not keep_partial:
+                raise TransmigrateError(missing[verdict.pid])
+            verdict.verdict, verdict.reason = "failed", missing[verdict.pid]
+            progress(missing[verdict.pid])
+            continue
         mark = time.monotonic()
         work = f"{RESTORE_WORK}/{verdict.pid}"
         progress(f"restoring {verdict.pid} ({verdict.comm}) on {target.record.kernel}")
@@ -527,17 +537,24 @@ def warm_standby(host: Host, name: str, kernel: str) -> Machine | None:
     return standby
 
 
-def _check_binaries(agent: GuestAgent, where: str, dumped: list[ProcessVerdict]) -> None:
-    """Every executable and library a process maps must be on the new VM as it was on the
-    old one: from the image both boot, or on the data volume."""
-    wanted = {path: size for v in dumped for path, size in v.binaries.items()}
-    listed = agent.exec(["stat", "-L", "-c", "%n %s", *wanted])
+def _missing_files(agent: GuestAgent, where: str,
+                   dumped: list[ProcessVerdict]) -> dict[int, str]:
+    """Why each process whose needed files (see ``ProcessVerdict.needed_files``) the
+    new VM lacks or has otherwise cannot be restored there, by pid."""
+    wanted = {path for v in dumped for path in v.needed_files}
+    if not wanted:
+        return {}
+    listed = agent.exec(["stat", "-L", "-c", "%n %s", *sorted(wanted)])
     found = dict(line.rsplit(" ", 1) for line in listed.text.splitlines())
-    for path, size in wanted.items():
-        if path not in found:
-            raise TransmigrateError(
-                f"{path} is not on {where}: it was installed on the old VM's root file "
-                "system; put it in the guest image (--package, --files) or on /data")
-        if int(found[path]) != size:
-            raise TransmigrateError(f"{path} differs on {where} ({found[path]} bytes, "
-                                    f"{size} on the old VM)")
+    missing = {}
+    for verdict in dumped:
+        for path, size in verdict.needed_files.items():
+            if path not in found:
+                missing[verdict.pid] = (
+                    f"{verdict.pid}: {path} is not on {where}: it was on the old VM's root "
+                    "file system only; put it in the guest image (--package, --files) or "
+                    "on /data")
+            elif int(found[path]) != size:
+                missing[verdict.pid] = (f"{verdict.pid}: {path} differs on {where} "
+                                        f"({found[path]} bytes, {size} on the old VM)")
+    return missing

@@ -22,7 +22,7 @@ from transmigrate.introspect.clocks import KernelClocks
 from transmigrate.introspect.epoll import EpollState
 from transmigrate.introspect.eventfds import EventfdState, SignalfdState
 from transmigrate.introspect.namespaces import TimeNamespaceState
-from transmigrate.introspect.pagecache import UnwrittenFile
+from transmigrate.introspect.pagecache import TmpfsFile, UnwrittenFile
 from transmigrate.introspect.pagetable import PAGE
 from transmigrate.introspect.pipes import PipeState
 from transmigrate.introspect.process import (
@@ -42,7 +42,8 @@ from transmigrate.introspect.unix import UnixSocketState
 __all__ = ["WRITEBACK", "write_images", "write_writeback"]
 
 WRITEBACK = "writeback.bin"
-"""Not a CRIU image: the dead kernel's unwritten file data, for tm-writeback."""
+"""Not a CRIU image: the dead kernel's unwritten file data and the tmpfs files the
+processes use, for tm-writeback."""
 
 _PE_PRESENT = 4
 _TASK_ALIVE = 1
@@ -199,9 +200,16 @@ def write_images(processes: list[ProcessState], clocks: KernelClocks, ram: Guest
     referenced = [state for process in processes for state in (
         *(state for state, _ in process.files.values() if isinstance(state, FileState)),
         process.exe, *(m.file for m in process.mappings if m.file is not None))]
-    dirty = {state.path: state for state in referenced if state.dirty}
-    if dirty:
-        written.append(write_writeback(list(dirty.values()), ram, directory / WRITEBACK))
+    fifos = [state for process in processes for state, _ in process.files.values()
+             if isinstance(state, PipeState)]
+    places = [place for process in processes for place in (process.cwd, process.root)]
+    made: list[FileState | PipeState] = [*referenced, *places, *fifos]
+    carried: dict[str, TmpfsFile | UnwrittenFile] = {
+        state.tmpfs.path: state.tmpfs for state in made if state.tmpfs is not None}
+    carried.update((state.path, UnwrittenFile(state.path, state.size, state.dirty))
+                   for state in referenced if state.dirty)
+    if carried:
+        written.append(write_writeback(list(carried.values()), ram, directory / WRITEBACK))
     return written
 
 
@@ -323,15 +331,18 @@ def _base64(data: bytes) -> str:
     return base64.encodebytes(data).decode()
 
 
-def write_writeback(files: Sequence[FileState | UnwrittenFile], ram: GuestRam,
+def write_writeback(files: Sequence[TmpfsFile | UnwrittenFile], ram: GuestRam,
                     path: Path) -> Path:
-    """What the guest tool tm-writeback writes to the volume before the restore: the
-    dirty pages of ``files``, and their sizes."""
+    """What the guest tool tm-writeback writes before the restore: the dirty pages of
+    ``files`` on the volume, and their sizes; a tmpfs's files (and FIFOs) whole, made
+    again with their owner and mode."""
     with path.open("wb") as out:
         for state in files:
             name = state.path.encode(errors="surrogateescape")
             out.write(struct.pack("<I", len(name)) + name)
-            out.write(struct.pack("<QI", state.size, len(state.dirty)))
+            made = (state.mode, state.uid, state.gid) if isinstance(state, TmpfsFile) \
+                else (0, 0, 0)
+            out.write(struct.pack("<QIIII", state.size, *made, len(state.dirty)))
             for index, physical in state.dirty:
                 start = ram.offset(physical, PAGE)
                 out.write(struct.pack("<Q", index) + ram.buffer[start:start + PAGE])

@@ -15,9 +15,13 @@
  * process can take neither, before and after a recovery. It maps LOG.map shared (the
  * file's descriptor closed) and keeps the last line's number there: a line is ok only
  * if the mapping still holds the one before; the same in anonymous shared memory. It
- * also keeps that number in flight in a UNIX socketpair and in the FIFO LOG.fifo (open
- * for reading and writing): each line reads the previous one out of each and sends its
- * own.
+ * also keeps that number in flight in a UNIX socketpair and in the FIFO
+ * /tmp/BASE.fifo (BASE: LOG's file name; open for reading and writing): each line reads
+ * the previous one out of each and sends its own. And in /dev/shm/BASE.state (POSIX
+ * shared memory: a file on a tmpfs, which a dead kernel took with it): mapped shared,
+ * its first page holds the last number; after it, the file descriptor appends every
+ * number, and a line is ok only if the file ends with the previous one where the
+ * descriptor stands.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -109,14 +113,26 @@ int main(int argc, char **argv) {
         write(pair[0], &in_flight, sizeof in_flight) != sizeof in_flight) {
         perror("socketpair"); return 1;
     }
+    const char *base = strrchr(argv[1], '/') ? strrchr(argv[1], '/') + 1 : argv[1];
     char fifo_path[4096];
-    snprintf(fifo_path, sizeof fifo_path, "%s.fifo", argv[1]);
+    snprintf(fifo_path, sizeof fifo_path, "/tmp/%s.fifo", base);
     unlink(fifo_path);
     int fifo = -1;
     if (mkfifo(fifo_path, 0600) || (fifo = open(fifo_path, O_RDWR | O_NONBLOCK)) < 0 ||
         write(fifo, &in_flight, sizeof in_flight) != sizeof in_flight) {
         perror(fifo_path); return 1;
     }
+    char state_path[4096];
+    snprintf(state_path, sizeof state_path, "/dev/shm/%s.state", base);
+    int state = open(state_path, O_RDWR | O_CREAT | O_TRUNC, 0640);
+    volatile uint64_t *posix_shm = MAP_FAILED;
+    if (state < 0 || ftruncate(state, 4096) || lseek(state, 4096, SEEK_SET) != 4096 ||
+        write(state, &in_flight, sizeof in_flight) != sizeof in_flight ||
+        (posix_shm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, state, 0))
+        == MAP_FAILED) {
+        perror(state_path); return 1;
+    }
+    *posix_shm = 0;
     uint64_t *words = malloc(WORDS * 8), seed = 0x9E3779B97F4A7C15ull, sum = 0;
     if (!words) { perror("malloc"); return 1; }
     for (size_t i = 0; i < WORDS; i++) sum += (words[i] = next(&seed));
@@ -154,6 +170,11 @@ int main(int argc, char **argv) {
              && in_flight == n - 1 && write(pair[0], &n, sizeof n) == sizeof n;
         ok = ok && read(fifo, &in_flight, sizeof in_flight) == sizeof in_flight
              && in_flight == n - 1 && write(fifo, &n, sizeof n) == sizeof n;
+        off_t end = lseek(state, 0, SEEK_CUR);
+        ok = ok && *posix_shm == n - 1 && end == 4096 + (off_t)(n * sizeof n)
+             && pread(state, &in_flight, sizeof in_flight, end - sizeof n) == sizeof n
+             && in_flight == n - 1 && write(state, &n, sizeof n) == sizeof n;
+        *posix_shm = n;
         if (threads) {
             pthread_mutex_lock(&mutex);
             ok = ok && seen == n - 1 && (n == 1 || spins != last_spins) && !spin_bad;
