@@ -195,7 +195,8 @@ def _assert_same_images(ours: Path, golden: Path, pid: int) -> None:
     assert _queues(ours, pid) == _queues(golden, pid)
     assert _entries(ours / "pstree.img") == _entries(golden / "pstree.img")
     assert _locks(ours) == _locks(golden)
-    assert [(lock["flag"], lock["type"]) for lock in _locks(golden)] == [(1, 1), (2, 1)]
+    assert [(lock["flag"], lock["type"]) for lock in _locks(golden)] == [
+        (1, 1), (1, 0), (2, 1)], "POSIX write and read locks, and a flock"
     theirs_clock, our_clock = (_entries(d / "timens-0.img")[0]["monotonic"]
                                for d in (golden, ours))
     assert 0 <= our_clock["tv_sec"] - theirs_clock["tv_sec"] < 120, "the clock at the death"
@@ -285,6 +286,8 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
         assert [loss.split(" is cut: ")[1] for loss in report["processes"][1]["losses"]] == [
             "the process was inside sendto() on it when the kernel stopped"], report
         assert len(report["processes"][0]["processes"]) == 2, "the shell and its counter"
+        assert [lock.split(":", 1)[1] for locks in report["processes"][0]["relock"].values()
+                for lock in locks] == ["0:128:1"], "the lock on a file it maps, taken again"
         assert report["kernel_after"].startswith(after)
         assert report["stop_to_serving_seconds"] > 0
         assert prepared.machines.get(f"{name}-dead").status() == (
@@ -307,8 +310,11 @@ def test_processes_are_rebuilt_from_a_panicked_kernel(prepared: Host, counter: b
         locked = agent.run(["sh", "-c", "flock -n /data/counter.log true; echo $?; "
                             "python3 -c \"import fcntl; fcntl.lockf(open("
                             "'/data/counter.log', 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)\" "
-                            "2>/dev/null; echo $?"]).text.split()
-        assert locked == ["1", "1"], "its flock and POSIX locks are held again"
+                            "2>/dev/null; echo $?; python3 -c \"import fcntl; fcntl.lockf(open("
+                            "'/dev/shm/counter.log.state', 'r+'), fcntl.LOCK_EX | "
+                            "fcntl.LOCK_NB, 1, 128)\" 2>/dev/null; echo $?"]).text.split()
+        assert locked == ["1", "1", "1"], "its flock and POSIX locks are held again, also " \
+            "the one on a file it maps (which criu restore drops: tm-relock)"
         assert agent.sh(f"cd /proc/{holder}/cwd && stat -c '%n %a' \"$(pwd -P)\"").text \
             .strip() == "/tmp/counter.d 700", "its working directory, on a tmpfs, made again"
         # Its clocks go on from where the dead kernel's stood (a time namespace), not

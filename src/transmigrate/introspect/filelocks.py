@@ -42,6 +42,10 @@ class FileLockState:
     file: int = 0
     taker: int = 0
 
+    @property
+    def posix(self) -> bool:
+        return self.kind == _FL_POSIX
+
 
 def read_locks(task: drgn.Object, files: dict[int, drgn.Object]) -> list[FileLockState]:
     """The locks ``task``'s process holds through ``files`` (its open files by

@@ -23,7 +23,13 @@ from transmigrate.guest.agent import GuestAgent
 from transmigrate.introspect.clocks import read_clocks
 from transmigrate.introspect.kernel import Guest, attach
 from transmigrate.introspect.pagecache import unwritten_files
-from transmigrate.introspect.process import FileState, Refusal, read_cmdline, read_tree
+from transmigrate.introspect.process import (
+    FileState,
+    ProcessState,
+    Refusal,
+    read_cmdline,
+    read_tree,
+)
 from transmigrate.introspect.sockets import SocketState
 from transmigrate.introspect.tasks import TaskReader
 from transmigrate.migrate.criu import LOG_LEVEL
@@ -75,6 +81,9 @@ class ProcessVerdict:
     """Established TCP connections, rebuilt in repair mode (``--tcp-established``)."""
     file_locks: int = 0
     """POSIX and flock locks its processes hold, taken again (``--file-locks``)."""
+    relock: dict[int, list[str]] = field(default_factory=dict)
+    """By pid: POSIX locks on files the process also maps, as tm-relock takes them
+    again after the restore (CRIU's own mapping of the file drops them)."""
     cut: list[str] = field(default_factory=list)
     """Connections cut (see losses) whose peers are sent a reset, as tm-reset takes them."""
     listening: list[int] = field(default_factory=list)
@@ -179,6 +188,7 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                             if isinstance(f, SocketState)}.values())
             verdict.connections = sum(1 for s in sockets if s.stream is not None)
             verdict.file_locks = sum(len(p.locks) for p in tree)
+            verdict.relock = _locks_on_mapped_files(tree)
             verdict.cut = [s.cut.argument for s in sockets if s.cut is not None]
             service = machine.record.ip
             verdict.listening = sorted({s.src_port for s in sockets if s.state == "LISTEN"
@@ -194,6 +204,22 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
         if unwritten:
             report.unwritten_read = _read_unwritten(guest, out, steps, progress)
     return report
+
+
+def _locks_on_mapped_files(tree: Sequence[ProcessState]) -> dict[int, list[str]]:
+    """tm-relock's arguments, by pid, for the POSIX locks a process holds on a file it
+    also maps (sqlite's -shm): ``criu restore`` maps the file through a descriptor it
+    then closes, and a close drops the process's POSIX locks on the file."""
+    relock = {}
+    for process in tree:
+        mapped = {m.file.path for m in process.mappings if m.file is not None}
+        locks = [lock for lock in process.locks if lock.posix
+                 and isinstance(state := process.files[lock.fd][0], FileState)
+                 and state.path in mapped]
+        if locks:
+            relock[process.pid] = [f"{lock.fd}:{lock.type}:{lock.start}:{lock.length}"
+                                   for lock in locks]
+    return relock
 
 
 def _read_unwritten(guest: Guest, out: Path, steps: dict[str, float],
@@ -443,6 +469,12 @@ def _restore_on_standby(host: Host, name: str, dead: Machine, kernel: str,
             verdict.verdict, verdict.reason = "failed", failure
             progress(failure)
             continue
+        for pid, locks in verdict.relock.items():
+            relocked = agent.exec([f"{GUEST_TOOLS}/tm-relock", str(pid), *locks])
+            if relocked.exit_code != 0:
+                verdict.losses.append(
+                    f"process {pid}: its POSIX locks on files it maps are not held again: "
+                    f"{relocked.stderr.decode(errors='replace').strip()}")
         verdict.verdict = "restored with losses" if verdict.losses else "restored"
         steps[f"restore {verdict.pid}"] = round(time.monotonic() - mark, 3)
     running = [v for v in dumped if v.verdict != "failed"]

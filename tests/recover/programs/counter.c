@@ -21,7 +21,8 @@
  * shared memory: a file on a tmpfs, which a dead kernel took with it): mapped shared,
  * its first page holds the last number; after it, the file descriptor appends every
  * number, and a line is ok only if the file ends with the previous one where the
- * descriptor stands.
+ * descriptor stands. It holds a POSIX read lock on its byte 128, as sqlite does on
+ * the -shm file it maps.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -133,6 +134,9 @@ int main(int argc, char **argv) {
         perror(state_path); return 1;
     }
     *posix_shm = 0;
+    /* A read lock on one byte of it, as sqlite holds one on its -shm file (mapped too). */
+    struct flock byte = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 128, .l_len = 1};
+    if (fcntl(state, F_SETLK, &byte)) { perror("locking the state"); return 1; }
     uint64_t *words = malloc(WORDS * 8), seed = 0x9E3779B97F4A7C15ull, sum = 0;
     if (!words) { perror("malloc"); return 1; }
     for (size_t i = 0; i < WORDS; i++) sum += (words[i] = next(&seed));
