@@ -550,12 +550,18 @@ def prepare_standby(host: Host, name: str, kernel_spec: str | None = None, *,
     with open(disk, "wb") as handle:  # sparse: the images of all of its memory fit
         handle.truncate((active.record.memory_mib * 5 // 4 + 256) << 20)
     try:
-        return up(host, standby, kernel_spec or active.record.kernel,
-                  memory_mib=active.record.memory_mib, cpus=active.record.cpus,
-                  standby_for=active, import_disk=disk, progress=progress).machine
+        machine = up(host, standby, kernel_spec or active.record.kernel,
+                     memory_mib=active.record.memory_mib, cpus=active.record.cpus,
+                     standby_for=active, import_disk=disk, progress=progress).machine
     except BaseException:
         disk.unlink(missing_ok=True)
         raise
+    # CRIU's first run on a boot probes the kernel's features (1.5 s under TCG) and
+    # keeps them in /run: done now, not while a recovered service waits for its
+    # restore. The check's own answer does not matter.
+    progress(f"letting CRIU learn {standby}'s kernel")
+    host.agent(machine).exec(["criu", "check", "--feature", "mem_dirty_track"])
+    return machine
 
 
 def warm_standby(host: Host, name: str, kernel: str) -> Machine | None:
