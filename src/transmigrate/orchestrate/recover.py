@@ -61,6 +61,8 @@ _MOUNT_IMPORT = (
     f"mount -o ro -t ext4 \"$dev\" {GUEST_IMAGES}")
 """Find the images disk by its serial (device names do not matter) and mount it; a warm
 standby's was empty when it booted, so what its kernel cached of it is dropped first."""
+_KERNEL_FILE_SYSTEMS = ("/proc/", "/sys/", "/dev/")
+"""Files the new kernel makes itself (a /proc/PID one only once PID is restored)."""
 STANDBY_SUFFIX = "-standby"
 """A warm standby for VM NAME is NAME-standby."""
 
@@ -93,7 +95,7 @@ class ProcessVerdict:
     needed_files: dict[str, int] = field(default_factory=dict)
     """The executable, mapped and open regular files that the new VM must have as they
     were (from the image both boot), by path, with their sizes: all but those on the
-    data volume or a tmpfs, which go with the processes."""
+    data volume or a tmpfs, which go with the processes, and the kernel's own."""
     processes: list[int] = field(default_factory=list)
     """Every process of the tree rooted at ``pid``, parents first."""
     own_session: bool = True
@@ -183,7 +185,8 @@ def _checkpoint(host: Host, machine: Machine, pids: Sequence[int], out: Path,
                 p.exe, *(m.file for m in p.mappings if m.file is not None),
                 *(f for f, _ in p.files.values() if isinstance(f, FileState)
                   and stat.S_ISREG(f.mode)))
-                if state.tmpfs is None and not state.path.startswith(f"{DATA_MOUNT}/")}
+                if state.tmpfs is None
+                and not state.path.startswith((f"{DATA_MOUNT}/", *_KERNEL_FILE_SYSTEMS))}
             sockets = list({f.key: f for p in tree for f, _ in p.files.values()
                             if isinstance(f, SocketState)}.values())
             verdict.connections = sum(1 for s in sockets if s.stream is not None)
