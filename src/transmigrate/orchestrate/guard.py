@@ -397,6 +397,14 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
             raise _DeadlineExceeded(f"the live move passed its deadline "
                                     f"({policy.live_deadline_seconds:.0f} s) before {step}")
 
+    steps: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def timed(step: str) -> None:
+        nonlocal mark
+        steps[step] = round(time.monotonic() - mark, 3)
+        mark = time.monotonic()
+
     agent = host.agent(host.machines.get(name))
     try:
         agent.ping(timeout=policy.agent_deadline_seconds)
@@ -404,10 +412,14 @@ def _move(host: Host, name: str, services: Sequence[Service], kernel: str, polic
         raise TransmigrateError(
             f"the guest agent did not answer within {policy.agent_deadline_seconds:g} s "
             f"({exc}): the kernel cannot hand anything over") from exc
+    timed("agent answers")
     roots = find_services(host, name, declared=services)
+    timed("find services")
     killed = _kill_culprits(agent, roots, culprits, progress)
-    return update(host, name, kernel, pids=roots, progress=progress, before_step=in_time,
-                  standby=warm_standby(host, name, kernel)).steps, killed
+    timed("kill culprits")
+    report = update(host, name, kernel, pids=roots, progress=progress, before_step=in_time,
+                    standby=warm_standby(host, name, kernel))
+    return {**steps, **report.steps, "update": report.total_seconds}, killed
 
 
 def culprit_trees(parents: Mapping[int, int], roots: Sequence[int],
