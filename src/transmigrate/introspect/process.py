@@ -855,7 +855,7 @@ class _Reader:
                               None, self._shared_memory(file, start))
             elif kind in ("file", "shared-file"):
                 state = self._file(file, f"the mapping at {start:#x}")
-                if kind == "shared-file" and not self._kept(file, state):
+                if kind == "shared-file" and not self._kept(state):
                     raise self.refuse(f"it has shared memory at {start:#x} ({state.path}; "
                                       "only files on the data volume or a tmpfs are "
                                       "supported)")
@@ -886,13 +886,12 @@ class _Reader:
                                  pages=pages)
 
     @staticmethod
-    def _kept(file: drgn.Object, state: FileState) -> bool:
-        """Whether the new VM has regular file ``file`` as it was, which a shared mapping
-        of it then shows: on the data volume (its unwritten pages written back), or on
-        a tmpfs (made there again, see ``FileState.tmpfs``)."""
-        return stat.S_ISREG(state.mode) and (state.tmpfs is not None or (
-            state.path.startswith(f"{DATA_MOUNT}/")
-            and int(file.f_inode.i_sb.s_magic) != _TMPFS_MAGIC))
+    def _kept(state: FileState) -> bool:
+        """Whether the new VM has regular file ``state`` as it was, which a shared mapping
+        of it then shows: on a tmpfs (made there again, see ``FileState.tmpfs``), or on
+        the data volume (its unwritten pages written back)."""
+        return stat.S_ISREG(state.mode) and (
+            state.tmpfs is not None or state.path.startswith(f"{DATA_MOUNT}/"))
 
     def _vdso_mark(self, mm: drgn.Object, vdso: int) -> tuple[int, int, int] | None:
         """CRIU's mark on the kernel's vdso, if its restorer left one: the addresses of
@@ -985,7 +984,7 @@ class _Reader:
                     return pipe
                 path = self._linked_name(file)
                 return replace(pipe, path=path, mode=int(file.f_inode.i_mode),
-                               tmpfs=self._tmpfs(file, path))
+                               tmpfs=self._tmpfs(file.f_inode, path))
             if kind == "eventpoll_fops":
                 return read_epoll(file, by_fd, self._in_epoll_wait)
             if kind == "socket_file_ops":
@@ -1022,7 +1021,7 @@ class _Reader:
         tmpfs = None
         try:
             if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                tmpfs = self._tmpfs(file, path)
+                tmpfs = self._tmpfs(inode, path)
             if tmpfs is None and stat.S_ISREG(mode) and path.startswith(f"{DATA_MOUNT}/"):
                 dirty = dirty_pages(self.guest, inode)
         except IntrospectionError as exc:
@@ -1031,11 +1030,11 @@ class _Reader:
                          mode=mode, size=self.rewound.get(file.value_(), int(inode.i_size)),
                          key=file.value_(), dirty=dirty, tmpfs=tmpfs)
 
-    def _tmpfs(self, file: drgn.Object, path: str) -> TmpfsFile | None:
-        """``file``'s inode at ``path`` to make again on the new VM, if on a tmpfs."""
-        if int(file.f_inode.i_sb.s_magic) != _TMPFS_MAGIC:
+    def _tmpfs(self, inode: drgn.Object, path: str) -> TmpfsFile | None:
+        """``inode`` at ``path`` to make again on the new VM, if on a tmpfs."""
+        if int(inode.i_sb.s_magic) != _TMPFS_MAGIC:
             return None
-        return read_tmpfs_file(self.guest, path, file.f_inode)
+        return read_tmpfs_file(self.guest, path, inode)
 
     def _linked_name(self, file: drgn.Object) -> str:
         """The path ``file`` was opened at (:class:`Unrecoverable` if unlinked since)."""
@@ -1048,10 +1047,9 @@ class _Reader:
         """A directory (cwd, root), made again on the new VM if on a tmpfs."""
         inode = path.dentry.d_inode
         name = self._name(path)
-        tmpfs = (read_tmpfs_file(self.guest, name, inode)
-                 if int(inode.i_sb.s_magic) == _TMPFS_MAGIC else None)
         return FileState(path=name, flags=0, pos=0, mode=int(inode.i_mode),
-                         size=int(inode.i_size), key=path.dentry.value_(), tmpfs=tmpfs)
+                         size=int(inode.i_size), key=path.dentry.value_(),
+                         tmpfs=self._tmpfs(inode, name))
 
     def _name(self, path: drgn.Object) -> str:
         name = d_path(path.address_of_())
